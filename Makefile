@@ -1,0 +1,52 @@
+# The README's two commands are `make demo` and `make test`; every other target is a helper.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := git libsystemd-dev pkg-config gcc python3-dev python3-venv iproute2 util-linux
+
+.PHONY: demo test venv dev-venv system-packages lint format bench check clean
+
+# Run AIGIS with the example plugins on the embedded supervisor (Ctrl-C stops it).
+demo: venv
+	$(VENV)/bin/aigisctl check -c examples/aigis.toml
+	$(VENV)/bin/aigis -c examples/aigis.toml
+
+# Install everything from nothing (system packages when root), then run the whole suite.
+test: system-packages dev-venv
+	$(VENV)/bin/ruff check aigis tests benchmarks
+	$(VENV)/bin/ruff format --check aigis tests benchmarks
+	$(VENV)/bin/pytest
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && \
+		$(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+
+venv: $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+
+dev-venv: $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[dev,systemd]'
+
+# apt packages the test suite needs (systemd-python builds against libsystemd-dev).
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	else echo "not root or no apt-get: assuming $(APT_PACKAGES) are installed"; fi
+
+lint: dev-venv
+	$(VENV)/bin/ruff check aigis tests benchmarks
+
+format: dev-venv
+	$(VENV)/bin/ruff format aigis tests benchmarks
+
+bench: dev-venv
+	$(PY) benchmarks/bench_proxy.py
+
+check: venv
+	$(VENV)/bin/aigisctl check -c examples/aigis.toml
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info examples/.state

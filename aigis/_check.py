@@ -1,0 +1,93 @@
+"""``aigisctl check``: validate a config and every manifest it can reach, running nothing."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aigis import _sources
+from aigis._config import Config, load_config
+from aigis._errors import AigisError, ConfigError, ManifestError, PluginError
+from aigis._manifest import CORE_FILE, load_manifest
+from aigis._requirements import check_system
+from aigis._secrets import plan_secrets
+
+
+@dataclass
+class Report:
+    """What ``check`` found: error lines, warning lines and info lines."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_config(path: Path) -> Report:
+    """Validate the config at ``path`` and each plugin it lists."""
+    report = Report()
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        report.errors.extend(exc.problems)
+        return report
+    for entry in config.plugins:
+        _check_plugin(config, entry.name, entry.source, entry.table, report)
+    return report
+
+
+def _check_plugin(config: Config, name: str, source: str, table: str, report: Report) -> None:
+    """Find the plugin's files (fetched copy, else local source) and validate them."""
+    prefix = f'plugin "{name}"'
+    fetched = config.settings.plugins_dir / name
+    base = config.path.parent
+    if fetched.is_dir():
+        root = fetched
+    elif _sources.is_local_source(source, base):
+        root = (base / source).resolve()
+    else:
+        report.notes.append(f"{prefix}: not fetched yet from {source}; manifest not checked")
+        return
+    try:
+        manifest = load_manifest(root, name)
+    except ManifestError as exc:
+        report.errors.extend(f"{prefix}: {problem}" for problem in exc.problems)
+        return
+    report.warnings.extend(f"{prefix}: {w}" for w in manifest.warnings)
+    if manifest.plugin_type != table:
+        report.warnings.append(
+            f"{prefix}: listed under [{table}] but PLUGIN_TYPE is "
+            f'"{manifest.plugin_type}" ({root / "AIGIS" / "AIGIS.config"})'
+        )
+    origin = root / "AIGIS" / "AIGIS.config"
+    if not manifest.entrypoint.is_dir():
+        report.errors.append(
+            f"{prefix}: {origin}: ENTRYPOINT {manifest.entrypoint} is not a directory"
+        )
+    core_file = root / CORE_FILE
+    if core_file.is_file():
+        try:
+            ast.parse(core_file.read_text(encoding="utf-8"), filename=str(core_file))
+        except SyntaxError as exc:
+            report.errors.append(f"{prefix}: {core_file}:{exc.lineno}: syntax error: {exc.msg}")
+        except (OSError, UnicodeDecodeError) as exc:
+            report.errors.append(f"{prefix}: {core_file}: cannot read: {exc}")
+    elif manifest.plugin_type == "core":
+        report.errors.append(f"{prefix}: core plugins need {core_file}")
+    if manifest.plugin_type != "core" and not manifest.is_local:
+        report.errors.append(
+            f'{prefix}: {origin}: HOST "{manifest.host}" is not this machine; '
+            "remote hosts are not supported yet"
+        )
+    for step in (
+        lambda: check_system(name, manifest.system_requirements, str(origin)),
+        lambda: plan_secrets(name, manifest.secrets, config.settings.secrets_dir, root),
+    ):
+        try:
+            step()
+        except PluginError as exc:
+            report.errors.append(str(exc))
+        except AigisError as exc:  # pragma: no cover - every step raises PluginError today
+            report.errors.append(f"{prefix}: {exc}")
+    if not any(e.startswith(prefix) for e in report.errors):
+        report.notes.append(f"{prefix}: ok ({manifest.plugin_type}, {root})")

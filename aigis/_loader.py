@@ -1,0 +1,195 @@
+"""The per-plugin load pipeline: fetch, manifest, requirements, secrets, skills; and unload.
+
+One plugin failing any step is marked failed with its reason; the others still load.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aigis import _sources
+from aigis._config import PluginEntry, Settings
+from aigis._coreplugin import CoreModule, forget_modules_under, import_core
+from aigis._errors import AigisError, PluginError, SkillError
+from aigis._log import plugin_logger
+from aigis._manifest import CORE_FILE, Manifest, load_manifest
+from aigis._namespace import Namespace, Skill
+from aigis._requirements import check_system, install
+from aigis._secrets import copy_secrets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plugin:
+    """A plugin as the core knows it: entry, where it lives, what was loaded, its state."""
+
+    entry: PluginEntry
+    root: Path
+    state: str = "new"  # loaded | failed | (supervised states come from the supervisor)
+    reason: str = ""
+    manifest: Manifest | None = None
+    commit: str | None = None
+    core: CoreModule | None = None
+    skills: list[Skill] = field(default_factory=list)
+    loaded_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """The plugin's unique name from the config."""
+        return self.entry.name
+
+    @property
+    def plugin_type(self) -> str:
+        """core, internal or external (from the manifest), or the config table before that."""
+        return self.manifest.plugin_type if self.manifest else self.entry.table
+
+
+class Loader:
+    """Runs the load pipeline against one namespace and one set of settings."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        namespace: Namespace,
+        base_dir: Path,
+        skip_requirements: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.namespace = namespace
+        self.base_dir = base_dir
+        self.skip_requirements = skip_requirements or settings.requirements == "skip"
+
+    def root_of(self, name: str) -> Path:
+        """``<state>/ext/<name>``."""
+        return self.settings.plugins_dir / name
+
+    def load(self, entry: PluginEntry) -> Plugin:
+        """Run every step for ``entry``; never raises for a plugin's own fault."""
+        plugin = Plugin(entry=entry, root=self.root_of(entry.name))
+        try:
+            self._prepare(plugin)
+            if (
+                plugin.manifest
+                and (self.root_of(entry.name) / CORE_FILE).is_file()
+                and plugin.manifest.plugin_type in ("core", "internal")
+            ):
+                self._load_core(plugin)
+            elif plugin.manifest and plugin.manifest.plugin_type == "core":
+                raise SkillError(entry.name, f"core plugins need {plugin.root / CORE_FILE}")
+        except PluginError as exc:
+            return self._failed(plugin, exc.reason)
+        except AigisError as exc:
+            return self._failed(plugin, str(exc))
+        plugin.state = "loaded"
+        plugin.loaded_at = time.time()
+        names = ", ".join(s.path for s in plugin.skills)
+        log.info(
+            'loaded: plugin "%s" (%s)%s',
+            plugin.name,
+            plugin.plugin_type,
+            f": {len(plugin.skills)} skills: {names}" if plugin.skills else "",
+            extra={"plugin": plugin.name},
+        )
+        return plugin
+
+    def _failed(self, plugin: Plugin, reason: str) -> Plugin:
+        plugin.state, plugin.reason = "failed", reason
+        log.error('failed: plugin "%s": %s', plugin.name, reason, extra={"plugin": plugin.name})
+        return plugin
+
+    def _prepare(self, plugin: Plugin) -> None:
+        """fetch -> manifest -> system requirements -> requirements -> secrets."""
+        entry = plugin.entry
+        self.settings.plugins_dir.mkdir(parents=True, exist_ok=True)
+        fetched = _sources.fetch(
+            entry.name, entry.source, plugin.root, ref=entry.ref, base_dir=self.base_dir
+        )
+        plugin.commit = fetched.commit
+        manifest = load_manifest(plugin.root, entry.name)
+        plugin.manifest = manifest
+        for warning in manifest.warnings:
+            log.warning(
+                'manifest: plugin "%s": %s', entry.name, warning, extra={"plugin": entry.name}
+            )
+        if manifest.plugin_type != entry.table:
+            log.warning(
+                'manifest: plugin "%s" is listed under [%s] but its PLUGIN_TYPE is '
+                '"%s"; loading it as %s',
+                entry.name,
+                entry.table,
+                manifest.plugin_type,
+                manifest.plugin_type,
+                extra={"plugin": entry.name},
+            )
+        if manifest.plugin_type != "core" and not manifest.is_local:
+            raise PluginError(
+                entry.name,
+                f'HOST "{manifest.host}" is not this machine; remote '
+                'hosts are not supported yet (set HOST = "localhost")',
+            )
+        if not manifest.entrypoint.is_dir():
+            raise PluginError(
+                entry.name,
+                f"ENTRYPOINT {manifest.entrypoint} is not a directory "
+                f"({plugin.root / 'AIGIS' / 'AIGIS.config'})",
+            )
+        check_system(
+            entry.name, manifest.system_requirements, str(plugin.root / "AIGIS" / "AIGIS.config")
+        )
+        if self.skip_requirements:
+            if manifest.requirements_command:
+                log.info(
+                    'skipped: plugin "%s": requirements (policy "skip")',
+                    entry.name,
+                    extra={"plugin": entry.name},
+                )
+        else:
+            install(
+                entry.name,
+                manifest.requirements_command,
+                manifest.requirements_file,
+                cwd=manifest.entrypoint,
+                marker=self.settings.state_dir / "requirements" / f"{entry.name}.sha256",
+                timeout=self.settings.requirements_timeout,
+                logger=plugin_logger(entry.name),
+            )
+        if manifest.secrets:
+            count = copy_secrets(
+                entry.name, manifest.secrets, self.settings.secrets_dir, plugin.root
+            )
+            log.info(
+                'secrets: plugin "%s": %d copied', entry.name, count, extra={"plugin": entry.name}
+            )
+
+    def _load_core(self, plugin: Plugin) -> None:
+        """Import AIGIS.core and register its SKILLS (all or nothing)."""
+        assert plugin.manifest is not None
+        core = import_core(plugin.name, plugin.root / CORE_FILE, plugin.manifest.entrypoint)
+        plugin.skills = self.namespace.register(
+            plugin.name, core.module, core.skills, core.origin, plugin_logger(plugin.name)
+        )
+        plugin.core = core
+
+    def unload(self, plugin: Plugin) -> None:
+        """Run the plugin's cleanup once (errors logged) and remove its skills."""
+        self.namespace.remove(plugin.name)
+        core, plugin.core = plugin.core, None
+        if core is not None and core.cleanup is not None:
+            try:
+                core.cleanup()
+                log.info('cleaned up: plugin "%s"', plugin.name, extra={"plugin": plugin.name})
+            except Exception as exc:  # one plugin's cleanup must not stop the others
+                log.error(
+                    'cleanup failed: plugin "%s": %s: %s',
+                    plugin.name,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=True,
+                    extra={"plugin": plugin.name},
+                )
+        if plugin.manifest is not None:
+            forget_modules_under(plugin.root)

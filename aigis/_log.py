@@ -1,0 +1,64 @@
+"""Logging set-up: console for humans, no timestamps under journald, plugin loggers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+PLUGIN_LOGGER = "aigis.plugin"
+
+
+def plugin_logger(name: str) -> logging.Logger:
+    """The logger handed to ``name``'s skills: ``aigis.plugin.<name>``."""
+    return logging.getLogger(f"{PLUGIN_LOGGER}.{name}")
+
+
+def under_journald() -> bool:
+    """True when stderr is connected to journald (systemd sets JOURNAL_STREAM)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    if not stream:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+_SYSLOG_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _PluginField(logging.Filter):
+    """Adds ``record.plugin`` (from ``extra=`` or the logger name) and ``record.priority``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "plugin"):
+            prefix = PLUGIN_LOGGER + "."
+            record.plugin = record.name[len(prefix) :] if record.name.startswith(prefix) else ""
+        # journald reads a leading <N> as the syslog priority of the line.
+        record.priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        return True
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure the root logger once for the daemon."""
+    handler = logging.StreamHandler(sys.stderr)
+    if under_journald():
+        handler.setFormatter(logging.Formatter("<%(priority)d>%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"
+            )
+        )
+    handler.addFilter(_PluginField())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)

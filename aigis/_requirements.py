@@ -1,0 +1,109 @@
+"""System requirements (checked with ``shutil.which``) and the requirements command."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+from aigis._errors import RequirementsError
+
+log = logging.getLogger(__name__)
+
+
+def check_system(plugin: str, requirements: tuple[str, ...], origin: str) -> None:
+    """Raise RequirementsError listing every missing executable at once."""
+    missing = [r for r in requirements if shutil.which(r) is None]
+    if missing:
+        raise RequirementsError(
+            plugin,
+            "missing system requirements: "
+            + ", ".join(missing)
+            + f" (SYSTEM_REQUIREMENTS in {origin}; not found on PATH)",
+        )
+
+
+def requirements_shell(command: str, file: str | None) -> str:
+    """The documented form: the command, then the quoted requirements file."""
+    return f"{command} {shlex.quote(file)}" if file else command
+
+
+def fingerprint(command: str, file: str | None) -> str:
+    """A digest of the command and the requirements file's content."""
+    digest = hashlib.sha256(command.encode())
+    if file:
+        try:
+            digest.update(Path(file).read_bytes())
+        except OSError:
+            digest.update(b"\0missing")
+    return digest.hexdigest()
+
+
+def install(
+    plugin: str,
+    command: str | None,
+    file: str | None,
+    *,
+    cwd: Path,
+    marker: Path,
+    timeout: float,
+    logger: logging.Logger,
+) -> bool:
+    """Run the requirements command unless its inputs are unchanged; True when it ran."""
+    if not command:
+        if file:
+            logger.warning(
+                "skipped: requirements: REQUIREMENTS_FILE %s given without REQUIREMENTS_COMMAND",
+                file,
+            )
+        return False
+    if file and not Path(file).is_file():
+        raise RequirementsError(plugin, f"REQUIREMENTS_FILE {file} does not exist")
+    stamp = fingerprint(command, file)
+    if marker.is_file() and marker.read_text().strip() == stamp:
+        logger.info("skipped: requirements unchanged since the last successful install")
+        return False
+    shell = requirements_shell(command, file)
+    logger.info("installing: requirements: %s", shell)
+    try:
+        proc = subprocess.run(
+            shell,
+            shell=True,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            start_new_session=True,
+        )
+    except subprocess.TimeoutExpired as exc:
+        _log_output(logger, exc.output or b"")
+        raise RequirementsError(
+            plugin, f"requirements command timed out after {timeout:g} s: {shell}"
+        ) from None
+    except OSError as exc:
+        raise RequirementsError(plugin, f"requirements command could not run: {exc}") from None
+    last = _log_output(logger, proc.stdout)
+    if proc.returncode != 0:
+        raise RequirementsError(
+            plugin,
+            f"requirements command failed (exit {proc.returncode}): "
+            f"{shell}" + (f"; last output: {last}" if last else ""),
+        )
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(stamp + "\n")
+    logger.info("installed: requirements")
+    return True
+
+
+def _log_output(logger: logging.Logger, output: bytes) -> str:
+    """Log each output line; return the last non-empty one."""
+    last = ""
+    for line in output.decode("utf-8", "replace").splitlines():
+        if line.strip():
+            logger.info("requirements | %s", line)
+            last = line.strip()
+    return last

@@ -1,0 +1,233 @@
+"""Plugin sources (SPEC §2): copy a local directory or clone/update a git repository."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pygit2
+from pygit2.enums import FetchPrune, MergeAnalysis, RepositoryOpenFlag
+
+from aigis._errors import SourceError
+
+log = logging.getLogger(__name__)
+
+_ORIGIN = "refs/remotes/origin/"
+_HEX = re.compile(r"[0-9a-fA-F]{4,64}")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """Where a plugin's files are now and whether this fetch changed them."""
+
+    kind: str  # "local" or "git"
+    path: Path  # the plugin directory, <state>/ext/<name>
+    commit: str | None  # HEAD commit hex for git, None for local
+    updated: bool  # True when this call created or changed the directory
+
+
+class _NotUpdated(Exception):
+    """An update step failed in a way that keeps the existing checkout (a warning, not an error)."""
+
+
+def is_local_source(source: str, base_dir: Path) -> bool:
+    """Tell whether source is an existing local path (relative paths resolve against base_dir)."""
+    return "://" not in source and _local_path(source, base_dir).exists()
+
+
+def fetch(name: str, source: str, dest: Path, *, ref: str | None = None, base_dir: Path) -> Fetched:
+    """Bring plugin `name` from `source` into `dest`: copy once, or clone then fast-forward."""
+    if is_local_source(source, base_dir):
+        if ref is not None:
+            log.warning('ignored: plugin "%s": ref "%s" applies to git sources only', name, ref)
+        return _copy(name, _local_path(source, base_dir), dest)
+    if os.path.lexists(dest):
+        return _update(name, source, dest, ref)
+    return _clone(name, source, dest, ref)
+
+
+def _local_path(source: str, base_dir: Path) -> Path:
+    """Return source as an absolute path; an absolute source ignores base_dir."""
+    return (base_dir / Path(source).expanduser()).absolute()
+
+
+def _copy(name: str, src: Path, dest: Path) -> Fetched:
+    """Copy a local plugin to dest unless dest exists (there is no safe way to merge trees)."""
+    if os.path.lexists(dest):
+        log.warning(
+            'not updated: plugin "%s": %s already exists; delete it to re-copy from %s',
+            name,
+            dest,
+            src,
+        )
+        return Fetched("local", dest, None, False)
+    if not src.is_dir():
+        raise SourceError(name, f"local source {src} is not a directory")
+    try:
+        with _staging(dest) as tmp:
+            shutil.copytree(src, tmp, symlinks=False)
+    except OSError as exc:  # shutil.Error (one per unreadable file or broken link) is an OSError
+        raise SourceError(name, f"copy of {src} failed: {exc}") from exc
+    log.info('copied: plugin "%s" from %s', name, src)
+    return Fetched("local", dest, None, True)
+
+
+@contextmanager
+def _staging(dest: Path) -> Iterator[Path]:
+    """Yield a fresh path beside dest, renamed to dest on success and removed on any failure."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # The yielded path sits inside a private holder so that copytree/clone create it with the
+    # usual umask permissions (mkdtemp's 0700 would otherwise become the plugin directory's mode).
+    holder = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield holder / dest.name
+        # A rename on one filesystem is atomic: dest is either absent or a complete plugin.
+        os.rename(holder / dest.name, dest)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _clone(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
+    """Clone url into dest and check out ref or the default branch; leave no dest on failure."""
+    try:
+        with _staging(dest) as tmp:
+            repo = pygit2.clone_repository(url, tmp, proxy=True)
+            try:
+                target = _target(repo, ref)
+                if target is None:
+                    raise SourceError(name, _missing(url, ref))
+                _check_out(repo, *target)
+                commit = str(repo.head.target)
+            finally:
+                repo.free()  # release file handles before the directory is renamed
+    except (pygit2.GitError, OSError) as exc:
+        raise SourceError(name, f"clone of {url} failed: {exc}") from exc
+    _log_fetched(name, url, commit, *target)
+    return Fetched("git", dest, commit, True)
+
+
+def _update(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
+    """Fetch origin and move the checkout to ref or the default branch; keep it on any trouble."""
+    try:
+        # NO_SEARCH: otherwise a non-repository dest would open whatever repository encloses it.
+        repo = pygit2.Repository(dest, RepositoryOpenFlag.NO_SEARCH)
+    except pygit2.GitError:
+        log.warning(
+            'not updated: plugin "%s": %s is not a git repository; delete it to clone %s',
+            name,
+            dest,
+            url,
+        )
+        return Fetched("git", dest, None, False)
+    try:
+        before = _head(repo)
+        try:
+            _fetch_origin(name, repo, url)
+            target = _target(repo, ref)
+            if target is None:
+                raise _NotUpdated(_missing(url, ref))
+            _check_out(repo, *target)
+        except (_NotUpdated, pygit2.GitError) as exc:
+            reason = exc if isinstance(exc, _NotUpdated) else f"update failed: {exc}"
+            log.warning('not updated: plugin "%s": %s', name, reason)
+            return Fetched("git", dest, before, False)
+        after = _head(repo)
+    finally:
+        repo.free()
+    _log_fetched(name, url, after, *target)
+    return Fetched("git", dest, after, after != before)
+
+
+def _fetch_origin(name: str, repo: pygit2.Repository, url: str) -> None:
+    """Fetch origin from url (the configured source wins over a stale remote URL)."""
+    if repo.remotes["origin"].url != url:
+        log.info('re-pointed: plugin "%s": origin to %s', name, url)
+        repo.remotes.set_url("origin", url)
+    remote = repo.remotes["origin"]
+    try:
+        # Prune so that "master if the remote has it" sees branches deleted upstream.
+        remote.fetch(prune=FetchPrune.PRUNE, proxy=True)
+    except pygit2.GitError as exc:
+        raise _NotUpdated(f"fetch failed: {exc}") from exc
+    # libgit2 (like git) never updates origin/HEAD on fetch; follow the remote's current default
+    # branch from the advertisement the fetch just received, as `git remote set-head -a` would.
+    for head in remote.list_heads(connect=False):
+        if head.name == "HEAD" and head.symref_target:
+            branch = head.symref_target.removeprefix("refs/heads/")
+            repo.references.create(f"{_ORIGIN}HEAD", f"{_ORIGIN}{branch}", force=True)
+
+
+def _target(repo: pygit2.Repository, ref: str | None) -> tuple[str, str] | None:
+    """Pick ("branch", name), ("tag", name) or ("commit", hex) to check out; None if absent."""
+    if ref is None:
+        default = repo.references.get(f"{_ORIGIN}HEAD")
+        names = ["master"]
+        if default is not None and isinstance(default.target, str):
+            names.append(default.target.removeprefix(_ORIGIN))
+        return next((("branch", n) for n in names if f"{_ORIGIN}{n}" in repo.references), None)
+    if f"{_ORIGIN}{ref}" in repo.references:
+        return "branch", ref
+    if f"refs/tags/{ref}" in repo.references:
+        return "tag", ref
+    if _HEX.fullmatch(ref):
+        try:
+            return "commit", str(repo.revparse_single(ref).peel(pygit2.Commit).id)
+        except (KeyError, ValueError, pygit2.GitError):  # unknown, ambiguous, or not a commit
+            return None
+    return None
+
+
+def _check_out(repo: pygit2.Repository, kind: str, name: str) -> None:
+    """Check out a branch (fast-forwarding it to origin's) or, detached, a tag or commit."""
+    if kind != "branch":
+        spec = f"refs/tags/{name}" if kind == "tag" else name
+        commit = repo.revparse_single(spec).peel(pygit2.Commit)
+        if not (repo.head_is_detached and repo.head.target == commit.id):
+            repo.checkout_tree(commit)
+            repo.set_head(commit.id)
+        return
+    theirs = repo.references[f"{_ORIGIN}{name}"].target
+    local = repo.branches.local.get(name)
+    if local is None:
+        local = repo.branches.local.create(name, repo[theirs].peel(pygit2.Commit))
+        local.upstream = repo.branches.remote[f"origin/{name}"]
+    analysis, _ = repo.merge_analysis(theirs, local.name)
+    if analysis & MergeAnalysis.UP_TO_DATE:
+        theirs = local.target  # equal, or local commits ahead of origin: keep them
+    elif not analysis & MergeAnalysis.FASTFORWARD:
+        raise _NotUpdated(
+            f"cannot fast-forward branch {name} from {str(local.target)[:12]} to "
+            f"{str(theirs)[:12]} (local and upstream history diverged)"
+        )
+    if repo.head_is_unborn or repo.head.name != local.name or repo.head.target != theirs:
+        # Checkout first (SAFE: local edits are never overwritten), then move the branch.
+        repo.checkout_tree(repo[theirs])
+        local.set_target(theirs)
+        repo.set_head(local.name)
+
+
+def _head(repo: pygit2.Repository) -> str | None:
+    """Return the HEAD commit hex, or None for an empty repository."""
+    return None if repo.head_is_unborn else str(repo.head.target)
+
+
+def _missing(url: str, ref: str | None) -> str:
+    """Explain why there is nothing to check out."""
+    if ref is None:
+        return f"{url} has neither a master branch nor a default branch; set ref"
+    return f'ref "{ref}" is not a branch, tag or commit of {url}'
+
+
+def _log_fetched(name: str, url: str, commit: str | None, kind: str, what: str) -> None:
+    """Log one line saying which revision of which source the plugin now runs."""
+    shown = what[:12] if kind == "commit" else what
+    log.info(
+        'fetched: plugin "%s" from %s at %s (%s %s)', name, url, (commit or "")[:12], kind, shown
+    )

@@ -1,0 +1,115 @@
+"""Config parsing and validation (SPEC §1)."""
+
+from pathlib import Path
+
+import pytest
+
+from aigis._config import ConfigError, parse_config
+
+CFG = Path("/etc/aigis/aigis.toml")
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, CFG)
+    return info.value.problems
+
+
+def test_tables_set_load_order_core_internal_external_and_file_order():
+    config = parse_config(
+        '[external]\nz = "/z"\n[core]\nb = "/b"\na = "/a"\n[internal]\ni = "/i"\n', CFG
+    )
+    assert [(p.table, p.name) for p in config.plugins] == [
+        ("core", "b"),
+        ("core", "a"),
+        ("internal", "i"),
+        ("external", "z"),
+    ]
+
+
+def test_missing_tables_mean_empty_and_defaults_apply():
+    config = parse_config("", CFG)
+    assert config.plugins == ()
+    s = config.settings
+    assert s.secrets_dir == Path("/etc/aigis/secrets")
+    assert s.tcp is None
+    assert s.supervisor == "auto" and s.requirements == "run" and s.restart_delay == 1.0
+    assert s.socket == s.runtime_dir / "aigis.sock"
+    assert s.plugins_dir == s.state_dir / "ext"
+
+
+def test_inline_table_with_ref():
+    config = parse_config('[core]\nx = { source = "https://h/x.git", ref = "v1.2" }\n', CFG)
+    assert config.plugins[0].source == "https://h/x.git"
+    assert config.plugins[0].ref == "v1.2"
+
+
+def test_relative_settings_resolve_against_config_dir():
+    config = parse_config(
+        '[aigis]\nstate_dir = "st"\ntcp = "127.0.0.1:7878"\n', Path("/srv/a/aigis.toml")
+    )
+    assert config.settings.state_dir == Path("/srv/a/st")
+    assert config.settings.tcp == ("127.0.0.1", 7878)
+
+
+def test_ipv6_tcp_address():
+    config = parse_config('[aigis]\ntcp = "[::1]:0"\n', CFG)
+    assert config.settings.tcp == ("::1", 0)
+
+
+def test_toml_syntax_error_names_file_and_line():
+    (line,) = problems('[core]\nx = "unterminated\n')
+    assert line.startswith("/etc/aigis/aigis.toml: TOML syntax error:")
+    assert "line 2" in line
+
+
+def test_duplicate_name_in_one_table_names_plugin_and_both_lines():
+    (line,) = problems('[core]\nx = "/a"\ny = "/b"\nx = "/c"\n')
+    assert line == '/etc/aigis/aigis.toml:4: [core] duplicate plugin name "x" (first at line 2)'
+
+
+def test_duplicate_name_across_tables():
+    (line,) = problems('[core]\nx = "/a"\n[external]\nx = "/b"\n')
+    assert line == (
+        '/etc/aigis/aigis.toml:4: [external] duplicate plugin name "x" (already listed in [core])'
+    )
+
+
+def test_invalid_name():
+    (line,) = problems('[core]\n"bad name" = "/a"\n')
+    assert line.startswith('/etc/aigis/aigis.toml:2: [core] invalid plugin name "bad name"')
+
+
+def test_name_longer_than_64_is_invalid():
+    assert "invalid plugin name" in problems(f'[core]\n{"a" * 65} = "/a"\n')[0]
+
+
+def test_every_problem_reported_at_once():
+    lines = problems(
+        '[core]\n"-x" = "/a"\ny = 3\n[aigis]\nsupervisor = "runit"\nfoo = 1\n[plugins]\n'
+    )
+    assert len(lines) == 5
+    assert any("[aigis] supervisor must be one of auto, systemd, embedded" in x for x in lines)
+    assert any('unknown setting "foo"' in x for x in lines)
+    assert any('unknown table or key "plugins"' in x for x in lines)
+    assert any('plugin "y": expected a source string' in x for x in lines)
+
+
+def test_wrong_setting_type_says_expected():
+    (line,) = problems('[aigis]\nrestart_delay = "1s"\n')
+    assert line == (
+        "/etc/aigis/aigis.toml:2: [aigis] restart_delay must be a number of "
+        "seconds >= 0, got str '1s'"
+    )
+
+
+def test_unknown_inline_key_and_bad_ref():
+    lines = problems(
+        '[core]\nx = { source = "/a", branch = "m" }\ny = { source = "/b", ref = 1 }\n'
+    )
+    assert "unknown key(s) branch" in lines[0]
+    assert '"ref" must be a non-empty string' in lines[1]
+
+
+def test_bad_tcp_address():
+    assert 'tcp must be "host:port"' in problems('[aigis]\ntcp = "7878"\n')[0]
