@@ -181,7 +181,15 @@ def parse_config(text: str, path: Path) -> Config:
                     f"(first at line {first})"
                 )
         else:
-            problems.items.append(f"{path}: TOML syntax error: {exc}")
+            where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", str(exc))
+            if where:
+                message = str(exc)[: where.start()]
+                problems.items.append(
+                    f"{path}:{where.group(1)}: TOML syntax error: {message} "
+                    f"(column {where.group(2)})"
+                )
+            else:
+                problems.items.append(f"{path}: TOML syntax error: {exc}")
         raise ConfigError(problems.items) from None
 
     for key, value in data.items():

@@ -59,8 +59,8 @@ def test_ipv6_tcp_address():
 
 def test_toml_syntax_error_names_file_and_line():
     (line,) = problems('[core]\nx = "unterminated\n')
-    assert line.startswith("/etc/aigis/aigis.toml: TOML syntax error:")
-    assert "line 2" in line
+    assert line.startswith("/etc/aigis/aigis.toml:2: TOML syntax error: ")
+    assert line.endswith("(column 18)")
 
 
 def test_duplicate_name_in_one_table_names_plugin_and_both_lines():

@@ -1,0 +1,81 @@
+"""The daemon as a subprocess: log lines, cleanup order, exit 0 on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.daemon import DaemonProcess
+
+pytestmark = pytest.mark.integration
+
+CORE_CFG = 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n'
+
+
+@pytest.fixture
+def daemons():
+    started: list[DaemonProcess] = []
+    yield started
+    for daemon in started:
+        daemon.stop()
+
+
+def cleanup_core(order_file: Path, name: str) -> str:
+    """An AIGIS.core exporting ping_<name> whose cleanup appends <name> to ``order_file``."""
+    return (
+        f"def ping_{name}():\n    return {name!r}\n"
+        f"def cleanup():\n    with open({str(order_file)!r}, 'a') as f:\n"
+        f"        f.write({name!r} + '\\n')\n"
+        f"SKILLS = ['ping_{name}']\n"
+    )
+
+
+def test_loads_logs_and_cleans_up_in_reverse_order_on_sigterm(tmp_path, make_plugin, daemons):
+    order = tmp_path / "order"
+    for name in ("first", "second", "third"):
+        make_plugin(name, CORE_CFG, core=cleanup_core(order, name))
+    make_plugin("broken", CORE_CFG, core="SKILLS = ['missing']\n")
+    config = tmp_path / "aigis.toml"
+    config.write_text(
+        '[aigis]\nstate_dir = "state"\nsupervisor = "embedded"\n[core]\n'
+        'first = "src/first"\nbroken = "src/broken"\nsecond = "src/second"\n'
+        'third = "src/third"\n'
+    )
+    daemon = DaemonProcess(config)
+    daemons.append(daemon)
+    log = daemon.wait_for("ready:")
+    assert 'loaded: plugin "first" (core): 1 skills: ping_first' in log
+    assert 'failed: plugin "broken": SKILLS entry "missing":' in log
+    assert "ready: 1 failed, 3 loaded" in log
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert order.read_text().split() == ["third", "second", "first"]
+    assert "stopped: AIGIS" in daemon.log
+    assert "Traceback" not in daemon.log
+
+
+def test_no_plugins_idles_until_sigint(tmp_path, daemons):
+    config = tmp_path / "aigis.toml"
+    config.write_text('[aigis]\nstate_dir = "state"\n')
+    daemon = DaemonProcess(config)
+    daemons.append(daemon)
+    assert "ready: no plugins configured" in daemon.wait_for("ready:")
+    assert daemon.proc.poll() is None
+    assert daemon.signal(signal.SIGINT) == 0
+
+
+def test_bad_config_never_starts_and_exits_1_without_traceback(tmp_path):
+    config = tmp_path / "aigis.toml"
+    config.write_text('[core]\n"bad name" = "x"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "aigis", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert f'aigis: {config}:2: [core] invalid plugin name "bad name"' in proc.stderr
+    assert "Traceback" not in proc.stderr

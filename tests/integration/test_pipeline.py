@@ -1,0 +1,272 @@
+"""The load pipeline end to end (SPEC §4–6): real files, real imports, real subprocesses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import aigis
+from aigis._config import parse_config
+from aigis._loader import Loader
+from aigis._namespace import Namespace
+
+pytestmark = pytest.mark.integration
+
+CORE_CFG = 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n'
+
+
+def loader_for(tmp_path: Path, plugins: str, extra: str = "") -> tuple[Loader, list]:
+    config_path = tmp_path / "aigis.toml"
+    config_path.write_text(f'[aigis]\nstate_dir = "state"\n{extra}\n{plugins}')
+    config = parse_config(config_path.read_text(), config_path)
+    loader = Loader(config.settings, Namespace(aigis, reserved=["RemoteError"]), tmp_path)
+    return loader, list(config.plugins)
+
+
+@pytest.fixture
+def loaded(clean_aigis):
+    """Unload every plugin a test loaded, so skills and modules don't leak between tests."""
+    plugins = []
+    yield plugins
+    for loader, plugin in reversed(plugins):
+        loader.unload(plugin)
+
+
+def load_all(loader: Loader, entries, sink: list) -> dict:
+    result = {}
+    for entry in entries:
+        plugin = loader.load(entry)
+        sink.append((loader, plugin))
+        result[entry.name] = plugin
+    return result
+
+
+def test_alias_skills_import_time_use_and_collision(tmp_path, make_plugin, loaded):
+    make_plugin(
+        "alpha",
+        CORE_CFG,
+        core="""
+        import pkg_alpha.mod as alias
+        SKILLS = ["alias.f", "alias.CONST", "alias.Klass", "alias.plain"]
+        """,
+        files={
+            "pkg_alpha/__init__.py": "",
+            "pkg_alpha/mod.py": """
+        CONST = [1, 2, 3]
+        class Klass:
+            pass
+        def f(x, logger=None):
+            return (x * 2, logger.name if logger else None)
+        def plain(x):
+            return x + 1
+        """,
+        },
+    )
+    make_plugin(
+        "beta",
+        CORE_CFG,
+        core="""
+        import aigis
+        AT_IMPORT = aigis.alias.f(21)
+        def answer():
+            return AT_IMPORT
+        SKILLS = ["answer"]
+        """,
+    )
+    make_plugin(
+        "gamma",
+        CORE_CFG,
+        core="""
+        class alias:
+            f = staticmethod(lambda: 0)
+        SKILLS = ["alias.f"]
+        """,
+    )
+    loader, entries = loader_for(
+        tmp_path, '[core]\nalpha = "src/alpha"\nbeta = "src/beta"\ngamma = "src/gamma"\n'
+    )
+    plugins = load_all(loader, entries, loaded)
+    assert plugins["alpha"].state == "loaded"
+    assert aigis.alias.f(5) == (10, "aigis.plugin.alpha")
+    assert aigis.alias.plain(5) == 6  # no logger= for a function that does not accept it
+    assert aigis.alias.CONST == [1, 2, 3]
+    assert aigis.alias.Klass.__name__ == "Klass" and isinstance(aigis.alias.Klass, type)
+    assert plugins["beta"].state == "loaded"
+    assert aigis.answer() == (42, "aigis.plugin.alpha")
+    assert plugins["gamma"].state == "failed"
+    assert plugins["gamma"].reason.startswith(
+        'skill "aigis.alias.f" is already registered by plugin "alpha"'
+    )
+
+
+def test_every_failure_kind_fails_alone(tmp_path, make_plugin, loaded, caplog):
+    make_plugin("good", CORE_CFG, core="def hello():\n    return 'hi'\nSKILLS = ['hello']\n")
+    make_plugin("syntax", CORE_CFG, core="SKILLS = [\n")
+    make_plugin("noskills", CORE_CFG, core="X = 1\n")
+    make_plugin("missingattr", CORE_CFG, core="SKILLS = ['nothere']\n")
+    make_plugin(
+        "nosecret",
+        CORE_CFG + 'SECRETS = {"a.key": "{root}/etc/", "b.key": "x"}\n',
+        core="SKILLS = []\n",
+    )
+    make_plugin(
+        "nosysreq",
+        CORE_CFG + 'SYSTEM_REQUIREMENTS = ["sh", "no-such-tool-1", "no-such-tool-2"]\n',
+        core="SKILLS = []\n",
+    )
+    make_plugin(
+        "badreqs",
+        CORE_CFG + 'REQUIREMENT_COMMAND = "echo installing from; exit 3;"\n'
+        'REQUIREMENT_FILE = "{root}/requirements.txt"\n',
+        core="SKILLS = []\n",
+        files={"requirements.txt": "x\n"},
+    )
+    make_plugin("good2", CORE_CFG, core="def bye():\n    return 'bye'\nSKILLS = ['bye']\n")
+    loader, entries = loader_for(
+        tmp_path,
+        "[core]\n"
+        + "".join(
+            f'{n} = "src/{n}"\n'
+            for n in [
+                "good",
+                "syntax",
+                "noskills",
+                "missingattr",
+                "nosecret",
+                "nosysreq",
+                "badreqs",
+            ]
+        )
+        + f'noclone = "file://{tmp_path}/no/such/repo.git"\ngood2 = "src/good2"\n',
+        extra=f'secrets_dir = "{tmp_path}/secrets"',
+    )
+    with caplog.at_level(logging.INFO):
+        plugins = load_all(loader, entries, loaded)
+    reasons = {n: p.reason for n, p in plugins.items() if p.state == "failed"}
+    assert set(reasons) == {
+        "syntax",
+        "noskills",
+        "missingattr",
+        "nosecret",
+        "nosysreq",
+        "badreqs",
+        "noclone",
+    }
+    assert plugins["good"].state == plugins["good2"].state == "loaded"
+    assert aigis.hello() == "hi" and aigis.bye() == "bye"
+    assert reasons["syntax"].startswith("AIGIS.core failed to import: SyntaxError:")
+    assert "AIGIS/AIGIS.core:1" in reasons["syntax"]
+    assert reasons["noskills"].startswith("AIGIS.core must define SKILLS")
+    assert 'has no attribute "nothere"' in reasons["missingattr"]
+    assert reasons["nosecret"].startswith("missing secrets: ")
+    assert "secrets/nosecret/a.key" in reasons["nosecret"]
+    assert "secrets/nosecret/b.key" in reasons["nosecret"]
+    assert reasons["nosysreq"].startswith(
+        "missing system requirements: no-such-tool-1, no-such-tool-2 "
+    )
+    assert reasons["badreqs"].startswith("requirements command failed (exit 3): ")
+    assert "last output: installing from" in reasons["badreqs"]
+    assert reasons["noclone"].startswith("clone of file://")
+    assert not (tmp_path / "state" / "ext" / "noclone").exists()
+    failed_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed:")]
+    assert len(failed_lines) == 7
+    assert 'failed: plugin "syntax": AIGIS.core failed to import' in failed_lines[0]
+
+
+def test_secrets_copied_0600_and_confined(tmp_path, make_plugin, loaded):
+    secrets = tmp_path / "secrets" / "s"
+    secrets.mkdir(parents=True)
+    (secrets / "k.secret").write_text("hush")
+    (secrets / "other").write_text("x")
+    make_plugin(
+        "s",
+        CORE_CFG + 'SECRETS = {"k.secret": "{root}/etc/", "other": "conf/o.txt"}\n',
+        core="SKILLS = []\n",
+    )
+    make_plugin(
+        "escape", CORE_CFG + 'SECRETS = {"k.secret": "{root}/../../x"}\n', core="SKILLS = []\n"
+    )
+    (tmp_path / "secrets" / "escape").mkdir()
+    (tmp_path / "secrets" / "escape" / "k.secret").write_text("hush")
+    loader, entries = loader_for(
+        tmp_path,
+        '[core]\ns = "src/s"\nescape = "src/escape"\n',
+        extra=f'secrets_dir = "{tmp_path}/secrets"',
+    )
+    plugins = load_all(loader, entries, loaded)
+    root = tmp_path / "state" / "ext" / "s"
+    assert (root / "etc" / "k.secret").read_text() == "hush"
+    assert stat.S_IMODE(os.stat(root / "etc" / "k.secret").st_mode) == 0o600
+    assert (root / "conf" / "o.txt").read_text() == "x"
+    assert plugins["escape"].state == "failed"
+    assert "outside the plugin directory" in plugins["escape"].reason
+
+
+def test_requirements_run_once_then_skipped_until_file_changes(tmp_path, make_plugin, loaded):
+    counter = tmp_path / "count"
+    make_plugin(
+        "r",
+        CORE_CFG + f'REQUIREMENTS_COMMAND = "echo run >> {counter}; cat"\n'
+        'REQUIREMENTS_FILE = "{root}/requirements.txt"\n',
+        core="SKILLS = []\n",
+        files={"requirements.txt": "dill\n"},
+    )
+    loader, entries = loader_for(tmp_path, '[core]\nr = "src/r"\n')
+    for _ in range(2):
+        plugin = loader.load(entries[0])
+        loaded.append((loader, plugin))
+        assert plugin.state == "loaded", plugin.reason
+    assert counter.read_text().count("run") == 1
+    (tmp_path / "state" / "ext" / "r" / "requirements.txt").write_text("dill\npygit2\n")
+    assert loader.load(entries[0]).state == "loaded"
+    assert counter.read_text().count("run") == 2
+    skipping = Loader(loader.settings, loader.namespace, tmp_path, skip_requirements=True)
+    (tmp_path / "state" / "ext" / "r" / "requirements.txt").write_text("changed\n")
+    assert skipping.load(entries[0]).state == "loaded"
+    assert counter.read_text().count("run") == 2
+
+
+def test_reload_reimports_changed_code_and_runs_cleanup(tmp_path, make_plugin, loaded):
+    log = tmp_path / "cleanups"
+    src = make_plugin(
+        "rl",
+        CORE_CFG,
+        core=f"""
+        from rl_pkg.impl import value
+        def cleanup():
+            with open({str(log)!r}, "a") as out:
+                out.write("cleaned\\n")
+        SKILLS = ["value"]
+        """,
+        files={"rl_pkg/__init__.py": "", "rl_pkg/impl.py": "def value():\n    return 1\n"},
+    )
+    loader, entries = loader_for(tmp_path, '[core]\nrl = "src/rl"\n')
+    plugin = loader.load(entries[0])
+    assert aigis.value() == 1
+    # A local source is copied once; edit the fetched copy as an operator would.
+    (tmp_path / "state" / "ext" / "rl" / "rl_pkg" / "impl.py").write_text(
+        "def value():\n    return 2\n"
+    )
+    assert src.exists()
+    loader.unload(plugin)
+    assert not hasattr(aigis, "value")
+    plugin = loader.load(entries[0])
+    loaded.append((loader, plugin))
+    assert aigis.value() == 2
+    assert log.read_text() == "cleaned\n"
+
+
+def test_non_local_host_is_a_clear_error(tmp_path, make_plugin, loaded):
+    make_plugin(
+        "far",
+        'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}"\nLAUNCH = ["true"]\n'
+        'HOST = "elsewhere.example"\n',
+    )
+    loader, entries = loader_for(tmp_path, '[external]\nfar = "src/far"\n')
+    plugin = loader.load(entries[0])
+    assert plugin.state == "failed"
+    assert plugin.reason.startswith('HOST "elsewhere.example" is not this machine')

@@ -1,0 +1,103 @@
+"""``aigisctl check``: one line per problem naming file, line/key and plugin; no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aigis._ctl import main
+
+GOOD = 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n'
+
+
+def run_check(capsys, config: Path) -> tuple[int, list[str], str]:
+    code = main(["check", "-c", str(config)])
+    out = capsys.readouterr()
+    errors = [line for line in out.err.splitlines() if line.startswith("error: ")]
+    return code, errors, out.out + out.err
+
+
+def write_config(tmp_path: Path, body: str) -> Path:
+    config = tmp_path / "aigis.toml"
+    config.write_text(f'[aigis]\nstate_dir = "state"\n{body}')
+    return config
+
+
+def test_examples_config_is_valid(capsys):
+    config = Path(__file__).parents[2] / "examples" / "aigis.toml"
+    code, errors, out = run_check(capsys, config)
+    assert (code, errors) == (0, []), out
+    assert 'plugin "dnd": ok (core' in out
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ('[core]\nx = "unterminated\n', ":4: TOML syntax error"),
+        ('[core]\nx = "src/a"\nx = "src/a"\n', ':5: [core] duplicate plugin name "x"'),
+        ('[core]\n"a b" = "src/a"\n', ':4: [core] invalid plugin name "a b"'),
+    ],
+)
+def test_config_problems(tmp_path, capsys, make_plugin, body, expected):
+    make_plugin("a", GOOD, core="SKILLS = []\n")
+    code, errors, out = run_check(capsys, write_config(tmp_path, body))
+    assert code == 1
+    assert len(errors) == 1 and expected in errors[0], out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    ("manifest", "expected"),
+    [
+        (
+            'PLUGIN_TYPE = "core"\nimport os\nENTRYPOINT = "{root}"\n',
+            'plugin "a": {cfg}:2: only NAME = literal assignments are allowed',
+        ),
+        (
+            'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\nRESTART = "3"\n',
+            "plugin \"a\": {cfg}:3: RESTART must be an integer >= 0, got '3'",
+        ),
+        ('PLUGIN_TYPE = "core"\n', 'plugin "a": {cfg}: ENTRYPOINT is required'),
+        (
+            'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}/nowhere"\n',
+            'plugin "a": {cfg}: ENTRYPOINT {root}/nowhere is not a directory',
+        ),
+    ],
+)
+def test_manifest_problems(tmp_path, capsys, make_plugin, manifest, expected):
+    root = make_plugin("a", manifest, core="SKILLS = []\n")
+    make_plugin("b", GOOD, core="SKILLS = []\n")
+    code, errors, out = run_check(
+        capsys, write_config(tmp_path, '[core]\na = "src/a"\nb = "src/b"\n')
+    )
+    assert code == 1
+    cfg = root / "AIGIS" / "AIGIS.config"
+    assert len(errors) == 1, out
+    assert errors[0].startswith("error: " + expected.format(cfg=cfg, root=root)), out
+    assert 'plugin "b": ok' in out
+    assert "Traceback" not in out
+
+
+def test_core_syntax_missing_secret_and_unfetched_git(tmp_path, capsys, make_plugin):
+    make_plugin("a", GOOD, core="SKILLS = [\n")
+    make_plugin("s", GOOD + 'SECRETS = {"k": "{root}/"}\n', core="SKILLS = []\n")
+    code, errors, out = run_check(
+        capsys,
+        write_config(
+            tmp_path, '[core]\na = "src/a"\ns = "src/s"\ng = "https://example.invalid/g.git"\n'
+        ),
+    )
+    assert code == 1
+    assert errors[0].startswith('error: plugin "a": ') and ":1: syntax error" in errors[0]
+    assert errors[1].startswith('error: plugin "s": missing secrets: ')
+    assert 'plugin "g": not fetched yet from https://example.invalid/g.git' in out
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, errors, _ = run_check(capsys, tmp_path / "nope.toml")
+    assert code == 1 and errors == [f"error: {tmp_path}/nope.toml: config file not found"]
+
+
+def test_no_command_is_usage_error(capsys):
+    assert main([]) == 2
