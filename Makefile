@@ -13,8 +13,8 @@ demo: venv
 
 # Install everything from nothing (system packages when root), then run the whole suite.
 test: system-packages dev-venv
-	$(VENV)/bin/ruff check aigis tests benchmarks
-	$(VENV)/bin/ruff format --check aigis tests benchmarks
+	$(VENV)/bin/ruff check aigis tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff format --check aigis tests $(wildcard benchmarks)
 	$(VENV)/bin/pytest
 
 $(VENV)/bin/python:
@@ -37,10 +37,10 @@ system-packages:
 	else echo "not root or no apt-get: assuming $(APT_PACKAGES) are installed"; fi
 
 lint: dev-venv
-	$(VENV)/bin/ruff check aigis tests benchmarks
+	$(VENV)/bin/ruff check aigis tests $(wildcard benchmarks)
 
 format: dev-venv
-	$(VENV)/bin/ruff format aigis tests benchmarks
+	$(VENV)/bin/ruff format aigis tests $(wildcard benchmarks)
 
 bench: dev-venv
 	$(PY) benchmarks/bench_proxy.py
