@@ -55,6 +55,11 @@ class Settings:
         return self.state_dir / "ext"
 
     @property
+    def control_socket(self) -> Path:
+        """The operators' socket (``aigisctl``), beside the plugins' socket; never on TCP."""
+        return self.runtime_dir / "control.sock"
+
+    @property
     def log_dir(self) -> Path:
         """Where the embedded supervisor writes plugin logs: ``<state>/log``."""
         return self.state_dir / "log"
