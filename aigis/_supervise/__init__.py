@@ -1,0 +1,1 @@
+"""Process supervision: one vocabulary of states, a pure restart policy and the embedded backend."""

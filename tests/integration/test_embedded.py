@@ -1,0 +1,303 @@
+"""The embedded supervisor with real processes: the fault fixtures under tests/fixtures/faults."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aigis._supervise import procs
+from aigis._supervise.base import ProcessSpec, State, Status
+from aigis._supervise.embedded import EmbeddedSupervisor
+
+pytestmark = pytest.mark.integration
+
+FAULTS = Path(__file__).resolve().parent.parent / "fixtures" / "faults"
+LINE = b"line %07d the quick brown fox jumps over the lazy dog\n"  # as flood.py writes them
+
+
+def wait_for(sup: EmbeddedSupervisor, what: str, done: Callable[[], bool], timeout=15.0) -> None:
+    """Drive poll() like the daemon's main loop until ``done()``; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}: {sup.status()}")
+        sup.poll()
+        time.sleep(0.01)
+
+
+def kill_tagged(names: set[str]) -> dict[int, procs.Tagged]:
+    """SIGKILL every process (and its group) tagged with one of ``names``; return them."""
+    found = procs.tagged_processes(lambda tag: tag.split(":")[0] in names)
+    for pid, tagged in found.items():
+        for kill, target in ((os.killpg, tagged.pgid), (os.kill, pid)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(target, signal.SIGKILL)
+    return found
+
+
+@pytest.fixture
+def uid() -> str:
+    """Makes plugin names unique to this test, so /proc scans see only its processes."""
+    return secrets.token_hex(3)
+
+
+@pytest.fixture
+def make_sup(tmp_path):
+    """``make_sup(**kw)``: a supervisor logging under tmp_path; all are stopped at teardown."""
+    made: list[EmbeddedSupervisor] = []
+
+    def make(**kw) -> EmbeddedSupervisor:
+        kw.setdefault("console", None)
+        made.append(EmbeddedSupervisor(tmp_path / "log", **kw))
+        return made[-1]
+
+    yield make
+    names: set[str] = set()
+    for supervisor in made:
+        statuses = supervisor.status()
+        names.update(status.name for status in statuses)
+        supervisor.stop_all([status.name for status in reversed(statuses)])
+    survivors = kill_tagged(names)  # the safety net: never leak processes into other tests
+    for supervisor in made:
+        supervisor.poll()  # reap what the safety net killed
+    procs.set_child_subreaper(False)  # be a good neighbour to the rest of the test session
+    assert not survivors, f"processes survived stop_all: {survivors}"
+
+
+@pytest.fixture
+def sup(make_sup):
+    return make_sup()
+
+
+def fault(name: str, script: str, *args: object, **kw) -> ProcessSpec:
+    """A spec running ``tests/fixtures/faults/<script>`` with the test's interpreter."""
+    argv = (sys.executable, str(FAULTS / script), *map(str, args))
+    return ProcessSpec(name, "external", argv, FAULTS, {"PYTHONUNBUFFERED": "1"}, **kw)
+
+
+def state(sup: EmbeddedSupervisor, name: str) -> State:
+    return sup.status([name])[0].state
+
+
+def pid_gone(pid: int) -> bool:
+    """No process (not even a zombie) with ``pid``."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+# -- exits and restarts -------------------------------------------------------------------------
+def test_crasher_with_restart_2_runs_3_times_then_gives_up(sup, tmp_path, uid):
+    runs = tmp_path / "runs"
+    name = f"crash-{uid}"
+    sup.add(fault(name, "crasher.py", runs, restart=2, restart_delay=0.05))
+    wait_for(sup, "FAILED", lambda: state(sup, name) is State.FAILED)
+    status = sup.status([name])[0]
+    assert "gave up" in status.reason
+    assert (status.last_exit, status.restarts, status.pid) == ("exit 1", 2, None)
+    deadline = time.monotonic() + 0.5  # and nothing more happens afterwards
+    while time.monotonic() < deadline:
+        sup.poll()
+        time.sleep(0.02)
+    assert len(runs.read_text().splitlines()) == 3
+    assert sup.log_path(name).read_bytes().count(b"crasher: crashing\n") == 3
+
+
+def test_clean_exit_is_exited_and_never_restarted(sup, tmp_path, uid):
+    runs = tmp_path / "runs"
+    name = f"clean-{uid}"
+    sup.add(fault(name, "clean_exit.py", runs, restart=5, restart_delay=0.01))
+    wait_for(sup, "EXITED", lambda: state(sup, name) is State.EXITED)
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        sup.poll()
+        time.sleep(0.02)
+    status = sup.status([name])[0]
+    assert (status.state, status.last_exit, status.restarts) == (State.EXITED, "exit 0", 0)
+    assert runs.read_text() == "ran\n"
+
+
+def test_backoff_delays_grow(sup, tmp_path, uid, caplog):
+    caplog.set_level(logging.INFO, logger="aigis._supervise.embedded")
+    runs = tmp_path / "runs"
+    name = f"backoff-{uid}"
+    sup.add(fault(name, "crasher.py", runs, restart=3, restart_delay=0.2, startsecs=0))
+    wait_for(sup, "FAILED", lambda: state(sup, name) is State.FAILED)
+    nominal = [0.2, 0.4, 0.8]
+    # Spawn to spawn, as the runs themselves saw it: the delay plus a run's start-up time.
+    starts = [float(line) for line in runs.read_text().split()]
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+    assert len(gaps) == 3 and all(gap >= delay for gap, delay in zip(gaps, nominal)), gaps
+    assert gaps[2] - gaps[0] >= 0.4, gaps  # 0.6 nominally; start-up noise cancels out
+    # Exit noticed to next spawn, as the supervisor logged it: the delay and poll latency only.
+    times = [(r.getMessage().split(":")[0], r.created) for r in caplog.records]
+    delays = [
+        spawned - exited
+        for (verb, exited), (after, spawned) in zip(times, times[2:])
+        if verb == "exited" and after == "spawned"
+    ]
+    assert len(delays) == 3, times
+    assert all(delay - 0.01 <= got < delay + 0.3 for got, delay in zip(delays, nominal)), delays
+    assert delays[1] >= 1.6 * delays[0] and delays[2] >= 1.6 * delays[1], delays
+
+
+def test_exit_before_startsecs_counts_as_a_failure(sup, uid):
+    name = f"instant-{uid}"
+    sup.add(fault(name, "instant_exit.py", 3, restart=1, restart_delay=0.01, startsecs=5))
+    wait_for(sup, "FAILED", lambda: state(sup, name) is State.FAILED)
+    status = sup.status([name])[0]
+    assert status.reason == "gave up after 1 restart (last: exit 3 while starting)"
+
+
+def test_slow_starter_is_starting_until_startsecs(sup, uid):
+    name = f"slow-{uid}"
+    sup.add(fault(name, "slow_start.py", 0.1, startsecs=0.5))
+    spawned = time.monotonic()
+    assert state(sup, name) is State.STARTING
+    wait_for(sup, "RUNNING", lambda: state(sup, name) is State.RUNNING)
+    assert time.monotonic() - spawned >= 0.5
+
+
+# -- stopping -----------------------------------------------------------------------------------
+def test_sigterm_ignorer_is_killed_after_its_stop_timeout(sup, tmp_path, uid):
+    ready = tmp_path / "ready"
+    name = f"stubborn-{uid}"
+    sup.add(fault(name, "ignore_term.py", ready, stop_timeout=0.5))
+    wait_for(sup, "SIGTERM ignored", ready.exists)
+    pid = sup.status([name])[0].pid
+    started = time.monotonic()
+    status = sup.stop(name)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert status.state is State.STOPPED
+    assert "SIGKILL" in status.last_exit and "SIGKILL" in status.reason
+    assert pid_gone(pid)
+
+
+def test_status_answers_while_another_thread_waits_for_a_stop(sup, tmp_path, uid):
+    ready = tmp_path / "ready"
+    name = f"stubborn-{uid}"
+    sup.add(fault(name, "ignore_term.py", ready, stop_timeout=1.0))
+    wait_for(sup, "SIGTERM ignored", ready.exists)
+    stopped: list[Status] = []
+    stopper = threading.Thread(target=lambda: stopped.append(sup.stop(name)))  # an RPC thread
+    stopper.start()
+    wait_for(sup, "STOPPING", lambda: state(sup, name) is State.STOPPING)
+    slowest, deadline = 0.0, time.monotonic() + 15
+    while stopper.is_alive() and time.monotonic() < deadline:
+        started = time.perf_counter()
+        sup.status()
+        sup.poll()
+        slowest = max(slowest, time.perf_counter() - started)
+        time.sleep(0.01)
+    stopper.join(1)
+    assert slowest < 0.5  # the lock is never held while stop() waits for the process
+    assert [status.state for status in stopped] == [State.STOPPED]
+
+
+def test_double_forked_grandchild_is_stopped_too(sup, tmp_path, uid):
+    pidfile = tmp_path / "grandchild.pid"
+    name = f"forker-{uid}"
+    sup.add(fault(name, "double_fork.py", pidfile))
+    wait_for(sup, "the grandchild's pid file", pidfile.exists)
+    grandchild, main = int(pidfile.read_text()), sup.status([name])[0].pid
+    assert procs.read_stat(grandchild).sid != main  # it really escaped the plugin's session
+    assert procs.read_tag(grandchild).startswith(f"{name}:")
+    status = sup.stop(name)
+    assert status.state is State.STOPPED
+    wait_for(sup, "the grandchild to be reaped", lambda: pid_gone(grandchild), timeout=5)
+
+
+def test_stop_all_stops_in_the_given_order(sup, tmp_path, uid):
+    record = tmp_path / "stops"
+    names = [f"{label}-{uid}" for label in ("a", "b", "c")]
+    for name in names:
+        sup.add(fault(name, "term_recorder.py", record, name))
+    wait_for(
+        sup,
+        "SIGTERM handlers",
+        lambda: all(Path(f"{record}.{name}.ready").exists() for name in names),
+    )
+    order = [names[2], names[0], names[1]]
+    sup.stop_all(order)
+    assert [line.split()[0] for line in record.read_text().splitlines()] == order
+    assert {status.state for status in sup.status()} == {State.STOPPED}
+
+
+def test_nothing_of_the_plugins_survives_stop_all(sup, tmp_path, uid):
+    pidfile = tmp_path / "grandchild.pid"
+    ready = tmp_path / "ready"
+    names = {f"forker-{uid}", f"stubborn-{uid}", f"crash-{uid}"}
+    sup.add(fault(f"forker-{uid}", "double_fork.py", pidfile))
+    sup.add(fault(f"stubborn-{uid}", "ignore_term.py", ready, stop_timeout=0.3))
+    sup.add(fault(f"crash-{uid}", "crasher.py", tmp_path / "runs", restart=100, restart_delay=0))
+    wait_for(sup, "fixtures ready", lambda: pidfile.exists() and ready.exists())
+    assert procs.tagged_processes(lambda tag: tag.split(":")[0] in names)
+    sup.stop_all(sorted(names))
+    assert procs.tagged_processes(lambda tag: tag.split(":")[0] in names) == {}
+    wait_for(sup, "the grandchild to be reaped", lambda: pid_gone(int(pidfile.read_text())))
+
+
+# -- output -------------------------------------------------------------------------------------
+def test_flood_of_200000_lines_all_logged_while_status_stays_fast(make_sup, tmp_path, uid):
+    lines = 200_000
+    console = (tmp_path / "console").open("wb")
+    sup = make_sup(console=console.write, log_max_bytes=2**26)
+    name = f"flood-{uid}"
+    sup.add(fault(name, "flood.py", lines))
+    log = sup.log_path(name)
+    expected = len(LINE % 0) * lines
+    slowest, calls, deadline = 0.0, 0, time.monotonic() + 60
+    while log.stat().st_size < expected:
+        assert time.monotonic() < deadline, f"only {log.stat().st_size} of {expected} bytes"
+        sup.poll()
+        started = time.perf_counter()
+        sup.status()
+        slowest, calls = max(slowest, time.perf_counter() - started), calls + 1
+        time.sleep(0.005)
+    assert calls > 0 and slowest < 1.0  # a responsiveness bound, not a benchmark
+    wait_for(sup, "EXITED", lambda: state(sup, name) is State.EXITED)
+    sup.stop_all([name])  # drains the reader
+    console.close()
+    assert log.read_bytes() == b"".join(LINE % number for number in range(lines))
+    prefixed = (tmp_path / "console").read_bytes().splitlines(keepends=True)
+    assert len(prefixed) == lines
+    assert prefixed[-1] == f"{name} | ".encode() + LINE % (lines - 1)
+
+
+def test_rotation_keeps_every_line_below_the_limit(make_sup, uid):
+    lines, max_bytes = 20_000, 200_000  # about 1.1 MB into 1 + 10 files of 200 kB
+    sup = make_sup(log_max_bytes=max_bytes, log_backups=10)
+    name = f"rotate-{uid}"
+    sup.add(fault(name, "flood.py", lines))
+    wait_for(sup, "EXITED", lambda: state(sup, name) is State.EXITED)
+    sup.stop_all([name])  # drains the reader and closes the file
+    log = sup.log_path(name)
+    backups = sorted(log.parent.glob(f"{name}.log.*"), key=lambda p: -int(p.suffix[1:]))
+    assert len(backups) >= 5
+    files = [*backups, log]  # oldest first
+    assert all(path.stat().st_size <= max_bytes for path in files)
+    assert b"".join(path.read_bytes() for path in files) == b"".join(
+        LINE % number for number in range(lines)
+    )
+
+
+def test_non_utf8_output_lands_byte_for_byte(make_sup, uid):
+    console: list[bytes] = []
+    sup = make_sup(console=console.append)
+    name = f"bytes-{uid}"
+    sup.add(fault(name, "non_utf8.py"))
+    wait_for(sup, "EXITED", lambda: state(sup, name) is State.EXITED)
+    sup.stop_all([name])  # drains the reader
+    out, err = b"out: caf\xe9 \xff\xfe\x80 end\n", b"err: \xc3\x28 \xa0\xa1\n"
+    tail = b"tail \xff without newline"
+    assert sup.log_path(name).read_bytes() == out + err + tail
+    prefix = f"{name} | ".encode()
+    assert b"".join(console) == prefix + out + prefix + err + prefix + tail + b"\n"
