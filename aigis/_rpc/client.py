@@ -1,0 +1,397 @@
+"""The plugin side of the proxy: one lazy, persistent, authenticated connection per process.
+
+A call whose request was fully handed to the kernel but whose reply never came raises
+``CoreUnavailable`` instead of being sent again: it may already have run in the core. Only
+failures before that point (connecting, authenticating, a send that failed) are retried, with
+backoff, for ``retry_for`` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from multiprocess.connection import answer_challenge, deliver_challenge
+from multiprocess.context import AuthenticationError
+
+from aigis._errors import AigisError, CoreUnavailable
+from aigis._rpc import wire
+
+# The one place the plugin-side defaults live (AIGISTerminal, the runner, aigisctl).
+DEFAULT_ADDRESS = "/run/aigis/aigis.sock"
+DEFAULT_AUTHKEY_FILE = "/var/lib/aigis/authkey"  # [aigis] authkey_file default for root
+ADDRESS_ENV = "AIGIS_ADDRESS"
+AUTHKEY_FILE_ENV = "AIGIS_AUTHKEY_FILE"
+RETRY_FOR = 10.0  # seconds of reconnect attempts before CoreUnavailable
+HANDSHAKE_TIMEOUT = 10.0  # per attempt: a hung core must not hang the plugin forever
+
+Address = str | tuple[str, int]
+
+_INITIAL_BUFFER = 64 * 1024
+_KEEP_BUFFER = 16 * 1024 * 1024  # reuse receive buffers up to this size; fresh pages are slow
+_SMALL_SEND = 64 * 1024
+_MAX_IOV = 512  # below IOV_MAX (1024)
+_pack_header = wire.HEADER.pack
+_unpack_header = wire.HEADER.unpack_from
+
+
+class TruncatedFrame(EOFError):
+    """The peer closed the connection in the middle of a frame."""
+
+
+class Channel:
+    """One framed socket: multiprocess.connection's framing, zero-copy sends, a reused buffer.
+
+    ``send_bytes``/``recv_bytes`` make it usable by multiprocess's authentication handshake.
+    """
+
+    def __init__(self, sock: socket.socket, *, limit: int = wire.MAX_MESSAGE) -> None:
+        self.sock = sock
+        self.limit = limit
+        self._buf = bytearray(_INITIAL_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # unread bytes are _buf[_start:_end]
+        self._end = 0
+
+    def send_message(self, parts: Sequence[wire.Buffer]) -> None:
+        """Send one frame made of ``parts``; raises FrameError, sending nothing, when too big."""
+        size = sum(map(len, parts))
+        if size <= _SMALL_SEND and size <= self.limit:
+            self.sock.sendall(_pack_header(size) + b"".join(parts))
+        else:
+            self._send_all([wire.frame_header(size, self.limit), *parts])
+
+    def _send_all(self, buffers: list[Any]) -> None:
+        views = [memoryview(b).cast("B") for b in buffers]
+        while views:
+            sent = self.sock.sendmsg(views[:_MAX_IOV])
+            while views and sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            if sent:
+                views[0] = views[0][sent:]
+
+    def recv_message(self) -> memoryview:
+        """The next frame's payload, valid until the next receive.
+
+        EOFError when the peer closed between frames, TruncatedFrame inside one.
+        """
+        return self._recv_frame(self.limit)
+
+    def _recv_frame(self, limit: int) -> memoryview:
+        start, end = self._start, self._end
+        if start == end:
+            # the usual case (request/reply): nothing buffered, one recv gets a small frame
+            if len(self._buf) > _KEEP_BUFFER:
+                self._set_buffer(bytearray(_INITIAL_BUFFER))
+            end = self.sock.recv_into(self._view)
+            if not end:
+                raise EOFError("connection closed")
+            start, self._start, self._end = 0, 0, end
+        if end - start < 4:
+            self._fill(4)
+            start, end = self._start, self._end
+        size = _unpack_header(self._buf, start)[0]
+        if not 0 <= size <= limit:
+            wire.frame_size(self._buf, limit, start)  # raises FrameError, saying why
+        start += 4
+        if end - start < size:
+            self._start = start
+            self._fill(size)
+            start = self._start
+        self._start = start + size
+        return self._view[start : start + size]
+
+    def _set_buffer(self, buf: bytearray) -> None:
+        self._buf = buf
+        self._view = memoryview(buf)
+
+    def _fill(self, need: int) -> None:
+        have = self._end - self._start
+        if have >= need:
+            return
+        if self._start + need > len(self._buf):
+            if need > len(self._buf):
+                buf = bytearray(max(need, 2 * len(self._buf)))
+                buf[:have] = self._view[self._start : self._end]
+                self._set_buffer(buf)
+            else:
+                self._buf[:have] = self._buf[self._start : self._end]
+            self._start, self._end = 0, have
+        view = self._view
+        recv_into = self.sock.recv_into
+        while self._end - self._start < need:
+            got = recv_into(view[self._end :])
+            if not got:
+                raise TruncatedFrame("connection closed in the middle of a message")
+            self._end += got
+
+    def peer_closed(self) -> bool:
+        """Whether the idle peer has closed (or broke protocol by talking unasked)."""
+        if self._end != self._start:
+            return True
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
+
+    # multiprocess.connection.Connection API, as used by answer_challenge/deliver_challenge
+    def send_bytes(self, buf: wire.Buffer) -> None:
+        """Send one frame (multiprocess API)."""
+        self.send_message((buf,))
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        """Receive one frame of at most ``maxlength`` bytes (multiprocess API)."""
+        limit = self.limit if maxlength is None else min(maxlength, self.limit)
+        return bytes(self._recv_frame(limit))
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+
+def describe(address: Address) -> str:
+    """An address as users write it in ``AIGIS_ADDRESS``."""
+    if isinstance(address, tuple):
+        return f"tcp:{address[0]}:{address[1]}"
+    return str(address)
+
+
+def parse_address(text: str) -> Address:
+    """``/path/to.sock``, ``unix:/path``, or ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6)."""
+    if text.startswith("tcp:"):
+        host, _, port = text[4:].rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return (host, int(port))
+    elif text.startswith("unix:") and len(text) > 5:
+        return text[5:]
+    elif text and ":" not in text.partition("/")[0]:
+        return text
+    raise AigisError(f'{ADDRESS_ENV}="{text}": expected a Unix socket path or tcp:HOST:PORT')
+
+
+def read_authkey(path: Path) -> bytes:
+    """The shared secret from an authkey file; errors name the file and the variable to set."""
+    try:
+        key = Path(path).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise AigisError(
+            f"cannot read the AIGIS authkey file {path}: {reason} (set {AUTHKEY_FILE_ENV})"
+        ) from exc
+    if not key:
+        raise AigisError(f"the AIGIS authkey file {path} is empty")
+    return key
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no socket file (is the core running?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the core running?)"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, EOFError):
+        return "connection closed during the handshake"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
+
+
+_clients: weakref.WeakSet[CoreClient] = weakref.WeakSet()
+
+
+class CoreClient:
+    """The connection of one process to the AIGIS core, opened on first use, shared by threads."""
+
+    def __init__(
+        self,
+        address: Address | Path,
+        authkey: bytes,
+        *,
+        retry_for: float = RETRY_FOR,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        limit: int = wire.MAX_MESSAGE,
+    ) -> None:
+        if isinstance(address, tuple):
+            self.address: Address = (address[0], int(address[1]))
+        else:  # absolute: the runner changes directory before the first call
+            self.address = os.path.abspath(os.fspath(address))
+        self._tcp = isinstance(self.address, tuple)
+        self._authkey = bytes(authkey)
+        self.retry_for = retry_for
+        self.handshake_timeout = handshake_timeout
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._chan: Channel | None = None
+        self._opened = 0
+        _clients.add(self)
+
+    @property
+    def connections_opened(self) -> int:
+        """How many connections this client has opened (1 unless the core restarted)."""
+        return self._opened
+
+    def __repr__(self) -> str:
+        return f"<CoreClient {describe(self.address)}>"
+
+    def connect(self) -> None:
+        """Open the connection now (retrying for ``retry_for`` s) instead of on the first call."""
+        with self._lock:
+            if self._chan is None:
+                self._open(time.monotonic() + self.retry_for)
+
+    def close(self) -> None:
+        """Close the connection; a later call opens a new one."""
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> CoreClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def call(self, path: tuple[str, ...], args: tuple = (), kwargs: Mapping | None = None) -> Any:
+        """Evaluate ``aigis.<path>(*args, **kwargs)`` in the core and return its value."""
+        if type(kwargs) is not dict:
+            kwargs = dict(kwargs) if kwargs else {}
+        request = wire.encode_request(path, args, kwargs)
+        with self._lock:
+            ok, value = self._roundtrip(path, request)
+        if ok:
+            return value
+        raise value
+
+    def _roundtrip(self, path: tuple[str, ...], request: list[wire.Buffer]) -> tuple[bool, Any]:
+        deadline = None
+        while True:
+            chan = self._chan
+            # a Unix socket reports a closed peer on send (EPIPE, so a retry is safe); TCP
+            # buffers the send and reports on recv, when the call may have run: check first
+            if self._tcp and chan is not None and chan.peer_closed():
+                self._drop()
+                chan = None
+            if chan is None:
+                if deadline is None:
+                    deadline = time.monotonic() + self.retry_for
+                chan = self._open(deadline)
+            try:
+                chan.send_message(request)
+            except wire.FrameError:
+                raise  # too big: nothing was sent, the connection is fine
+            except OSError as exc:
+                # the request never fully reached the core, so sending it again is safe
+                self._drop()
+                if deadline is None:
+                    deadline = time.monotonic() + self.retry_for
+                if time.monotonic() >= deadline:
+                    raise self._unavailable(_reason(exc)) from exc
+                continue
+            except BaseException:
+                self._drop()  # e.g. KeyboardInterrupt mid-send: the frame is incomplete
+                raise
+            try:
+                reply = chan.recv_message()
+            except (OSError, EOFError, wire.FrameError) as exc:
+                self._drop()
+                raise self._unavailable(
+                    f"connection lost while {wire.dotted(path)} was running (it may or may not "
+                    f"have completed; not retried)"
+                ) from exc
+            except BaseException:
+                self._drop()  # the reply is still owed on this connection: never reuse it
+                raise
+            try:
+                return wire.decode_reply(reply)
+            except Exception as exc:
+                exc.add_note(f"while decoding the reply to {wire.dotted(path)} from the AIGIS core")
+                return False, exc
+
+    def _unavailable(self, reason: str) -> CoreUnavailable:
+        return CoreUnavailable(f"cannot reach the AIGIS core at {describe(self.address)}: {reason}")
+
+    def _open(self, deadline: float) -> Channel:
+        delay = 0.05
+        while True:
+            try:
+                chan = self._handshake(deadline)
+            except AuthenticationError as exc:
+                raise self._unavailable(
+                    f"authentication failed: the authkey does not match the core's "
+                    f"(check {AUTHKEY_FILE_ENV})"
+                ) from exc
+            except PermissionError as exc:
+                raise self._unavailable(
+                    f"permission denied ({exc.strerror}); is this user in the socket's group?"
+                ) from exc
+            except AssertionError as exc:
+                raise self._unavailable("unexpected handshake: is this an AIGIS core?") from exc
+            except (OSError, EOFError) as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._unavailable(
+                        f"{_reason(exc)} (retried for {self.retry_for:g} s)"
+                    ) from exc
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 1.0)
+                continue
+            self._chan = chan
+            self._opened += 1
+            return chan
+
+    def _handshake(self, deadline: float) -> Channel:
+        timeout = max(0.1, min(self.handshake_timeout, deadline - time.monotonic()))
+        if isinstance(self.address, tuple):
+            sock = socket.create_connection(self.address, timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+        try:
+            if not isinstance(self.address, tuple):
+                sock.connect(self.address)
+            chan = Channel(sock, limit=self.limit)
+            answer_challenge(chan, self._authkey)
+            deliver_challenge(chan, self._authkey)
+            sock.settimeout(None)  # calls may legitimately take long
+        except BaseException:
+            sock.close()
+            raise
+        return chan
+
+    def _drop(self) -> None:
+        chan, self._chan = self._chan, None
+        if chan is not None:
+            chan.close()
+
+    def _after_fork(self) -> None:
+        # the parent owns the socket and may hold the lock: start afresh in the child
+        self._lock = threading.Lock()
+        self._drop()
+        self._opened = 0
+
+
+def _reset_clients_after_fork() -> None:
+    for client in list(_clients):
+        client._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_clients_after_fork)
+
+
+def connect_from_env(environ: Mapping[str, str] | None = None) -> CoreClient:
+    """A client for ``AIGIS_ADDRESS`` and ``AIGIS_AUTHKEY_FILE`` (or the packaged defaults)."""
+    env = os.environ if environ is None else environ
+    address = parse_address(env.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
+    authkey = read_authkey(Path(env.get(AUTHKEY_FILE_ENV) or DEFAULT_AUTHKEY_FILE))
+    return CoreClient(address, authkey)

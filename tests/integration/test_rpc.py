@@ -1,0 +1,726 @@
+"""The proxy end to end: a CoreServer in this process, plugins in real subprocesses."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from multiprocess.connection import Client as MultiprocessClient
+from multiprocess.context import AuthenticationError
+
+from aigis._errors import AigisError, CoreUnavailable, RemoteError
+from aigis._rpc import wire
+from aigis._rpc.client import CoreClient
+from aigis._rpc.server import CoreServer, load_or_create_authkey
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "rpc"
+PLUGIN_DIR = FIXTURES / "plugin"
+CORE_ONLY = FIXTURES / "core_only"
+SERVER_LOGGER = "aigis._rpc.server"
+TRANSPORTS = ["unix", "tcp"]
+
+
+# --- the core under test -------------------------------------------------------------------
+
+
+def make_namespace(corething: types.ModuleType, generation: int) -> types.SimpleNamespace:
+    """The skills the test core serves; ``_secret`` exists only to prove it is refused."""
+
+    def add(a, b=0, *, scale=1):
+        return (a + b) * scale
+
+    def make_adder(n):
+        return lambda x: x + n
+
+    def fail_value():
+        raise ValueError("bad value 7")
+
+    skills = types.SimpleNamespace(
+        const=42,
+        add=add,
+        make_adder=make_adder,
+        make_thing=corething.Thing,
+        fail_value=fail_value,
+        fail_custom=corething.fail,
+        echo=lambda value: value,
+        generation=lambda: generation,
+        blob=lambda n: b"b" * n,
+        text=lambda n: "t" * n,
+        gen=lambda: (i for i in range(3)),
+        unavailable=lambda: (_ for _ in ()).throw(CoreUnavailable("inner core down")),
+    )
+    return types.SimpleNamespace(t=skills, _secret=lambda: "internal")
+
+
+def resolver(namespace: object) -> Callable[[tuple[str, ...]], object]:
+    def resolve(path: tuple[str, ...]) -> object:
+        target = namespace
+        for name in path:
+            target = getattr(target, name)
+        return target
+
+    return resolve
+
+
+class Core:
+    """A CoreServer over the test namespace, restartable on the same addresses."""
+
+    def __init__(self, sockdir: Path, corething: types.ModuleType) -> None:
+        self.unix_path = sockdir / "core.sock"
+        self.keyfile = sockdir / "authkey"
+        self.authkey = load_or_create_authkey(self.keyfile)
+        self.corething = corething
+        self.server: CoreServer | None = None
+        self.tcp: tuple[str, int] = ("127.0.0.1", 0)
+        self.clients: list[CoreClient] = []
+
+    def start(self, generation: int = 1, **options: object) -> Core:
+        self.server = CoreServer(
+            resolver(make_namespace(self.corething, generation)),
+            unix_path=self.unix_path,
+            tcp=self.tcp,
+            authkey=self.authkey,
+            **options,
+        )
+        self.server.start()
+        self.tcp = self.server.tcp_address
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def address(self, transport: str) -> str | tuple[str, int]:
+        return str(self.unix_path) if transport == "unix" else self.tcp
+
+    def env_address(self, transport: str) -> str:
+        return str(self.unix_path) if transport == "unix" else f"tcp:{self.tcp[0]}:{self.tcp[1]}"
+
+    def client(self, transport: str = "unix", **options: object) -> CoreClient:
+        client = CoreClient(self.address(transport), self.authkey, **options)
+        self.clients.append(client)
+        return client
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # not tmp_path: Unix socket paths are limited to 108 bytes
+    path = Path(tempfile.mkdtemp(prefix="aigis-rpc-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def corething(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    """The module only the core can import (plugin processes do not get this sys.path)."""
+    monkeypatch.syspath_prepend(str(CORE_ONLY))
+    yield importlib.import_module("corething")
+    sys.modules.pop("corething", None)
+
+
+@pytest.fixture
+def make_core(sockdir: Path, corething: types.ModuleType) -> Iterator[Callable[..., Core]]:
+    cores: list[Core] = []
+
+    def make(**options: object) -> Core:
+        core = Core(sockdir, corething).start(**options)
+        cores.append(core)
+        return core
+
+    yield make
+    for core in cores:
+        for client in core.clients:
+            client.close()
+        core.stop()
+
+
+@pytest.fixture
+def core(make_core: Callable[..., Core]) -> Core:
+    return make_core()
+
+
+@pytest.fixture
+def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger=SERVER_LOGGER)
+    return caplog
+
+
+def warnings_from_server(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == SERVER_LOGGER and r.levelno >= logging.WARNING
+    ]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}")
+        time.sleep(0.01)
+
+
+# --- plugin processes ----------------------------------------------------------------------
+
+
+class Plugin:
+    """A ``python -m aigis._runner`` subprocess whose output goes to files."""
+
+    def __init__(self, proc: subprocess.Popen, workdir: Path) -> None:
+        self.proc = proc
+        self.workdir = workdir
+        self.result_file = workdir / "result.json"
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    @property
+    def stderr(self) -> str:
+        return (self.workdir / "stderr").read_text()
+
+    def result(self) -> dict:
+        assert self.wait() == 0, self.stderr
+        return json.loads(self.result_file.read_text())
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Plugin]]:
+    plugins: list[Plugin] = []
+
+    def start(
+        core: Core | None,
+        launch: str,
+        transport: str = "unix",
+        env: dict[str, str] | None = None,
+        name: str = "fixture",
+    ) -> Plugin:
+        workdir = tmp_path / f"plugin-{len(plugins)}"
+        workdir.mkdir()
+        environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NOTIFY_SOCKET")}
+        environ["PYTHONPATH"] = str(ROOT)  # aigis only: never the core-only modules
+        environ["RPC_RESULT"] = str(workdir / "result.json")
+        if core is not None:
+            environ["AIGIS_ADDRESS"] = core.env_address(transport)
+            environ["AIGIS_AUTHKEY_FILE"] = str(core.keyfile)
+        environ.update(env or {})
+        argv = [sys.executable, "-m", "aigis._runner", "--name", name]
+        argv += ["--entrypoint", str(PLUGIN_DIR), "--launch", launch]
+        with open(workdir / "stdout", "w") as out, open(workdir / "stderr", "w") as err:
+            proc = subprocess.Popen(
+                argv, env=environ, cwd=workdir, stdout=out, stderr=err, start_new_session=True
+            )
+        plugin = Plugin(proc, workdir)
+        plugins.append(plugin)
+        return plugin
+
+    yield start
+    for plugin in plugins:
+        if plugin.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(plugin.proc.pid, signal.SIGKILL)
+        plugin.proc.wait(timeout=10)
+
+
+# --- a plugin process sees the core --------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_plugin_process_calls_the_core_through_the_proxy(core, spawn, transport):
+    got = spawn(core, "launcher", transport).result()
+
+    assert got["aigis_type"] == "module"
+    assert got["repr"] == "<aigis proxy aigis.t.add>"
+    assert got["const"] == 42
+    assert got["add"] == 50
+    assert got["lambda"] == ["function", 6]
+    assert got["reused"] == [42, 1, 42]
+    assert got["connections"] == 1
+
+    # a class only the core can import arrives by value, methods and module globals included
+    assert got["corething_importable"] is False
+    assert got["thing"] == {"type": "Thing", "module": "corething", "double": 42, "twin": 21}
+
+    value_error = got["value_error"]
+    assert value_error["type"] == "ValueError"
+    assert value_error["module"] == "builtins"
+    assert value_error["is_remote"] is False
+    assert value_error["message"] == "bad value 7"
+    assert "in fail_value" in value_error["remote_traceback"]
+    assert value_error["notes"][-1].startswith("--- raised in the AIGIS core ---")
+
+    custom = got["custom_error"]
+    assert custom["type"] == "CoreValueError"
+    assert custom["module"] == "corething"
+    assert custom["is_remote"] is True
+    assert custom["mro"][:3] == ["CoreValueError", "RemoteError", "ValueError"]
+    assert custom["message"] == "core rejected 7"
+    assert 'raise CoreValueError(f"core rejected {value}")' in custom["remote_traceback"]
+    assert got["custom_same_class"] is True
+
+    assert got["const_with_args"] == (
+        "aigis.t.const is not callable (int); constants are read with no arguments"
+    )
+    assert got["internal"] == (
+        "aigis._secret: names starting with '_' are AIGIS internals, not skills"
+    )
+    assert "missing" in got["missing"]
+
+
+def test_server_refuses_dunder_paths_even_from_a_raw_client(core):
+    client = core.client()
+    with pytest.raises(PermissionError, match=r"aigis.t.__class__: dunder attribute"):
+        client.call(("t", "__class__"))
+    with pytest.raises(PermissionError, match="AIGIS internals"):
+        client.call(("_secret",))
+    with pytest.raises(PermissionError, match="malformed path"):
+        client.call(("t", 1))
+    with pytest.raises(TypeError, match="unhashable"):
+        client.call(("t", ["const"]))
+    assert client.call(("t", "const")) == 42
+
+
+def test_aigis_exceptions_from_the_core_keep_their_type(core):
+    with pytest.raises(CoreUnavailable, match="inner core down") as info:
+        core.client().call(("t", "unavailable"))
+    assert "Traceback" in info.value.remote_traceback
+
+
+def test_large_results_come_back_intact(core):
+    client = core.client()
+    assert client.call(("t", "blob"), (3 << 20,)) == b"b" * (3 << 20)
+    assert client.call(("t", "text"), (300_000,)) == "t" * 300_000
+    assert client.call(("t", "echo"), (list(range(100_000)),)) == list(range(100_000))
+
+
+def test_unserializable_results_name_the_skill(core):
+    client = core.client()
+    with pytest.raises(TypeError, match="aigis.t.gen returned generator, which cannot be sent"):
+        client.call(("t", "gen"))
+    assert client.call(("t", "const")) == 42
+
+
+def test_replies_over_the_limit_become_errors(make_core):
+    client = make_core(limit=1 << 20).client()
+    with pytest.raises(ValueError, match="the reply is too big: .* exceeds the 1 MiB limit"):
+        client.call(("t", "blob"), (2 << 20,))
+    assert client.call(("t", "const")) == 42
+    assert client.connections_opened == 1
+
+
+def test_requests_over_the_limit_are_refused_before_sending(core):
+    client = core.client(limit=1 << 20)
+    with pytest.raises(wire.FrameError, match="exceeds the 1 MiB limit"):
+        client.call(("t", "echo"), (b"x" * (2 << 20),))
+    assert client.call(("t", "const")) == 42
+    assert client.connections_opened == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_both_ends_set_tcp_nodelay(core, transport):
+    client = core.client(transport)
+    client.call(("t", "const"))
+    if transport == "tcp":
+        sock = client._chan.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        (conn,) = core.server._connections
+        assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+# --- concurrency ---------------------------------------------------------------------------
+
+
+def test_threads_of_one_process_share_one_connection(core):
+    client = core.client()
+    errors: list[str] = []
+
+    def work(worker: int) -> None:
+        for i in range(200):
+            value = (worker, i, "p" * (i % 7))
+            got = client.call(("t", "echo"), (value,))
+            if got != value:
+                errors.append(f"worker {worker} call {i}: got {got!r}")
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert client.connections_opened == 1
+
+
+def test_several_plugin_processes_at_once(core, spawn):
+    plugins = [
+        spawn(core, "hammer.py", transport, env={"RPC_CALLS": "300"})
+        for transport in ("unix", "tcp", "unix", "tcp")
+    ]
+    results = [plugin.result() for plugin in plugins]
+    assert [r["calls"] for r in results] == [300] * 4
+    assert len({r["pid"] for r in results}) == 4
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_plugin_reconnects_after_the_core_restarts(core, spawn, sockdir, transport):
+    progress = sockdir / "progress.json"
+    plugin = spawn(core, "looper", transport, env={"RPC_PROGRESS": str(progress)})
+
+    def calls_seen(generation: int) -> int:
+        try:
+            return json.loads(progress.read_text()).get(str(generation), 0)
+        except FileNotFoundError:
+            return 0
+
+    wait_until(lambda: calls_seen(1) >= 20, what="calls to the first core")
+    core.stop()
+    assert not core.unix_path.exists()
+    core.start(generation=2)
+
+    got = plugin.result()
+    assert got["seen"]["1"] >= 20
+    assert got["seen"]["2"] == 50
+    assert got["connections"] == 2
+    if transport == "unix":
+        # the graceful stop lets an in-flight call reply, and a later request fails on send
+        # (EPIPE), which is safe to retry: no call is lost
+        assert got["unavailable"] == []
+    else:
+        # TCP accepts a send the closing core will never read; that one call cannot be told
+        # from one that ran, so it raises instead of being re-sent
+        assert len(got["unavailable"]) <= 1
+        assert all("may or may not have completed" in u for u in got["unavailable"])
+
+
+FORK_CHECK = """
+import os, sys
+from aigis._rpc.client import CoreClient
+client = CoreClient(sys.argv[1], open(sys.argv[2], "rb").read())
+assert client.call(("t", "const")) == 42
+pid = os.fork()
+if pid == 0:  # the child must not use the parent's socket: it opens its own
+    ok = client.call(("t", "echo"), ("child",)) == "child" and client.connections_opened == 1
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert client.call(("t", "echo"), ("parent",)) == "parent"
+assert client.connections_opened == 1
+print("ok")
+"""
+
+
+def test_a_forked_child_opens_its_own_connection(core):
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_CHECK, str(core.unix_path), str(core.keyfile)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == "ok\n", done.stderr
+
+
+def test_calls_while_the_core_is_down_fail_after_the_retry_window(sockdir):
+    client = CoreClient(sockdir / "nothing.sock", b"key", retry_for=0.5)
+    started = time.monotonic()
+    with pytest.raises(CoreUnavailable) as info:
+        client.call(("t", "const"))
+    assert 0.5 <= time.monotonic() - started < 5
+    assert str(info.value) == (
+        f"cannot reach the AIGIS core at {sockdir / 'nothing.sock'}: "
+        "no socket file (is the core running?) (retried for 0.5 s)"
+    )
+
+
+def test_a_wrong_authkey_fails_at_once_without_retrying(core):
+    client = CoreClient(core.address("unix"), b"wrong key", retry_for=30)
+    started = time.monotonic()
+    with pytest.raises(CoreUnavailable, match="authentication failed: the authkey does not"):
+        client.call(("t", "const"))
+    assert time.monotonic() - started < 5
+
+
+# --- security: nothing is unpickled before the handshake, and one line per bad peer ---------
+
+
+class CreateFileOnUnpickle:
+    """A pickle that would create a file if the server ever unpickled it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def raw_connect(core: Core, transport: str) -> socket.socket:
+    if transport == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(core.unix_path))
+    else:
+        sock = socket.create_connection(core.tcp)
+    sock.settimeout(10)
+    return sock
+
+
+def send_then_wait_for_close(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` as a hostile peer would, then read until the server hangs up."""
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    with contextlib.suppress(OSError):
+        while sock.recv(65536):
+            pass
+    sock.close()
+
+
+HEADER = wire.HEADER.pack
+
+
+def hostile_payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
+    evil = pickle.dumps(CreateFileOnUnpickle(marker))
+    return {
+        "random bytes": (random.Random(7).randbytes(64), "refused: connection from "),
+        "truncated frame": (HEADER(40) + b"x" * 10, "middle of a message"),
+        "huge length prefix": (HEADER(0x7FFFFFFF) + b"x" * 10, "exceeds the 256-byte limit"),
+        "64-bit length prefix": (HEADER(-1) + struct.pack("!Q", 1 << 62), "negative length"),
+        "framed pickle": (HEADER(len(evil)) + evil, "bad authkey"),
+        "raw pickle": (evil, "refused: connection from "),
+    }
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        "random bytes",
+        "truncated frame",
+        "huge length prefix",
+        "64-bit length prefix",
+        "framed pickle",
+        "raw pickle",
+    ],
+)
+def test_hostile_peers_are_refused_and_the_server_keeps_serving(
+    core, server_log, sockdir, transport, case
+):
+    good = core.client(transport)
+    assert good.call(("t", "const")) == 42
+    marker = sockdir / "unpickled"
+    data, expected = hostile_payloads(marker)[case]
+
+    send_then_wait_for_close(raw_connect(core, transport), data)
+
+    wait_until(lambda: warnings_from_server(server_log), what="the refusal log line")
+    assert good.call(("t", "add"), (1, 2)) == 3  # the old connection still works
+    assert core.client(transport).call(("t", "const")) == 42  # and new ones are accepted
+    (line,) = warnings_from_server(server_log)
+    assert line.startswith("refused: connection from ")
+    assert expected in line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_wrong_authkey_is_refused_with_one_line(core, server_log, transport):
+    with pytest.raises(AuthenticationError):
+        MultiprocessClient(core.address(transport), authkey=b"not the key")
+    wait_until(lambda: warnings_from_server(server_log), what="the refusal log line")
+    assert core.client(transport).call(("t", "const")) == 42
+    (line,) = warnings_from_server(server_log)
+    peer = "pid " if transport == "unix" else "127.0.0.1:"
+    assert line.startswith(f"refused: connection from {peer}")
+    assert line.endswith(": bad authkey")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (HEADER(0x7FFFFFFF), "message of 2147483647 bytes exceeds the 256 MiB limit"),
+        (HEADER(-1) + struct.pack("!Q", 1 << 62), "oversized or negative length (-1)"),
+        (HEADER(40) + b"x" * 10, "connection closed in the middle of a message"),
+    ],
+    ids=["huge length", "64-bit length", "truncated"],
+)
+def test_an_authenticated_peer_sending_a_bad_frame_is_dropped(
+    core, server_log, transport, data, expected
+):
+    # multiprocess's own client authenticates fine: the framing is the same
+    conn = MultiprocessClient(core.address(transport), authkey=core.authkey)
+    os.write(conn.fileno(), data)
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.shutdown(socket.SHUT_WR)
+    with pytest.raises((EOFError, OSError)):
+        conn.recv_bytes()
+    conn.close()
+    (line,) = warnings_from_server(server_log)
+    assert line.startswith("dropped: connection from ")
+    assert line.endswith(expected)
+    assert core.client(transport).call(("t", "const")) == 42
+
+
+def test_a_silent_peer_is_dropped_after_the_handshake_timeout(make_core, server_log):
+    core = make_core(handshake_timeout=0.3)
+    sock = raw_connect(core, "unix")
+    with contextlib.suppress(OSError):
+        while sock.recv(65536):  # the challenge, then EOF once the server gives up
+            pass
+    sock.close()
+    (line,) = warnings_from_server(server_log)
+    assert line.startswith("refused: connection from pid ")
+    assert line.endswith("bad handshake (timed out)")
+
+
+# --- the socket file and the authkey file --------------------------------------------------
+
+
+def test_unix_socket_is_group_only_and_removed_on_stop(core):
+    assert oct(core.unix_path.stat().st_mode & 0o777) == "0o660"
+    core.stop()
+    assert not core.unix_path.exists()
+
+
+def test_a_stale_socket_file_is_replaced(sockdir, corething):
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sockdir / "core.sock"))
+    stale.close()  # a crashed core leaves the file behind
+    core = Core(sockdir, corething).start()
+    try:
+        assert core.client().call(("t", "const")) == 42
+    finally:
+        core.clients[0].close()
+        core.stop()
+
+
+def test_a_taken_tcp_port_fails_start_and_leaves_no_socket_file(core, corething, sockdir):
+    other = sockdir / "other"
+    other.mkdir()
+    second = Core(other, corething)
+    second.tcp = core.tcp
+    with pytest.raises(AigisError, match=f"cannot listen on tcp 127.0.0.1:{core.tcp[1]}: "):
+        second.start()
+    assert not second.unix_path.exists()
+
+
+def test_a_live_socket_is_not_stolen(core, corething, sockdir):
+    second = Core(sockdir, corething)
+    with pytest.raises(AigisError, match="another AIGIS core is serving it"):
+        second.start()
+    assert core.client().call(("t", "const")) == 42
+
+
+def test_authkey_file_is_created_once_with_mode_0640(tmp_path):
+    path = tmp_path / "etc" / "authkey"
+    key = load_or_create_authkey(path)
+    assert len(key) == 32
+    assert oct(path.stat().st_mode & 0o777) == "0o640"
+    assert load_or_create_authkey(path) == key
+    assert [p.name for p in path.parent.iterdir()] == ["authkey"]
+
+
+def test_an_empty_authkey_file_is_an_error(tmp_path):
+    path = tmp_path / "authkey"
+    path.write_bytes(b"")
+    with pytest.raises(AigisError, match=f"the AIGIS authkey file {path} is empty"):
+        load_or_create_authkey(path)
+
+
+# --- the runner ----------------------------------------------------------------------------
+
+
+def test_runner_reports_a_missing_launch_function(core, spawn):
+    plugin = spawn(core, "nolaunch", name="weather")
+    assert plugin.wait() == 1
+    lines = plugin.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith('aigis runner: plugin "weather": module "nolaunch" (')
+    assert lines[0].endswith("nolaunch.py) has no launch() function")
+
+
+def test_runner_reports_a_missing_launch_module(core, spawn):
+    plugin = spawn(core, "no_such_module", name="weather")
+    assert plugin.wait() == 1
+    (line,) = plugin.stderr.splitlines()
+    assert 'plugin "weather": cannot import LAUNCH module "no_such_module"' in line
+
+
+def test_runner_reports_a_missing_entrypoint(core, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "aigis._runner", "--name", "weather"]
+        + ["--entrypoint", str(tmp_path / "gone"), "--launch", "x"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        f'aigis runner: plugin "weather": cannot enter ENTRYPOINT {tmp_path / "gone"}: '
+        "No such file or directory\n"
+    )
+
+
+def test_runner_prints_the_traceback_when_launch_raises(core, spawn):
+    plugin = spawn(core, "crashing.py")
+    assert plugin.wait() == 1
+    assert "Traceback (most recent call last)" in plugin.stderr
+    assert "RuntimeError: plugin crashed on purpose" in plugin.stderr
+
+
+def test_runner_sends_ready_once_connected(core, spawn, sockdir):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sockdir / "notify"))
+    notify.settimeout(30)
+    try:
+        plugin = spawn(core, "quiet", env={"NOTIFY_SOCKET": str(sockdir / "notify")})
+        message = notify.recv(4096).decode()
+    finally:
+        notify.close()
+    assert plugin.wait() == 0
+    assert message.splitlines() == [
+        "READY=1",
+        f"STATUS=connected to the AIGIS core at {core.unix_path}",
+    ]
+
+
+def test_aigis_terminal_connects_an_interactive_interpreter(core):
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NOTIFY_SOCKET")}
+    environ["AIGIS_ADDRESS"] = core.env_address("unix")
+    environ["AIGIS_AUTHKEY_FILE"] = str(core.keyfile)
+    done = subprocess.run(
+        [sys.executable, "-c", "import AIGISTerminal; import aigis; print(aigis.t.add(2, 3))"],
+        cwd=ROOT / "tests",  # as documented: from the tests/ directory of a checkout
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "5\n"
+
+
+def test_remote_error_is_the_public_class():
+    # what plugins catch is what the wire layer generates
+    assert issubclass(wire.remote_error_class("m", "E", "ValueError"), RemoteError)
