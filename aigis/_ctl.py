@@ -1,14 +1,15 @@
-"""``aigisctl``: the operator's command line (talks to the core; ``check`` works offline).
-
-Exit codes follow LSB: 0 ok, 1 error, 2 usage, 3 not running.
+"""``aigisctl``: the operator's command line. It talks to the core over the control socket;
+``check`` works offline. Exit codes follow LSB: 0 ok, 1 error, 2 usage, 3 not running.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from aigis._version import __version__
 
@@ -16,22 +17,111 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 DEFAULT_CONFIG = "/etc/aigis/aigis.toml"
 
 
+class CtlError(Exception):
+    """A failure to report on one line, with its exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``aigisctl`` command line."""
-    parser = argparse.ArgumentParser(prog="aigisctl", description="Control and inspect AIGIS.")
+    parser = argparse.ArgumentParser(
+        prog="aigisctl",
+        description="Control and inspect the AIGIS core and its plugins.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 not running.",
+    )
     parser.add_argument("--version", action="version", version=f"aigisctl {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    check = commands.add_parser("check", help="validate a config and its plugin manifests")
-    check.add_argument(
+    parser.add_argument(
         "-c",
         "--config",
         default=os.environ.get("AIGIS_CONFIG", DEFAULT_CONFIG),
-        help="config file (default: $AIGIS_CONFIG or %(default)s)",
+        help="config file of the core to talk to (default: $AIGIS_CONFIG or %(default)s)",
     )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        # Accept -c after the command too: `aigisctl check -c PATH`.
+        sub.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sub
+
+    check = add("check", "validate a config and its plugin manifests without running anything")
     check.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    status = add("status", "show plugins: state, pid, restarts, uptime, reason")
+    status.add_argument("names", nargs="*", metavar="NAME")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    for verb in ("start", "stop", "restart"):
+        add(verb, f"{verb} one plugin").add_argument("name", metavar="NAME")
+    add("reload", "re-read the config and apply only the differences")
+    logs = add("logs", "show a plugin's output")
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument(
+        "-n",
+        "--lines",
+        type=int,
+        default=50,
+        metavar="N",
+        help="how many recent lines (default 50)",
+    )
+    skills = add("skills", "list the skills in the aigis namespace")
+    skills.add_argument("--json", action="store_true", help="machine-readable output")
+    call = add("call", "call a skill: aigisctl call dnd.roll 20")
+    call.add_argument("path", metavar="PATH", help="skill path, with or without 'aigis.'")
+    call.add_argument(
+        "args",
+        nargs="*",
+        metavar="ARG",
+        help="Python literals (strings may be bare); NAME=VALUE for keywords",
+    )
+    add("shell", "an interactive Python shell with `aigis` connected to the core")
     return parser
 
 
+# -- talking to the core ----------------------------------------------------------------------
+def _settings(args: argparse.Namespace):
+    from aigis._config import load_config
+    from aigis._errors import ConfigError
+
+    try:
+        return load_config(Path(args.config)).settings
+    except ConfigError as exc:
+        raise CtlError("\n".join(exc.problems)) from None
+
+
+def _client(args: argparse.Namespace, control: bool = True):
+    """A client for the control socket (or the plugins' socket), failing fast."""
+    from aigis._errors import AigisError
+    from aigis._rpc.client import CoreClient, read_authkey
+
+    settings = _settings(args)
+    path = settings.control_socket if control else settings.socket
+    if not path.exists():
+        raise CtlError(f"the AIGIS core is not running (no socket at {path})", EXIT_NOT_RUNNING)
+    try:
+        authkey = read_authkey(settings.authkey_file)
+    except AigisError as exc:
+        raise CtlError(str(exc)) from None
+    return CoreClient(path, authkey, retry_for=1.0)
+
+
+def _control(args: argparse.Namespace, operation: str, *call_args: Any) -> Any:
+    from aigis._errors import CoreUnavailable
+
+    client = _client(args)
+    try:
+        return client.call((operation,), call_args)
+    except CoreUnavailable as exc:
+        raise CtlError(f"the AIGIS core is not running: {exc}", EXIT_NOT_RUNNING) from None
+    except Exception as exc:  # the core's own error: one line, no traceback
+        raise CtlError(str(exc) or type(exc).__name__) from None
+    finally:
+        client.close()
+
+
+# -- commands ----------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate without starting anything; one line per problem."""
     from aigis._check import check_config
@@ -52,6 +142,161 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _duration(seconds: float | None) -> str:
+    """``42s``, ``5m07s``, ``3h12m``, ``2d04h``."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """A table (or JSON) of plugins; exit 3 when a named plugin is not running."""
+    from aigis._control import is_up
+
+    rows = _control(args, "status", args.names)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = [("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "REASON")]
+        for row in rows:
+            table.append(
+                (
+                    row["name"],
+                    row["type"],
+                    row["state"],
+                    str(row["pid"] or "-"),
+                    str(row["restarts"]),
+                    _duration(row["uptime"]),
+                    row["reason"] or (row["last_exit"] or ""),
+                )
+            )
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+        for row in table:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    if args.names and not all(is_up(row) for row in rows):
+        return EXIT_NOT_RUNNING
+    return EXIT_OK
+
+
+def _verb(args: argparse.Namespace) -> int:
+    row = _control(args, args.command, args.name)
+    print(
+        f"{row['name']}: {row['state']}"
+        + (f" (pid {row['pid']})" if row.get("pid") else "")
+        + (f": {row['reason']}" if row.get("reason") else "")
+    )
+    return EXIT_OK
+
+
+cmd_start = cmd_stop = cmd_restart = _verb
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the core to re-read its config."""
+    print(f"reloaded: {_control(args, 'reload')}")
+    return EXIT_OK
+
+
+def cmd_skills(args: argparse.Namespace) -> int:
+    """Every skill with its kind and owning plugin."""
+    rows = _control(args, "skills")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    width = max([len(r["path"]) for r in rows] + [4])
+    for row in rows:
+        print(f"{row['path'].ljust(width)}  {row['kind']:<8}  {row['plugin']}")
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The last N lines of a plugin's output, optionally following."""
+    from aigis._tail import follow, last_lines
+
+    where = _control(args, "logs", args.name)
+    if "journal" in where:
+        argv = ["journalctl", "-u", where["journal"], "-n", str(args.lines), "--no-pager"]
+        if args.follow:
+            argv.append("-f")
+        os.execvp(argv[0], argv)
+    path = Path(where["file"])
+    out = sys.stdout.buffer
+    out.writelines(last_lines(path, args.lines))
+    out.flush()
+    if args.follow:
+        for chunk in follow(path):
+            out.write(chunk)
+            out.flush()
+    return EXIT_OK
+
+
+def parse_call_args(tokens: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """Python literals; a token that is not one is a string; NAME=VALUE is a keyword."""
+    import ast
+    import re
+
+    def value(text: str) -> Any:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for token in tokens:
+        match = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", token, re.S)
+        if match:
+            kwargs[match.group(1)] = value(match.group(2))
+        else:
+            args.append(value(token))
+    return args, kwargs
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """Call a skill in the core and print its result."""
+    import pprint
+
+    from aigis._errors import CoreUnavailable
+
+    path = args.path.removeprefix("aigis.")
+    call_args, kwargs = parse_call_args(args.args)
+    client = _client(args, control=False)
+    try:
+        result = client.call(tuple(path.split(".")), tuple(call_args), kwargs)
+    except CoreUnavailable as exc:
+        raise CtlError(f"the AIGIS core is not running: {exc}", EXIT_NOT_RUNNING) from None
+    except Exception as exc:
+        raise CtlError(f"aigis.{path}: {type(exc).__name__}: {exc}") from None
+    finally:
+        client.close()
+    pprint.pprint(result)
+    return EXIT_OK
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    """A REPL where ``aigis`` is the proxy to the running core."""
+    import code
+
+    from aigis._rpc.proxy import make_proxy_module
+
+    proxy = make_proxy_module(_client(args, control=False))
+    sys.modules["aigis"] = proxy
+    code.interact(
+        banner=f"AIGIS {__version__} shell: `aigis` is connected to the core "
+        f"({args.config}). Ctrl-D exits.",
+        local={"aigis": proxy},
+        exitmsg="",
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``aigisctl``."""
     parser = build_parser()
@@ -62,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     handler = globals()[f"cmd_{args.command}"]
     try:
         return handler(args)
+    except CtlError as exc:
+        print(f"aigisctl: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         return EXIT_ERROR
     except BrokenPipeError:

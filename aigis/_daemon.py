@@ -1,7 +1,7 @@
-"""The AIGIS core daemon: loads plugins in config order, then idles until told to stop.
+"""The AIGIS core daemon: serves the namespace, loads and supervises plugins, applies reloads.
 
-Signal handlers only enqueue; the main loop dispatches to ``handle_<signame>`` (gunicorn's
-arbiter is the model).
+Signal handlers only enqueue; the main loop reads like a to-do list and dispatches signals to
+``handle_<signame>`` (gunicorn's arbiter is the model).
 """
 
 from __future__ import annotations
@@ -13,65 +13,123 @@ import queue
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import aigis
-from aigis._config import Config, load_config
-from aigis._errors import ConfigError, PluginError
+from aigis._config import Config, PluginEntry, load_config
+from aigis._control import Control, status_row
+from aigis._errors import AigisError, ConfigError, PluginError
 from aigis._loader import Loader, Plugin
 from aigis._log import setup_logging
 from aigis._namespace import BUILTIN_OWNER, Namespace
+from aigis._notify import Notifier
+from aigis._reload import diff
+from aigis._rpc.server import CoreServer, load_or_create_authkey
+from aigis._supervise import pick_supervisor
+from aigis._supervise.base import ProcessSpec, Supervisor
 from aigis._version import __version__
 
 log = logging.getLogger("aigis.core")
 
 DEFAULT_CONFIG = "/etc/aigis/aigis.toml"
 PUBLIC_API = ("AigisError", "CoreUnavailable", "RemoteError")
+TICK = 0.2  # main-loop period: supervisor poll, watchdog
 
 
 class Daemon:
-    """Owns the plugin set, the namespace and the main loop."""
+    """Owns the plugin set, the namespace, the servers, the supervisor and the main loop."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self, config: Config, *, skip_requirements: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, skip_requirements: bool = False, supervisor: str | None = None
+    ) -> None:
         self.config = config
+        self.skip_requirements = skip_requirements
         self.namespace = Namespace(aigis, reserved=PUBLIC_API)
         self.loader = Loader(
             config.settings, self.namespace, config.path.parent, skip_requirements=skip_requirements
         )
+        self.supervisor: Supervisor = pick_supervisor(
+            supervisor or config.settings.supervisor, config.settings
+        )
         self.plugins: dict[str, Plugin] = {}
-        self.lock = threading.RLock()  # plugin set is changed by the loop and by AIGISReload
+        # The plugin set is changed by the main loop, control calls and AIGISReload.
+        self.lock = threading.RLock()
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.notifier = Notifier()
         self.stopping = False
+        self.started_at = time.time()
+        self.servers: list[CoreServer] = []
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
-        """Load everything, idle until SIGTERM/SIGINT, then stop cleanly; return exit code."""
+        """Serve, load everything, loop until SIGTERM/SIGINT, then stop cleanly; exit code."""
         self.install_signals()
         self.register_builtins()
         log.info(
-            "starting: AIGIS %s with %s (%d plugins)",
+            "starting: AIGIS %s with %s (%d plugins, %s supervisor)",
             __version__,
             self.config.path,
             len(self.config.plugins),
+            self.supervisor_name,
         )
-        for entry in self.config.plugins:
-            if self._peek_stop():
+        try:
+            self.start_server("control")
+            loaded = []
+            for entry in self.config.plugins:
+                if self._drain_signals():
+                    break
+                loaded.append(self.load_plugin(entry))
+            # Plugins' socket only once every skill is registered: a plugin reconnecting to a
+            # restarted core never sees a half-loaded namespace.
+            self.start_server("plugins")
+        except OSError as exc:
+            log.error("failed: cannot listen: %s", exc)
+            self.shutdown()
+            return 1
+        for plugin in loaded:
+            if self._drain_signals():
                 break
-            with self.lock:
-                self.plugins[entry.name] = self.loader.load(entry)
+            self.start_process(plugin)
         log.info("ready: %s", self.summary())
+        self.notifier.ready(self.summary())
         while not self.stopping:
+            self.supervisor.poll()
+            self.notifier.watchdog()
             try:
-                signum = self.signals.get(timeout=1.0)
+                signum = self.signals.get(timeout=TICK)
             except queue.Empty:
                 continue
             self.dispatch(signum)
         self.shutdown()
         return 0
 
-    def _peek_stop(self) -> bool:
+    @property
+    def supervisor_name(self) -> str:
+        """``embedded`` or ``systemd``."""
+        return getattr(self.supervisor, "NAME", type(self.supervisor).__name__)
+
+    def start_server(self, which: str) -> None:
+        """``plugins``: the namespace on the Unix socket (and TCP when configured);
+        ``control``: the operators' socket for aigisctl, never on TCP."""
+        settings = self.config.settings
+        settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+        authkey = load_or_create_authkey(settings.authkey_file)
+        if which == "plugins":
+            server = CoreServer(
+                self.namespace.resolve, unix_path=settings.socket, tcp=settings.tcp, authkey=authkey
+            )
+        else:
+            server = CoreServer(
+                Control(self).resolve, unix_path=settings.control_socket, tcp=None, authkey=authkey
+            )
+        server.start()
+        self.servers.append(server)
+
+    def _drain_signals(self) -> bool:
         """Handle queued signals between plugin loads so SIGTERM is not delayed by a slow load."""
         while not self.signals.empty():
             self.dispatch(self.signals.get())
@@ -84,8 +142,7 @@ class Daemon:
 
     def dispatch(self, signum: int) -> None:
         """Call ``handle_<signame>``."""
-        name = signal.Signals(signum).name.lower()
-        getattr(self, f"handle_{name}")()
+        getattr(self, f"handle_{signal.Signals(signum).name.lower()}")()
 
     def handle_sigterm(self) -> None:
         """Stop everything and exit 0."""
@@ -98,42 +155,230 @@ class Daemon:
         self.stopping = True
 
     def handle_sighup(self) -> None:
-        """Config reload comes with live reload; for now say so."""
-        log.warning("ignored: SIGHUP (live config reload is not available yet)")
+        """Re-read the config and apply the differences; a bad config changes nothing."""
+        try:
+            self.reload_config()
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            self.notifier.ready(self.summary())
 
     def shutdown(self) -> None:
-        """Unload plugins in reverse load order; every cleanup runs once."""
+        """Stop plugin processes in reverse load order while the namespace is still served,
+        then close the plugins' socket (callers retry against the next core), then run
+        cleanups in reverse load order, then close the control socket."""
+        self.notifier.stopping()
         with self.lock:
-            for plugin in reversed(list(self.plugins.values())):
+            plugins = list(reversed(list(self.plugins.values())))
+            for plugin in plugins:
+                if plugin.supervised:
+                    self.supervisor.remove(plugin.name)
+                    plugin.supervised = False
+            self.supervisor.stop_all([])
+        for server in [s for s in self.servers if s.unix_path == self.config.settings.socket]:
+            server.stop()
+        with self.lock:
+            for plugin in plugins:
                 self.loader.unload(plugin)
-                plugin.state = "stopped"
+        for server in self.servers:
+            server.stop()  # idempotent for the one already stopped
         log.info("stopped: AIGIS")
 
-    # -- built-in skills ----------------------------------------------------------------------
+    # -- plugins -------------------------------------------------------------------------------
+    def add_plugin(self, entry: PluginEntry) -> Plugin:
+        """Load ``entry`` (skills first), then start its process if it has one."""
+        with self.lock:
+            return self.start_process(self.load_plugin(entry))
+
+    def load_plugin(self, entry: PluginEntry) -> Plugin:
+        """Run the load pipeline for ``entry`` and record the plugin."""
+        with self.lock:
+            plugin = self.loader.load(entry)
+            self.plugins[entry.name] = plugin
+            return plugin
+
+    def start_process(self, plugin: Plugin) -> Plugin:
+        """Hand a loaded internal/external plugin's process to the supervisor."""
+        with self.lock:
+            if plugin.state == "loaded" and plugin.plugin_type in ("internal", "external"):
+                try:
+                    self.supervisor.add(self.process_spec(plugin))
+                    plugin.supervised = True
+                except (PluginError, OSError, ValueError) as exc:
+                    plugin.state, plugin.reason = "failed", f"could not start: {exc}"
+                    log.error(
+                        'failed: plugin "%s": %s',
+                        plugin.name,
+                        plugin.reason,
+                        extra={"plugin": plugin.name},
+                    )
+            return plugin
+
+    def _take_down(self, plugin: Plugin) -> None:
+        """Stop the plugin's process (if any), then run its cleanup and remove its skills."""
+        if plugin.supervised:
+            self.supervisor.remove(plugin.name)
+            plugin.supervised = False
+        self.loader.unload(plugin)
+
+    def remove_plugin(self, name: str) -> None:
+        """Stop and forget one plugin."""
+        with self.lock:
+            plugin = self.plugins.pop(name)
+            self._take_down(plugin)
+            log.info('removed: plugin "%s"', name, extra={"plugin": name})
+
+    def process_spec(self, plugin: Plugin) -> ProcessSpec:
+        """What to run for an internal or external plugin, and how to supervise it."""
+        manifest = plugin.manifest
+        assert manifest is not None and manifest.launch is not None
+        settings = self.config.settings
+        env = {
+            "AIGIS_PLUGIN": plugin.name,
+            "AIGIS_PLUGIN_DIR": str(plugin.root),
+            "AIGIS_ADDRESS": str(settings.socket),
+            "AIGIS_AUTHKEY_FILE": str(settings.authkey_file),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if manifest.plugin_type == "internal":
+            argv: tuple[str, ...] = (
+                sys.executable,
+                "-m",
+                "aigis._runner",
+                "--name",
+                plugin.name,
+                "--entrypoint",
+                str(manifest.entrypoint),
+                "--launch",
+                str(manifest.launch),
+            )
+        else:
+            argv = tuple(manifest.launch)
+        return ProcessSpec(
+            name=plugin.name,
+            kind=manifest.plugin_type,
+            argv=argv,
+            cwd=manifest.entrypoint,
+            env=env,
+            restart=manifest.restart,
+            restart_delay=settings.restart_delay,
+            restart_delay_max=settings.restart_delay_max,
+            stop_timeout=settings.stop_timeout,
+        )
+
+    # -- operations (control socket, AIGISReload, SIGHUP) ----------------------------------------
     def register_builtins(self) -> None:
         """``aigis.AIGISReload(name)``."""
         holder = type("Builtins", (), {"AIGISReload": staticmethod(self.reload_plugin)})
         self.namespace.register(BUILTIN_OWNER, holder, ["AIGISReload"], "AIGIS built-ins")
 
     def reload_plugin(self, name: str) -> str:
-        """Re-fetch, re-read and re-load one plugin without touching the others."""
+        """Re-fetch, re-read and re-load one plugin (restarting its process) alone."""
         with self.lock:
             plugin = self.plugins.get(name)
             if plugin is None:
-                raise PluginError(name, "no such plugin in " + str(self.config.path))
+                raise PluginError(name, f"no such plugin in {self.config.path}")
             log.info('reloading: plugin "%s"', name, extra={"plugin": name})
-            self.loader.unload(plugin)
-            fresh = self.loader.load(plugin.entry)
-            self.plugins[name] = fresh
+            self._take_down(plugin)
+            fresh = self.add_plugin(plugin.entry)
             if fresh.state == "failed":
                 raise PluginError(name, f"reload failed: {fresh.reason}")
             return fresh.state
 
+    def reload_config(self) -> str:
+        """Re-read the config; add, remove and reload only what changed. Returns a summary."""
+        with self.lock:
+            self.notifier.reloading()
+            new = load_config(self.config.path)
+            failed = [p.name for p in self.plugins.values() if p.state == "failed"]
+            plan = diff(self.config, new, retry=failed)
+            log.info("reloading: config %s: %s", new.path, plan.describe())
+            for key in plan.settings_changed:
+                log.warning("not applied: [aigis] %s changed; restart AIGIS to apply it", key)
+            for name in plan.removed:
+                self.remove_plugin(name)
+            for entry in plan.changed:
+                self.remove_plugin(entry.name)
+            self.config = new
+            for entry in (*plan.changed, *plan.added):
+                self.add_plugin(entry)
+            # Keep load order = config order for status and for shutdown.
+            self.plugins = {
+                p.name: self.plugins[p.name] for p in new.plugins if p.name in self.plugins
+            }
+            log.info("reloaded: %s", self.summary())
+            self.notifier.ready(self.summary())
+            return plan.describe()
+
+    def start_plugin(self, name: str) -> dict[str, Any]:
+        """Start a stopped/exited/failed plugin; a plugin that failed to load is loaded again."""
+        with self.lock:
+            plugin = self.plugins[name]
+            if plugin.supervised:
+                self.supervisor.start(name)
+            elif plugin.state == "failed":
+                plugin = self.add_plugin(plugin.entry)
+            return self.status_rows([name])[0]
+
+    def stop_plugin(self, name: str) -> dict[str, Any]:
+        """Stop a plugin's process; core plugins have none."""
+        with self.lock:
+            plugin = self.plugins[name]
+            if not plugin.supervised:
+                raise PluginError(
+                    name, f"{plugin.plugin_type} plugins have no process to stop; use reload"
+                )
+        self.supervisor.stop(name)  # outside the lock: stopping may take stop_timeout
+        return self.status_rows([name])[0]
+
+    def restart_plugin(self, name: str) -> dict[str, Any]:
+        """Restart a plugin's process (count reset), or reload a core plugin."""
+        with self.lock:
+            plugin = self.plugins[name]
+            if not plugin.supervised:
+                self.reload_plugin(name)
+                return self.status_rows([name])[0]
+        self.supervisor.restart(name)
+        return self.status_rows([name])[0]
+
+    def status_rows(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+        """Status of ``names`` (all when None), in load order; unknown names raise."""
+        with self.lock:
+            wanted = list(self.plugins) if not names else list(names)
+            for name in wanted:
+                if name not in self.plugins:
+                    raise PluginError(name, f"no such plugin in {self.config.path}")
+            plugins = [self.plugins[n] for n in wanted]
+        supervised = [p.name for p in plugins if p.supervised]
+        procs = {s.name: s for s in self.supervisor.status(supervised)} if supervised else {}
+        return [status_row(p, procs.get(p.name)) for p in plugins]
+
+    def log_location(self, name: str) -> dict[str, Any]:
+        """Where a plugin's output goes."""
+        path = self.supervisor.log_path(name) if self.plugins[name].supervised else None
+        if path is not None:
+            return {"file": str(path)}
+        unit = getattr(self.supervisor, "unit_of", None)
+        if unit is not None:
+            return {"journal": unit(name)}
+        raise PluginError(name, "has no process output (core plugins log into the core's log)")
+
+    def describe(self) -> dict[str, Any]:
+        """What ``aigisctl`` shows about the core itself."""
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "config": str(self.config.path),
+            "supervisor": self.supervisor_name,
+            "started_at": self.started_at,
+            "summary": self.summary(),
+        }
+
     def summary(self) -> str:
-        """One line: counts per state."""
+        """One line: plugin counts per state, e.g. ``2 running, 1 loaded, 1 failed``."""
         counts: dict[str, int] = {}
-        for plugin in self.plugins.values():
-            counts[plugin.state] = counts.get(plugin.state, 0) + 1
+        for row in self.status_rows():
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
         parts = [f"{n} {state}" for state, n in sorted(counts.items())]
         return ", ".join(parts) if parts else "no plugins configured"
 
@@ -152,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never run REQUIREMENTS_COMMAND (dependencies are preinstalled)",
     )
+    parser.add_argument(
+        "--supervisor",
+        choices=("auto", "systemd", "embedded"),
+        help="process supervisor (default: [aigis] supervisor, else auto)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"aigis {__version__}")
     return parser
@@ -167,7 +417,14 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"aigis: {problem}", file=sys.stderr)
         return 1
-    return Daemon(config, skip_requirements=args.skip_requirements).run()
+    try:
+        daemon = Daemon(
+            config, skip_requirements=args.skip_requirements, supervisor=args.supervisor
+        )
+    except AigisError as exc:  # e.g. the systemd backend asked for but unavailable
+        print(f"aigis: {exc}", file=sys.stderr)
+        return 1
+    return daemon.run()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,7 @@ class Plugin:
     core: CoreModule | None = None
     skills: list[Skill] = field(default_factory=list)
     loaded_at: float = 0.0
+    supervised: bool = False  # its process is handed to the supervisor
 
     @property
     def name(self) -> str:

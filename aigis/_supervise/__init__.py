@@ -1,1 +1,37 @@
-"""Process supervision: one vocabulary of states, a pure restart policy and the embedded backend."""
+"""Process supervision: one vocabulary of states, two backends, and the one place that picks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from aigis._config import Settings
+from aigis._errors import AigisError
+from aigis._supervise.base import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+def under_systemd_service() -> bool:
+    """True when this process was started by systemd as a service (and systemd is PID 1)."""
+    return bool(os.environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()
+
+
+def pick_supervisor(choice: str, settings: Settings) -> Supervisor:
+    """``auto`` (systemd when running as a systemd service, else embedded), ``systemd``,
+    ``embedded``."""
+    if choice == "systemd" or (choice == "auto" and under_systemd_service()):
+        try:
+            from aigis._supervise.systemd import SystemdSupervisor
+        except ImportError as exc:
+            if choice == "systemd":
+                raise AigisError(f"the systemd supervisor is not available: {exc}") from None
+            log.warning("supervisor: systemd backend unavailable (%s); using embedded", exc)
+        else:
+            return SystemdSupervisor(settings)
+    from aigis._supervise.embedded import EmbeddedSupervisor
+
+    return EmbeddedSupervisor(
+        settings.log_dir, log_max_bytes=settings.log_max_bytes, log_backups=settings.log_backups
+    )

@@ -48,6 +48,8 @@ class _Run:
 class EmbeddedSupervisor:
     """Implements the Supervisor protocol with a Supervisor-style explicit state machine."""
 
+    NAME = "embedded"
+
     def __init__(
         self,
         log_dir: Path,

@@ -41,7 +41,7 @@ def test_loads_logs_and_cleans_up_in_reverse_order_on_sigterm(tmp_path, make_plu
     make_plugin("broken", CORE_CFG, core="SKILLS = ['missing']\n")
     config = tmp_path / "aigis.toml"
     config.write_text(
-        '[aigis]\nstate_dir = "state"\nsupervisor = "embedded"\n[core]\n'
+        '[aigis]\nstate_dir = "state"\nruntime_dir = "state/run"\nsupervisor = "embedded"\n[core]\n'
         'first = "src/first"\nbroken = "src/broken"\nsecond = "src/second"\n'
         'third = "src/third"\n'
     )
@@ -59,7 +59,7 @@ def test_loads_logs_and_cleans_up_in_reverse_order_on_sigterm(tmp_path, make_plu
 
 def test_no_plugins_idles_until_sigint(tmp_path, daemons):
     config = tmp_path / "aigis.toml"
-    config.write_text('[aigis]\nstate_dir = "state"\n')
+    config.write_text('[aigis]\nstate_dir = "state"\nruntime_dir = "run"\n')
     daemon = DaemonProcess(config)
     daemons.append(daemon)
     assert "ready: no plugins configured" in daemon.wait_for("ready:")
