@@ -16,14 +16,6 @@ pytestmark = pytest.mark.integration
 CORE_CFG = 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n'
 
 
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
-
-
 def cleanup_core(order_file: Path, name: str) -> str:
     """An AIGIS.core exporting ping_<name> whose cleanup appends <name> to ``order_file``."""
     return (

@@ -99,14 +99,6 @@ LAUNCH = """
     """
 
 
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
-
-
 def write_config(tmp_path: Path, body: str) -> Path:
     config = tmp_path / "aigis.toml"
     config.write_text(
