@@ -165,6 +165,15 @@ def test_reload_adds_removes_changes_and_leaves_the_rest_alone(tmp_path, make_pl
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_for("reloaded:")
     assert status(config)["keep"]["pid"] == before["keep"]["pid"]
+    # aigis.AIGISReload(name) restarts one plugin's process and nothing else.
+    proc = ctl(config, "call", "AIGISReload", "change")
+    assert proc.returncode == 0, proc.stderr
+    rows = wait_until(
+        lambda: (s := status(config)) and s["change"]["pid"] and s, what="change to restart"
+    )
+    assert rows["change"]["pid"] != after["change"]["pid"]
+    assert rows["keep"]["pid"] == before["keep"]["pid"]
+    assert rows["new"]["pid"] == after["new"]["pid"]
 
 
 def test_sigterm_stops_everything_in_reverse_order_and_leaves_no_process(
@@ -241,6 +250,10 @@ def test_flooding_plugin_loses_no_line_and_status_stays_fast(tmp_path, make_plug
     log = tmp_path / "state" / "log" / "flood.log"
     wait_until(lambda: log.read_bytes().count(b"\n") >= lines, timeout=30, what="log drained")
     assert log.read_bytes().count(b"\n") == lines
+    tail = ctl(config, "logs", "flood", "-n", "2")
+    assert tail.stdout.splitlines() == [
+        f"line {n:07d} the quick brown fox jumps over the lazy dog" for n in (lines - 2, lines - 1)
+    ]
     # A responsiveness requirement (not a benchmark): an operator's status call while a plugin
     # floods its output answers within a second, aigisctl's own start-up included.
     assert slowest < 1.0, f"aigisctl status took {slowest:.2f} s during the flood"
