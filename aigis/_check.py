@@ -44,7 +44,7 @@ def _check_plugin(config: Config, name: str, source: str, table: str, report: Re
     if fetched.is_dir():
         root = fetched
     elif _sources.is_local_source(source, base):
-        root = (base / source).resolve()
+        root = (base / Path(source).expanduser()).resolve()
     else:
         report.notes.append(f"{prefix}: not fetched yet from {source}; manifest not checked")
         return

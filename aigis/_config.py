@@ -17,6 +17,7 @@ from aigis._errors import ConfigError
 PLUGIN_TABLES = ("core", "internal", "external")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SUPERVISORS = ("auto", "systemd", "embedded")
+RESERVED_NAME = "aigis"  # owner of the built-in skills (aigis.AIGISReload)
 REQUIREMENT_POLICIES = ("run", "skip")
 
 
@@ -241,7 +242,15 @@ def parse_config(text: str, path: Path) -> Config:
 def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> PluginEntry | None:
     """One ``name = source`` or ``name = {source = ..., ref = ...}`` line."""
     ok = True
-    if not NAME_RE.fullmatch(name):
+    if name == RESERVED_NAME:
+        problems.add(
+            table,
+            name,
+            f'[{table}] plugin name "{name}" is reserved for AIGIS\'s '
+            "built-in skills; choose another name",
+        )
+        ok = False
+    elif not NAME_RE.fullmatch(name):
         problems.add(
             table,
             name,

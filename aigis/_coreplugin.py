@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import re
+import shutil
 import sys
 import traceback
 import types
@@ -40,7 +41,13 @@ def _where(exc: BaseException, path: Path) -> str:
 
 
 def forget_modules_under(root: Path) -> None:
-    """Drop cached modules loaded from files under ``root``, so a reload re-imports them."""
+    """Drop cached modules and bytecode of files under ``root``, so a reload re-imports them.
+
+    Bytecode goes too: copied sources keep their mtime, so an edit of the same size within the
+    same second would otherwise be served from a stale ``.pyc``.
+    """
+    for cache in root.rglob("__pycache__"):
+        shutil.rmtree(cache, ignore_errors=True)
     prefix = str(root.resolve()) + "/"
     for name, module in list(sys.modules.items()):
         filename = getattr(module, "__file__", None)
@@ -84,4 +91,11 @@ def import_core(plugin: str, path: Path, entrypoint: Path) -> CoreModule:
         raise SkillError(
             plugin, f"cleanup must be a function, got {type(cleanup).__name__} ({path})"
         )
-    return CoreModule(module=module, skills=tuple(skills), cleanup=cleanup, origin=str(path))
+    try:
+        names = tuple(skills)  # a computed SKILLS may be any iterable, even a failing one
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise SkillError(
+            plugin, f"SKILLS could not be read: {type(exc).__name__}: {exc} ({path})"
+        ) from None
+    return CoreModule(module=module, skills=names, cleanup=cleanup, origin=str(path))

@@ -61,6 +61,8 @@ class Daemon:
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.notifier = Notifier()
         self.stopping = False
+        self.reload_pending = False
+        self.reloader: threading.Thread | None = None
         self.started_at = time.time()
         self.servers: list[CoreServer] = []
 
@@ -80,22 +82,24 @@ class Daemon:
             self.start_server("control")
             loaded = []
             for entry in self.config.plugins:
-                if self._drain_signals():
+                if self._startup_signals():
                     break
                 loaded.append(self.load_plugin(entry))
             # Plugins' socket only once every skill is registered: a plugin reconnecting to a
             # restarted core never sees a half-loaded namespace.
             self.start_server("plugins")
-        except OSError as exc:
+        except (OSError, AigisError) as exc:
             log.error("failed: cannot listen: %s", exc)
             self.shutdown()
             return 1
         for plugin in loaded:
-            if self._drain_signals():
+            if self._startup_signals():
                 break
             self.start_process(plugin)
         log.info("ready: %s", self.summary())
         self.notifier.ready(self.summary())
+        if self.reload_pending and not self.stopping:
+            self.handle_sighup()
         while not self.stopping:
             self.supervisor.poll()
             self.notifier.watchdog()
@@ -129,10 +133,15 @@ class Daemon:
         server.start()
         self.servers.append(server)
 
-    def _drain_signals(self) -> bool:
-        """Handle queued signals between plugin loads so SIGTERM is not delayed by a slow load."""
+    def _startup_signals(self) -> bool:
+        """Between plugin loads: act on SIGTERM at once, keep SIGHUP for after start-up."""
         while not self.signals.empty():
-            self.dispatch(self.signals.get())
+            signum = self.signals.get()
+            if signum == signal.SIGHUP:
+                log.info("deferred: SIGHUP until every plugin is loaded")
+                self.reload_pending = True
+            else:
+                self.dispatch(signum)
         return self.stopping
 
     def install_signals(self) -> None:
@@ -155,19 +164,36 @@ class Daemon:
         self.stopping = True
 
     def handle_sighup(self) -> None:
-        """Re-read the config and apply the differences; a bad config changes nothing."""
+        """Reload in a worker thread: the main loop keeps supervising and pinging the watchdog."""
+        self.reload_pending = False
+        if self.reloader is not None and self.reloader.is_alive():
+            log.info("deferred: SIGHUP while a reload is running; reloading again after it")
+            self.reload_pending = True
+            return
+        self.reloader = threading.Thread(
+            target=self._reload_from_signal, name="aigis-reload", daemon=True
+        )
+        self.reloader.start()
+
+    def _reload_from_signal(self) -> None:
+        """A bad config changes nothing; an unexpected error is logged, never fatal."""
         try:
             self.reload_config()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused: %s", problem)
-            self.notifier.ready(self.summary())
+        except Exception:  # a bug in a reload must not take the daemon down
+            log.exception("reload failed")
+        if self.reload_pending:
+            self.signals.put(signal.SIGHUP)
 
     def shutdown(self) -> None:
         """Stop plugin processes in reverse load order while the namespace is still served,
         then close the plugins' socket (callers retry against the next core), then run
         cleanups in reverse load order, then close the control socket."""
         self.notifier.stopping()
+        if self.reloader is not None:
+            self.reloader.join()  # a reload in progress finishes first (it holds the lock)
         with self.lock:
             plugins = list(reversed(list(self.plugins.values())))
             for plugin in plugins:
@@ -224,7 +250,9 @@ class Daemon:
     def remove_plugin(self, name: str) -> None:
         """Stop and forget one plugin."""
         with self.lock:
-            plugin = self.plugins.pop(name)
+            plugin = self.plugins.pop(name, None)
+            if plugin is None:
+                return
             self._take_down(plugin)
             log.info('removed: plugin "%s"', name, extra={"plugin": name})
 
@@ -288,27 +316,29 @@ class Daemon:
     def reload_config(self) -> str:
         """Re-read the config; add, remove and reload only what changed. Returns a summary."""
         with self.lock:
+            new = load_config(self.config.path)  # a bad config raises here: nothing changes
             self.notifier.reloading()
-            new = load_config(self.config.path)
-            failed = [p.name for p in self.plugins.values() if p.state == "failed"]
-            plan = diff(self.config, new, retry=failed)
-            log.info("reloading: config %s: %s", new.path, plan.describe())
-            for key in plan.settings_changed:
-                log.warning("not applied: [aigis] %s changed; restart AIGIS to apply it", key)
-            for name in plan.removed:
-                self.remove_plugin(name)
-            for entry in plan.changed:
-                self.remove_plugin(entry.name)
-            self.config = new
-            for entry in (*plan.changed, *plan.added):
-                self.add_plugin(entry)
-            # Keep load order = config order for status and for shutdown.
-            self.plugins = {
-                p.name: self.plugins[p.name] for p in new.plugins if p.name in self.plugins
-            }
-            log.info("reloaded: %s", self.summary())
-            self.notifier.ready(self.summary())
-            return plan.describe()
+            try:
+                failed = [p.name for p in self.plugins.values() if p.state == "failed"]
+                plan = diff(self.config, new, retry=failed)
+                log.info("reloading: config %s: %s", new.path, plan.describe())
+                for key in plan.settings_changed:
+                    log.warning("not applied: [aigis] %s changed; restart AIGIS to apply it", key)
+                for name in plan.removed:
+                    self.remove_plugin(name)
+                for entry in plan.changed:
+                    self.remove_plugin(entry.name)
+                self.config = new
+                for entry in (*plan.changed, *plan.added):
+                    self.add_plugin(entry)
+                # Keep load order = config order for status and for shutdown.
+                self.plugins = {
+                    p.name: self.plugins[p.name] for p in new.plugins if p.name in self.plugins
+                }
+                log.info("reloaded: %s", self.summary())
+                return plan.describe()
+            finally:
+                self.notifier.ready(self.summary())
 
     def start_plugin(self, name: str) -> dict[str, Any]:
         """Start a stopped/exited/failed plugin; a plugin that failed to load is loaded again."""
@@ -343,14 +373,20 @@ class Daemon:
 
     def status_rows(self, names: list[str] | None = None) -> list[dict[str, Any]]:
         """Status of ``names`` (all when None), in load order; unknown names raise."""
-        with self.lock:
-            wanted = list(self.plugins) if not names else list(names)
-            for name in wanted:
-                if name not in self.plugins:
-                    raise PluginError(name, f"no such plugin in {self.config.path}")
-            plugins = [self.plugins[n] for n in wanted]
+        # No lock: a snapshot of the dict is enough, and status must answer during a reload.
+        current = dict(self.plugins)
+        wanted = list(current) if not names else list(names)
+        for name in wanted:
+            if name not in current:
+                raise PluginError(name, f"no such plugin in {self.config.path}")
+        plugins = [current[n] for n in wanted]
         supervised = [p.name for p in plugins if p.supervised]
-        procs = {s.name: s for s in self.supervisor.status(supervised)} if supervised else {}
+        procs = {}
+        for name in supervised:
+            try:  # outside the lock: status stays fast while a reload stops plugins
+                procs.update((s.name, s) for s in self.supervisor.status([name]))
+            except PluginError:  # removed by a concurrent reload
+                continue
         return [status_row(p, procs.get(p.name)) for p in plugins]
 
     def log_location(self, name: str) -> dict[str, Any]:

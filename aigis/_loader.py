@@ -85,6 +85,9 @@ class Loader:
             return self._failed(plugin, exc.reason)
         except AigisError as exc:
             return self._failed(plugin, str(exc))
+        except Exception as exc:  # a bug or an OS error: this plugin fails, the daemon goes on
+            log.debug("traceback of the failure", exc_info=True)
+            return self._failed(plugin, f"unexpected {type(exc).__name__}: {exc}")
         plugin.state = "loaded"
         plugin.loaded_at = time.time()
         names = ", ".join(s.path for s in plugin.skills)
@@ -183,7 +186,7 @@ class Loader:
             try:
                 core.cleanup()
                 log.info('cleaned up: plugin "%s"', plugin.name, extra={"plugin": plugin.name})
-            except Exception as exc:  # one plugin's cleanup must not stop the others
+            except (Exception, SystemExit) as exc:  # one cleanup must not stop the others
                 log.error(
                     'cleanup failed: plugin "%s": %s: %s',
                     plugin.name,

@@ -89,13 +89,14 @@ class Namespace:
 
     def skills(self) -> list[Skill]:
         """Every registered leaf, sorted by path."""
-        return [self._owner[p] for p in sorted(self._owner)]
+        owners = dict(self._owner)  # RPC threads read while a reload writes
+        return [owners[p] for p in sorted(owners)]
 
     def owner_of(self, path: str) -> str | None:
         """The plugin owning ``path`` or an ancestor/descendant of it, if any."""
         if path in self._owner:
             return self._owner[path].plugin
-        for other, skill in self._owner.items():
+        for other, skill in list(self._owner.items()):
             if other.startswith(path + ".") or path.startswith(other + "."):
                 return skill.plugin
         return None
@@ -124,10 +125,9 @@ class Namespace:
             if not all(_IDENT.fullmatch(p) for p in parts):
                 problems.append(f'SKILLS entry "{name}" is not a dotted Python name')
                 continue
-            if parts[0].startswith("_") or any(p.startswith("__") for p in parts):
+            if any(p.startswith("_") for p in parts):
                 problems.append(
-                    f'SKILLS entry "{name}": names starting with "_" at the top '
-                    "and dunder names are reserved"
+                    f'SKILLS entry "{name}": names starting with "_" are private and never exposed'
                 )
                 continue
             if parts[0] in self._reserved:
@@ -141,6 +141,11 @@ class Namespace:
                     obj = getattr(obj, part)
             except AttributeError:
                 problems.append(f'SKILLS entry "{name}": {origin} has no attribute "{name}"')
+                continue
+            except Exception as exc:  # a property or lazy attribute that raises
+                problems.append(
+                    f'SKILLS entry "{name}": reading it raised {type(exc).__name__}: {exc}'
+                )
                 continue
             owner = self._owner_excluding(name, plugin)
             if owner is not None:
@@ -160,7 +165,7 @@ class Namespace:
 
     def _owner_excluding(self, path: str, plugin: str) -> str | None:
         """Another plugin's claim on ``path`` (same path, a prefix, or below it)."""
-        for other, skill in self._owner.items():
+        for other, skill in list(self._owner.items()):
             if skill.plugin == plugin:
                 continue
             if other == path or other.startswith(path + ".") or path.startswith(other + "."):
@@ -234,7 +239,7 @@ class Namespace:
         """Walk ``path`` from the root for a remote call; refuse internals and dunders."""
         if not path:
             raise PermissionError("an empty path names the aigis module itself")
-        if path[0].startswith("_") or any(p.startswith("__") and p.endswith("__") for p in path):
+        if any(p.startswith("_") for p in path):
             raise PermissionError(f"aigis.{'.'.join(path)} is not exposed")
         if path[0] not in self.root.__dict__:
             raise AttributeError(f"aigis has no skill {path[0]!r}")

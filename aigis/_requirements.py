@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -69,16 +72,7 @@ def install(
     shell = requirements_shell(command, file)
     logger.info("installing: requirements: %s", shell)
     try:
-        proc = subprocess.run(
-            shell,
-            shell=True,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            start_new_session=True,
-        )
+        returncode, output = _run_shell(shell, cwd, timeout)
     except subprocess.TimeoutExpired as exc:
         _log_output(logger, exc.output or b"")
         raise RequirementsError(
@@ -86,17 +80,39 @@ def install(
         ) from None
     except OSError as exc:
         raise RequirementsError(plugin, f"requirements command could not run: {exc}") from None
-    last = _log_output(logger, proc.stdout)
-    if proc.returncode != 0:
+    last = _log_output(logger, output)
+    if returncode != 0:
         raise RequirementsError(
             plugin,
-            f"requirements command failed (exit {proc.returncode}): "
+            f"requirements command failed (exit {returncode}): "
             f"{shell}" + (f"; last output: {last}" if last else ""),
         )
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(stamp + "\n")
     logger.info("installed: requirements")
     return True
+
+
+def _run_shell(shell: str, cwd: Path, timeout: float) -> tuple[int, bytes]:
+    """Run ``shell`` in its own session; on timeout kill the whole group (pip's children too)."""
+    with subprocess.Popen(
+        shell,
+        shell=True,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    ) as proc:
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            exc.output = output
+            raise
+        return proc.returncode, output
 
 
 def _log_output(logger: logging.Logger, output: bytes) -> str:

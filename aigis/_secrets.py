@@ -13,10 +13,14 @@ def plan_secrets(
 ) -> list[tuple[Path, Path]]:
     """(source, destination file) pairs; raise listing every missing or misplaced secret."""
     source_dir = secrets_dir / plugin
-    missing, outside, pairs = [], [], []
+    missing, outside, escaping, pairs = [], [], [], []
     real_root = root.resolve()
+    real_source_dir = source_dir.resolve()
     for name, dest in secrets.items():
         source = source_dir / name
+        if real_source_dir not in source.resolve().parents:
+            escaping.append(name)
+            continue
         if not source.is_file():
             missing.append(str(source))
             continue
@@ -37,6 +41,8 @@ def plan_secrets(
         problems.append(
             f"secret destinations outside the plugin directory {root}: " + ", ".join(outside)
         )
+    if escaping:
+        problems.append(f"secret names must be files inside {source_dir}: " + ", ".join(escaping))
     if problems:
         raise SecretsError(plugin, "; ".join(problems))
     return pairs
@@ -46,11 +52,16 @@ def copy_secrets(plugin: str, secrets: dict[str, str], secrets_dir: Path, root: 
     """Copy every secret or none; return how many were copied."""
     pairs = plan_secrets(plugin, secrets, secrets_dir, root)
     for source, target in pairs:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        data = source.read_bytes()
-        # Create with 0600 from the start: the secret is never readable by others, even briefly.
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), 0o600)  # an existing file keeps its mode otherwise
-            out.write(data)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = source.read_bytes()
+            # Created 0600 from the start: the secret is never readable by others, even briefly.
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                os.fchmod(out.fileno(), 0o600)  # an existing file keeps its mode otherwise
+                out.write(data)
+        except OSError as exc:
+            raise SecretsError(
+                plugin, f"cannot copy secret {source} to {target}: {exc.strerror or exc}"
+            ) from None
     return len(pairs)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # an unauthenticated peer may not hold a thread longer than this
 STOP_GRACE = 2.0  # seconds in-flight calls get to send their reply when the server stops
+MAX_PENDING = 64  # unauthenticated connections at once; more are closed on accept
 AUTHKEY_BYTES = 32
 SOCKET_MODE = 0o660
 AUTHKEY_MODE = 0o640
@@ -129,6 +130,9 @@ class CoreServer:
         self._unix_inode: int | None = None
         self._allowed: set[tuple[str, ...]] = set()  # paths already checked by wire.refusal
         self._tcp_address: tuple[str, int] | None = None
+        self._pending = 0  # connections accepted but not yet authenticated
+        self._flood_refused = 0
+        self._flood_logged = -10.0
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -261,6 +265,12 @@ class CoreServer:
                 if self._stopping:
                     sock.close()
                     return
+                if self._pending >= MAX_PENDING:
+                    # Unauthenticated peers cannot pile up threads and descriptors.
+                    sock.close()
+                    self._refuse_flood(peer)
+                    continue
+                self._pending += 1
                 self._connections.add(conn)
             conn.thread = threading.Thread(
                 target=self._serve, args=(conn,), name=f"aigis-rpc-{peer}", daemon=True
@@ -281,13 +291,45 @@ class CoreServer:
             with self._lock:
                 self._connections.discard(conn)
 
+    def _refuse_flood(self, peer: str) -> None:
+        """Log the first refusal, then at most one line every 10 s."""
+        now = time.monotonic()
+        self._flood_refused += 1
+        if now - self._flood_logged >= 10.0:
+            log.warning(
+                "refused: connection from %s: %d unauthenticated connections pending (%d refused)",
+                peer,
+                MAX_PENDING,
+                self._flood_refused,
+            )
+            self._flood_logged = now
+
     def _authenticate(self, conn: _Connection) -> Channel | None:
+        try:
+            return self._handshake(conn)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def _handshake(self, conn: _Connection) -> Channel | None:
         sock = conn.sock
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self._handshake_timeout)
         # the handshake frames are raw bytes capped at 256: nothing here is ever unpickled
         chan = Channel(sock, limit=self._limit)
+        # settimeout bounds each read; this bounds the whole handshake (a byte every few
+        # seconds must not hold a thread for ever). SHUT_RD wakes our blocked read with EOF;
+        # the peer learns nothing until we have logged and closed.
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            conn.shutdown(socket.SHUT_RD)
+
+        deadline = threading.Timer(self._handshake_timeout, expire)
+        deadline.daemon = True
+        deadline.start()
         try:
             deliver_challenge(chan, self._authkey)
             answer_challenge(chan, self._authkey)
@@ -295,8 +337,11 @@ class CoreServer:
             log.warning("refused: connection from %s: bad authkey", conn.peer)
             return None
         except Exception as exc:
-            log.warning("refused: connection from %s: bad handshake (%s)", conn.peer, _why(exc))
+            why = "timed out" if expired.is_set() else _why(exc)
+            log.warning("refused: connection from %s: bad handshake (%s)", conn.peer, why)
             return None
+        finally:
+            deadline.cancel()
         sock.settimeout(None)
         log.debug("accepted: connection from %s", conn.peer)
         return chan

@@ -259,6 +259,11 @@ def refusal(path: Sequence[str]) -> str | None:
             return f"{dotted(path)}: dunder attribute {name!r} is never forwarded"
     if path and path[0].startswith("_"):
         return f"{dotted(path)}: names starting with '_' are AIGIS internals, not skills"
+    for name in path[1:]:
+        # Private attributes of skills stay private; this also closes walks such as
+        # aigis.somemodule.aigis._daemon through a module skill that imported aigis.
+        if name.startswith("_"):
+            return f"{dotted(path)}: private attribute {name!r} is never forwarded"
     return None
 
 

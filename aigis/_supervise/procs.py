@@ -196,6 +196,24 @@ class Os(Protocol):
         """Wait while stopping."""
 
 
+#: Variables that address the core's own service manager: a plugin must never talk to it as
+#: if it were the service (a runner would send READY=1 for the core).
+SERVICE_ONLY = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "INVOCATION_ID",
+)
+
+
+def child_environ() -> dict[str, str]:
+    """The core's environment minus what belongs to the core's own service."""
+    return {k: v for k, v in os.environ.items() if k not in SERVICE_ONLY}
+
+
 class LocalOs:
     """The OS calls of EmbeddedSupervisor; unit tests replace this with a recording fake."""
 
@@ -212,7 +230,7 @@ class LocalOs:
             proc = subprocess.Popen(
                 argv,
                 cwd=cwd,
-                env={**os.environ, **env},
+                env={**child_environ(), **env},
                 stdin=subprocess.DEVNULL,
                 stdout=wfd,
                 stderr=wfd,

@@ -54,9 +54,33 @@ class DaemonProcess:
             raise AssertionError(f"daemon did not exit within {timeout} s:\n{self.log}") from None
 
     def stop(self) -> None:
-        """Finalizer: kill the whole process group if still alive, close the log."""
+        """Finalizer: SIGTERM (the daemon stops its plugins), SIGKILL if it hangs, then kill
+        any plugin process left behind (they run in their own sessions)."""
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        kill_plugins_under(self.log_path.parent)
         self._log.close()
+
+
+def kill_plugins_under(directory: Path) -> list[int]:
+    """SIGKILL every process whose AIGIS_PLUGIN_DIR lies under ``directory``; their pids."""
+    marker = f"AIGIS_PLUGIN_DIR={directory}/".encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed

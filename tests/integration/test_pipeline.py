@@ -203,7 +203,27 @@ def test_secrets_copied_0600_and_confined(tmp_path, make_plugin, loaded):
     assert stat.S_IMODE(os.stat(root / "etc" / "k.secret").st_mode) == 0o600
     assert (root / "conf" / "o.txt").read_text() == "x"
     assert plugins["escape"].state == "failed"
-    assert "outside the plugin directory" in plugins["escape"].reason
+    assert "secret destinations outside the plugin directory" in plugins["escape"].reason
+
+
+def test_secret_names_cannot_leave_the_plugins_secrets_dir(tmp_path, make_plugin, loaded):
+    (tmp_path / "secrets" / "a").mkdir(parents=True)
+    (tmp_path / "secrets" / "b").mkdir()
+    (tmp_path / "secrets" / "b" / "db.key").write_text("b's secret")
+    make_plugin(
+        "a",
+        CORE_CFG + 'SECRETS = {"../b/db.key": "{root}/", "/etc/hostname": "{root}/"}\n',
+        core="SKILLS = []\n",
+    )
+    loader, entries = loader_for(
+        tmp_path, '[core]\na = "src/a"\n', extra=f'secrets_dir = "{tmp_path}/secrets"'
+    )
+    (plugin,) = load_all(loader, entries, loaded).values()
+    assert plugin.state == "failed"
+    assert plugin.reason == (
+        f"secret names must be files inside {tmp_path}/secrets/a: ../b/db.key, /etc/hostname"
+    )
+    assert not (tmp_path / "state" / "ext" / "a" / "db.key").exists()
 
 
 def test_requirements_run_once_then_skipped_until_file_changes(tmp_path, make_plugin, loaded):

@@ -593,6 +593,47 @@ def test_a_silent_peer_is_dropped_after_the_handshake_timeout(make_core, server_
     assert line.endswith("bad handshake (timed out)")
 
 
+def test_a_peer_dripping_bytes_is_dropped_at_the_handshake_deadline(make_core, server_log):
+    core = make_core(handshake_timeout=0.5)
+    sock = raw_connect(core, "unix")
+    sock.recv(65536)  # the challenge
+    started = time.monotonic()
+    dropped = False
+    for _ in range(40):  # one byte every 0.1 s: each read is quick, the whole is too slow
+        try:
+            sock.sendall(b"x")
+            if sock.recv(1, socket.MSG_DONTWAIT) == b"":
+                dropped = True
+                break
+        except BlockingIOError:
+            pass
+        except OSError:
+            dropped = True
+            break
+        time.sleep(0.1)
+    sock.close()
+    assert dropped, "the server kept a dripping peer for 4 s"
+    assert time.monotonic() - started < 2.0
+
+
+def test_unauthenticated_connections_are_capped(make_core, server_log, monkeypatch):
+    from aigis._rpc import server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_PENDING", 3)
+    core = make_core(handshake_timeout=5)
+    idle = [raw_connect(core, "unix") for _ in range(3)]
+    for sock in idle:
+        sock.recv(65536)  # each got its challenge: three handshakes pending
+    extra = raw_connect(core, "unix")
+    extra.settimeout(5)
+    assert extra.recv(65536) == b""  # closed at once, no challenge
+    extra.close()
+    assert core.client().call(("t", "const")) == 42  # authenticated clients are still served
+    for sock in idle:
+        sock.close()
+    assert any("unauthenticated connections pending" in r.getMessage() for r in server_log.records)
+
+
 # --- the socket file and the authkey file --------------------------------------------------
 
 

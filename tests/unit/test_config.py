@@ -80,6 +80,14 @@ def test_invalid_name():
     assert line.startswith('/etc/aigis/aigis.toml:2: [core] invalid plugin name "bad name"')
 
 
+def test_aigis_is_reserved_for_the_builtins():
+    (line,) = problems('[core]\naigis = "/a"\n')
+    assert line == (
+        '/etc/aigis/aigis.toml:2: [core] plugin name "aigis" is reserved for '
+        "AIGIS's built-in skills; choose another name"
+    )
+
+
 def test_name_longer_than_64_is_invalid():
     assert "invalid plugin name" in problems(f'[core]\n{"a" * 65} = "/a"\n')[0]
 

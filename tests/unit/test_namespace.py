@@ -102,7 +102,7 @@ def test_every_bad_name_reported(ns):
     assert 'F has no attribute "nope"' in message
     assert "must be dotted names (str), got int" in message
     assert '"a b" is not a dotted Python name' in message
-    assert '"_x": names starting with "_"' in message
+    assert '"_x": names starting with "_" are private' in message
     assert "part of AIGIS's own API" in message
     assert not hasattr(ns.root, "a")
 
@@ -121,5 +121,7 @@ def test_resolve_refuses_internals_and_dunders(ns):
         ns.resolve(("_secret",))
     with pytest.raises(PermissionError):
         ns.resolve(("a", "b", "__globals__"))
+    with pytest.raises(PermissionError):
+        ns.resolve(("a", "_private"))
     with pytest.raises(AttributeError, match="aigis.a has no attribute 'c'"):
         ns.resolve(("a", "c"))

@@ -290,6 +290,8 @@ def test_unknown_payload_tags_are_refused():
         (("a", "__class__"), "dunder attribute '__class__' is never forwarded"),
         (("__import__",), "dunder attribute"),
         (("_daemon", "x"), "names starting with '_' are AIGIS internals"),
+        (("mod", "aigis", "_daemon"), "private attribute '_daemon' is never forwarded"),
+        (("a", "_private"), "private attribute '_private'"),
     ],
 )
 def test_refusal_names_the_path_and_the_rule(path, reason):
@@ -303,8 +305,8 @@ def test_paths_of_non_strings_are_refused():
     assert wire.refusal(("a", 1)) == "malformed path ('a', 1): every name must be a str"
 
 
-def test_private_names_below_the_top_level_are_allowed():
-    assert wire.refusal(("dnd", "_helper")) is None
+def test_private_names_below_the_top_level_are_refused_too():
+    assert "private attribute '_helper'" in wire.refusal(("dnd", "_helper"))
     assert wire.refusal(("dnd", "roll")) is None
 
 
