@@ -13,8 +13,8 @@ demo: venv
 
 # Install everything from nothing (system packages when root), then run the whole suite.
 test: system-packages dev-venv
-	$(VENV)/bin/ruff check aigis tests $(wildcard benchmarks)
-	$(VENV)/bin/ruff format --check aigis tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff check aigis tests packaging $(wildcard benchmarks)
+	$(VENV)/bin/ruff format --check aigis tests packaging $(wildcard benchmarks)
 	$(VENV)/bin/pytest
 
 $(VENV)/bin/python:
@@ -29,18 +29,20 @@ venv: $(VENV)/bin/python
 dev-venv: $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[dev,systemd]'
 
-# apt packages the test suite needs (systemd-python builds against libsystemd-dev).
+# apt packages the test suite needs (systemd-python builds against libsystemd-dev; the package
+# tests build a .deb and an .rpm).
 system-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
-	else echo "not root or no apt-get: assuming $(APT_PACKAGES) are installed"; fi
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES) && \
+		packaging/build.sh deps; \
+	else echo "not root or no apt-get: assuming $(APT_PACKAGES) and packaging tools are installed"; fi
 
 lint: dev-venv
-	$(VENV)/bin/ruff check aigis tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff check aigis tests packaging $(wildcard benchmarks)
 
 format: dev-venv
-	$(VENV)/bin/ruff format aigis tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff format aigis tests packaging $(wildcard benchmarks)
 
 bench: dev-venv
 	$(PY) benchmarks/bench_proxy.py
@@ -50,3 +52,5 @@ check: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info examples/.state
+
+include packaging/packaging.mk

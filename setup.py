@@ -23,7 +23,8 @@ setup(
         "pygit2>=1.11",
         "dill>=0.3.6",
         "multiprocess>=0.70.12",
-        "sdnotify>=0.3.2",
+        "sdnotify>=0.3.1",
+        "jeepney>=0.8",
     ],
     extras_require={
         "systemd": ["systemd-python>=234"],

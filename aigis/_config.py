@@ -79,21 +79,27 @@ class Config:
         return next((p for p in self.plugins if p.name == name), None)
 
 
-def _default_state_dir() -> str:
-    """systemd's StateDirectory=, else /var/lib/aigis for root, else the XDG state home."""
+def _system_wide(config_path: Path) -> bool:
+    """System paths for root, and for anyone reading a config under /etc (aigisctl run by a
+    member of the aigis group must find the system core, not a per-user one)."""
+    return os.geteuid() == 0 or config_path.is_relative_to("/etc")
+
+
+def _default_state_dir(system: bool) -> str:
+    """systemd's StateDirectory=, else /var/lib/aigis system-wide, else the XDG state home."""
     if os.environ.get("STATE_DIRECTORY"):
         return os.environ["STATE_DIRECTORY"].split(":")[0]
-    if os.geteuid() == 0:
+    if system:
         return "/var/lib/aigis"
     xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return os.path.join(xdg, "aigis")
 
 
-def _default_runtime_dir(state_dir: str) -> str:
-    """systemd's RuntimeDirectory=, else /run/aigis for root, else XDG_RUNTIME_DIR/aigis."""
+def _default_runtime_dir(state_dir: str, system: bool) -> str:
+    """systemd's RuntimeDirectory=, else /run/aigis system-wide, else XDG_RUNTIME_DIR/aigis."""
     if os.environ.get("RUNTIME_DIRECTORY"):
         return os.environ["RUNTIME_DIRECTORY"].split(":")[0]
-    if os.geteuid() == 0:
+    if system:
         return "/run/aigis"
     if os.environ.get("XDG_RUNTIME_DIR"):
         return os.path.join(os.environ["XDG_RUNTIME_DIR"], "aigis")
@@ -230,9 +236,7 @@ def parse_config(text: str, path: Path) -> Config:
             plugins.append(entry)
 
     aigis_table = data.get("aigis", {})
-    settings = _parse_settings(
-        problems, aigis_table if isinstance(aigis_table, dict) else {}, path.parent
-    )
+    settings = _parse_settings(problems, aigis_table if isinstance(aigis_table, dict) else {}, path)
     if problems.items:
         raise ConfigError(problems.items)
     assert settings is not None
@@ -300,8 +304,9 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
     return PluginEntry(name=name, table=table, source=source, ref=ref) if ok else None
 
 
-def _parse_settings(problems: _Problems, table: dict, base: Path) -> Settings | None:
-    """The ``[aigis]`` table with defaults; relative paths resolve against ``base``."""
+def _parse_settings(problems: _Problems, table: dict, config_path: Path) -> Settings | None:
+    """The ``[aigis]`` table with defaults; relative paths resolve against the config's dir."""
+    base = config_path.parent
     values: dict[str, object] = {}
     for key, value in table.items():
         if key not in _SETTING_TYPES:
@@ -325,8 +330,9 @@ def _parse_settings(problems: _Problems, table: dict, base: Path) -> Settings | 
         raw = str(values.get(key, default))
         return (base / os.path.expanduser(raw)).absolute()
 
-    state_dir = path_of("state_dir", _default_state_dir())
-    runtime_dir = path_of("runtime_dir", _default_runtime_dir(str(state_dir)))
+    system = _system_wide(config_path)
+    state_dir = path_of("state_dir", _default_state_dir(system))
+    runtime_dir = path_of("runtime_dir", _default_runtime_dir(str(state_dir), system))
     tcp = None
     raw_tcp = values.get("tcp", "")
     if raw_tcp:

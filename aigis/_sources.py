@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -13,9 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pygit2
-from pygit2.enums import FetchPrune, MergeAnalysis, RepositoryOpenFlag
 
 from aigis._errors import SourceError
+
+try:  # pygit2 >= 1.14
+    from pygit2.enums import FetchPrune, MergeAnalysis, RepositoryOpenFlag
+
+    _PRUNE, _NO_SEARCH = FetchPrune.PRUNE, RepositoryOpenFlag.NO_SEARCH
+    _UP_TO_DATE, _FAST_FORWARD = MergeAnalysis.UP_TO_DATE, MergeAnalysis.FASTFORWARD
+except ImportError:  # Debian 12 ships pygit2 1.11: plain int constants
+    _PRUNE, _NO_SEARCH = pygit2.GIT_FETCH_PRUNE, pygit2.GIT_REPOSITORY_OPEN_NO_SEARCH
+    _UP_TO_DATE = pygit2.GIT_MERGE_ANALYSIS_UP_TO_DATE
+    _FAST_FORWARD = pygit2.GIT_MERGE_ANALYSIS_FASTFORWARD
+# clone_repository(proxy=) is pygit2 >= 1.18.0 (Remote.fetch(proxy=) is much older).
+_CLONE_KW = (
+    {"proxy": True} if "proxy" in inspect.signature(pygit2.clone_repository).parameters else {}
+)
+
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +113,7 @@ def _clone(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
     """Clone url into dest and check out ref or the default branch; leave no dest on failure."""
     try:
         with _staging(dest) as tmp:
-            repo = pygit2.clone_repository(url, tmp, proxy=True)
+            repo = pygit2.clone_repository(url, tmp, **_CLONE_KW)
             try:
                 target = _target(repo, ref)
                 if target is None:
@@ -117,7 +132,7 @@ def _update(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
     """Fetch origin and move the checkout to ref or the default branch; keep it on any trouble."""
     try:
         # NO_SEARCH: otherwise a non-repository dest would open whatever repository encloses it.
-        repo = pygit2.Repository(dest, RepositoryOpenFlag.NO_SEARCH)
+        repo = pygit2.Repository(dest, _NO_SEARCH)
     except pygit2.GitError:
         log.warning(
             'not updated: plugin "%s": %s is not a git repository; delete it to clone %s',
@@ -153,14 +168,18 @@ def _fetch_origin(name: str, repo: pygit2.Repository, url: str) -> None:
     remote = repo.remotes["origin"]
     try:
         # Prune so that "master if the remote has it" sees branches deleted upstream.
-        remote.fetch(prune=FetchPrune.PRUNE, proxy=True)
+        remote.fetch(prune=_PRUNE, proxy=True)
     except pygit2.GitError as exc:
         raise _NotUpdated(f"fetch failed: {exc}") from exc
     # libgit2 (like git) never updates origin/HEAD on fetch; follow the remote's current default
     # branch from the advertisement the fetch just received, as `git remote set-head -a` would.
-    for head in remote.list_heads(connect=False):
-        if head.name == "HEAD" and head.symref_target:
-            branch = head.symref_target.removeprefix("refs/heads/")
+    if hasattr(remote, "list_heads"):  # pygit2 >= 1.18.2
+        heads = [(h.name, h.symref_target) for h in remote.list_heads(connect=False)]
+    else:  # older: ls_remotes() connects again
+        heads = [(h["name"], h["symref_target"]) for h in remote.ls_remotes(proxy=True)]
+    for name_, symref in heads:
+        if name_ == "HEAD" and symref:
+            branch = symref.removeprefix("refs/heads/")
             repo.references.create(f"{_ORIGIN}HEAD", f"{_ORIGIN}{branch}", force=True)
 
 
@@ -199,9 +218,9 @@ def _check_out(repo: pygit2.Repository, kind: str, name: str) -> None:
         local = repo.branches.local.create(name, repo[theirs].peel(pygit2.Commit))
         local.upstream = repo.branches.remote[f"origin/{name}"]
     analysis, _ = repo.merge_analysis(theirs, local.name)
-    if analysis & MergeAnalysis.UP_TO_DATE:
+    if analysis & _UP_TO_DATE:
         theirs = local.target  # equal, or local commits ahead of origin: keep them
-    elif not analysis & MergeAnalysis.FASTFORWARD:
+    elif not analysis & _FAST_FORWARD:
         raise _NotUpdated(
             f"cannot fast-forward branch {name} from {str(local.target)[:12]} to "
             f"{str(theirs)[:12]} (local and upstream history diverged)"

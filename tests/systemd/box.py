@@ -8,13 +8,14 @@ host's services (see /work/shared/SYSTEMD-TESTING.md, "DANGER"). ``Box.boot`` th
   killed run), runs ``unshare`` for new PID, mount, cgroup, UTS, IPC (and optionally net)
   namespaces from there, and moves the launcher back out once PID 1 exists;
 * runs ``box_init.sh`` as PID 1 there: private mounts, fresh /run, private /dev, private cgroup2,
-  read-only sysfs and /proc/sys, overlays on /etc and /var, masks (host units, generators,
-  tmpfiles), then exec's systemd with the tiny ``box.target``.
+  read-only sysfs and /proc/sys, overlays on /etc and /var (and /usr with ``overlay_usr=True``,
+  so that packages can be installed in the box), masks (host units, generators, tmpfiles), then
+  exec's systemd with the tiny ``box.target``.
 
-Everything written outside /etc, /var, /run and /dev inside the box lands on the host: keep test
-files in the box's work directory. PID 1's early log (what it writes to /dev/kmsg and
-/dev/console) is drained from a FIFO into ``<workdir>/boot.log``; the init script's own output is in
-``<workdir>/box-init.log``.
+Everything written outside /etc, /var, /run and /dev (and /usr when overlaid) inside the box
+lands on the host: keep test files in the box's work directory. PID 1's early log (what it writes
+to /dev/kmsg and /dev/console) is drained from a FIFO into ``<workdir>/boot.log``; the init
+script's own output is in ``<workdir>/box-init.log``.
 """
 
 from __future__ import annotations
@@ -88,9 +89,10 @@ class Box:
     _seq = itertools.count(1)
     live: set[Box] = set()
 
-    def __init__(self, workdir: Path, net: bool):
+    def __init__(self, workdir: Path, net: bool, overlay_usr: bool = False):
         self.workdir = workdir
         self.net = net
+        self.overlay_usr = overlay_usr
         self.pid = 0  # host PID of the box's PID 1 (systemd)
         self.pid_start = 0
         me = proc_stat(os.getpid())
@@ -106,15 +108,21 @@ class Box:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def boot(cls, workdir: Path, *, net: bool = False, timeout: float = 30) -> Box:
-        """Boot a box whose files live in ``workdir``; return once systemd is up."""
+    def boot(
+        cls, workdir: Path, *, net: bool = False, timeout: float = 30, overlay_usr: bool = False
+    ) -> Box:
+        """Boot a box whose files live in ``workdir``; return once systemd is up.
+
+        ``overlay_usr=True`` also overlays /usr (so /bin, /sbin and /lib, which point into it):
+        ``apt-get install``/``dpkg`` inside the box then change nothing on the host. Its upper
+        layer, like those of /etc and /var, lives in the box's memory and goes with it."""
         if os.geteuid() != 0:
             raise BoxError("booting a box needs root")
         if not SYSTEMD.exists():
             raise BoxError(f"{SYSTEMD} is missing")
         workdir = Path(workdir).absolute()
         workdir.mkdir(parents=True, exist_ok=True)
-        box = cls(workdir, net)
+        box = cls(workdir, net, overlay_usr)
         missing = set(MUST_MASK) - set(box.masks)
         if missing:  # cannot happen unless someone edits ALWAYS_MASK/KEEP: never boot then
             raise BoxError(f"refusing to boot: {sorted(missing)} would not be masked")
@@ -140,7 +148,14 @@ class Box:
         )
         self.cgroup.mkdir()
         (w / "box.json").write_text(
-            json.dumps({"owner": os.getpid(), "cgroup": str(self.cgroup), "net": self.net})
+            json.dumps(
+                {
+                    "owner": os.getpid(),
+                    "cgroup": str(self.cgroup),
+                    "net": self.net,
+                    "overlay_usr": self.overlay_usr,
+                }
+            )
         )
         self._drain = _Drain(w / "console.fifo", w / "boot.log")
         self._drain.start()
@@ -149,7 +164,9 @@ class Box:
         host_mnt_ns = os.stat("/proc/self/ns/mnt").st_ino
         # bash enters the box cgroup first, so the cgroup namespace is rooted there.
         cmd = ["/bin/bash", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.cgroup)]
+        overlays = "etc var usr" if self.overlay_usr else "etc var"
         cmd += ["unshare", *flags, "--", "/bin/bash", str(INIT_SCRIPT), str(w), str(host_mnt_ns)]
+        cmd += [overlays]
         with open(w / "box-init.log", "ab") as log:
             self._launcher = subprocess.Popen(
                 cmd,
@@ -274,7 +291,9 @@ class Box:
     def write(self, path_inside: str, text: str) -> None:
         """Write a file inside the box, creating parents. Only box-private trees are allowed,
         plus the work directory: anything else would land on the host's disk."""
-        allowed = ("/etc/", "/var/", "/run/", f"{self.workdir}/")
+        allowed: tuple[str, ...] = ("/etc/", "/var/", "/run/", f"{self.workdir}/")
+        if self.overlay_usr:
+            allowed += ("/usr/",)
         if not path_inside.startswith(allowed) or "/../" in path_inside:
             raise ValueError(f"{path_inside} is not under {allowed}: it would reach the host")
         target = self.host_path(path_inside)

@@ -1,7 +1,7 @@
 #!/bin/bash
 # PID 1 of a fresh test box, before it becomes systemd. Started by tests/systemd/box.py as
 #   unshare --pid --fork --mount --propagation=private --mount-proc --uts --ipc --cgroup [--net] \
-#       -- bash box_init.sh WORKDIR HOST_MNT_NS_INODE
+#       -- bash box_init.sh WORKDIR HOST_MNT_NS_INODE [OVERLAYS]
 # from inside the box's own cgroup. The box shares the host's root filesystem: every step here
 # exists so that booting systemd cannot touch the host (/work/shared/SYSTEMD-TESTING.md, DANGER).
 # Any failure aborts before systemd is exec'd (set -e).
@@ -9,6 +9,8 @@ set -euo pipefail
 
 W=$1                  # the box's work directory on the host: masks.txt, generators.txt, console.fifo
 HOST_MNT_NS=$2        # inode of the host's mount namespace, to prove we are not in it
+OVERLAYS=${3:-etc var} # top-level directories to overlay: "etc var", or "etc var usr" to install
+                      # packages (Box.boot(overlay_usr=True))
 S=/run/aigis-box      # private scratch tmpfs: overlay layers and the staging /dev
 say() { echo "box-init: $*"; }
 
@@ -74,9 +76,28 @@ for ((i = 0; i < 100; i++)); do
 done
 [ "${procs[*]}" = 1 ] || say "warning: launcher still in the box cgroup (${procs[*]})"
 
-# 5. /etc and /var: overlays whose upper layers live on the scratch tmpfs. Refuse to write a
-#    single file into them unless both really are overlays.
+# 5. /etc and /var (and /usr if asked): overlays whose upper layers live on the scratch tmpfs.
+#    Refuse to write a single file into them unless all really are overlays. /bin, /sbin and /lib
+#    are symlinks into /usr on Debian 12 (merged /usr), so an overlaid /usr covers them too; a
+#    host without merged /usr would leave them writable, so refuse to overlay /usr there.
 for d in etc var; do
+    case " $OVERLAYS " in
+    *" $d "*) ;;
+    *) say "overlays must include /$d: '$OVERLAYS'"; exit 1 ;;
+    esac
+done
+for d in $OVERLAYS; do
+    case $d in
+    etc | var) ;;
+    usr)
+        for l in bin sbin lib; do
+            [ -L "/$l" ] || { say "/$l is not a symlink into /usr: cannot overlay /usr"; exit 1; }
+        done
+        ;;
+    *) say "cannot overlay /$d"; exit 1 ;;
+    esac
+done
+for d in $OVERLAYS; do
     mkdir -p "$S/$d/upper" "$S/$d/work"
     mount -t overlay -o "lowerdir=/$d,upperdir=$S/$d/upper,workdir=$S/$d/work" overlay "/$d"
     [ "$(findmnt -n -o FSTYPE --mountpoint "/$d")" = overlay ] || { say "/$d: no overlay"; exit 1; }

@@ -53,13 +53,14 @@ def _finish(box: Box) -> None:
 
 @pytest.fixture
 def boot_box(_box_session: None, tmp_path: Path) -> Iterator[Callable[..., Box]]:
-    """``boot_box(net=False, timeout=30) -> Box``: boot any number of boxes, each in its own
-    directory under tmp_path; all are shut down at teardown."""
+    """``boot_box(net=False, timeout=30, overlay_usr=False) -> Box``: boot any number of boxes,
+    each in its own directory under tmp_path; all are shut down at teardown."""
     boxes: list[Box] = []
     numbers = itertools.count(1)  # thread-safe: tests may boot boxes in parallel
 
-    def boot(*, net: bool = False, timeout: float = 30) -> Box:
-        box = Box.boot(tmp_path / f"box{next(numbers)}", net=net, timeout=timeout)
+    def boot(*, net: bool = False, timeout: float = 30, overlay_usr: bool = False) -> Box:
+        workdir = tmp_path / f"box{next(numbers)}"
+        box = Box.boot(workdir, net=net, timeout=timeout, overlay_usr=overlay_usr)
         boxes.append(box)
         return box
 

@@ -121,3 +121,21 @@ def test_unknown_inline_key_and_bad_ref():
 
 def test_bad_tcp_address():
     assert 'tcp must be "host:port"' in problems('[aigis]\ntcp = "7878"\n')[0]
+
+
+def test_a_config_under_etc_uses_system_paths_for_any_user(monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    for var in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY"):
+        monkeypatch.delenv(var, raising=False)
+    settings = parse_config("", Path("/etc/aigis/aigis.toml")).settings
+    assert (settings.state_dir, settings.runtime_dir) == (
+        Path("/var/lib/aigis"),
+        Path("/run/aigis"),
+    )
+    monkeypatch.setenv("XDG_STATE_HOME", "/home/u/.state")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    settings = parse_config("", Path("/home/u/aigis.toml")).settings
+    assert (settings.state_dir, settings.runtime_dir) == (
+        Path("/home/u/.state/aigis"),
+        Path("/run/user/1000/aigis"),
+    )

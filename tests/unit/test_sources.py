@@ -184,7 +184,13 @@ def test_clone_pinned_to_tag_is_detached(
 ) -> None:
     tagged = str(up.repo.head.target)
     if annotated:
-        up.repo.create_tag("v1", pygit2.Oid(hex=tagged), pygit2.enums.ObjectType.COMMIT, SIG, "v1")
+        up.repo.create_tag(
+            "v1",
+            pygit2.Oid(hex=tagged),
+            getattr(pygit2, "GIT_OBJ_COMMIT", None) or pygit2.enums.ObjectType.COMMIT,
+            SIG,
+            "v1",
+        )
     else:
         up.repo.references.create("refs/tags/v1", tagged)
     up.commit("master", "two")
