@@ -157,32 +157,92 @@ def _duration(seconds: float | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """A table (or JSON) of plugins; exit 3 when a named plugin is not running."""
+    """A table (or JSON) of plugins; exit 3 when a named plugin is not running. When the core is
+    down, say so and show what systemd knows of the plugin units."""
     from aigis._control import is_up
 
-    rows = _control(args, "status", args.names)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        table = [("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "REASON")]
-        for row in rows:
-            table.append(
-                (
-                    row["name"],
-                    row["type"],
-                    row["state"],
-                    str(row["pid"] or "-"),
-                    str(row["restarts"]),
-                    _duration(row["uptime"]),
-                    row["reason"] or (row["last_exit"] or ""),
-                )
-            )
-        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
-        for row in table:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    try:
+        rows = _control(args, "status", args.names)
+    except CtlError as exc:
+        if exc.code != EXIT_NOT_RUNNING or not Path("/run/systemd/system").is_dir():
+            raise
+        print(f"aigisctl: {exc}", file=sys.stderr)
+        rows = _rows_from_systemd(args.names)
+        if rows and not args.json:
+            print("What systemd reports about the plugin units:")
+        elif not rows:
+            print("systemd knows no AIGIS plugin unit.", file=sys.stderr)
+        _print_status(rows, args.json)
+        return EXIT_NOT_RUNNING
+    _print_status(rows, args.json)
     if args.names and not all(is_up(row) for row in rows):
         return EXIT_NOT_RUNNING
     return EXIT_OK
+
+
+def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """The status table (or JSON) of ``rows``."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = [("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "REASON")]
+    for row in rows:
+        table.append(
+            (
+                row["name"],
+                row["type"],
+                row["state"],
+                str(row["pid"] or "-"),
+                str(row["restarts"]),
+                _duration(row["uptime"]),
+                row["reason"] or (row["last_exit"] or ""),
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+
+
+def _rows_from_systemd(names: list[str]) -> list[dict[str, Any]]:
+    """Status rows of the ``aigis-plugin@`` units (all, or ``names``) read from systemd."""
+    import time
+
+    from aigis._supervise.dbus import Systemd, SystemdError
+    from aigis._supervise.unitstate import describe
+    from aigis._units import plugin_of_unit, unit_name
+
+    bus = Systemd(timeout=5.0)
+    try:
+        units = [unit_name(n) for n in names] or sorted(bus.list_units("aigis-plugin@*"))
+        states = bus.states(units)
+    except (OSError, SystemdError) as exc:
+        raise CtlError(
+            f"cannot ask systemd about the plugin units: {exc}", EXIT_NOT_RUNNING
+        ) from None
+    finally:
+        bus.close()
+    kinds = {"notify": "internal", "exec": "external"}
+    rows = []
+    for unit in states:
+        state, reason, restarts, last = describe(unit, restart_limit=None, stop_requested=False)
+        if unit.load_state != "loaded":
+            reason = f"{unit.unit} {unit.load_state}"
+        started = unit.exec_main_start if unit.main_pid else None
+        rows.append(
+            {
+                "name": plugin_of_unit(unit.unit) or unit.unit,
+                "type": kinds.get(unit.service_type, unit.service_type or "-"),
+                "state": str(state),
+                "pid": unit.main_pid or None,
+                "restarts": restarts,
+                "uptime": time.time() - started if started else None,
+                "since": unit.state_change or None,
+                "unit": unit.unit,
+                "last_exit": last,
+                "reason": reason,
+            }
+        )
+    return rows
 
 
 def _verb(args: argparse.Namespace) -> int:
@@ -245,7 +305,7 @@ def parse_call_args(tokens: list[str]) -> tuple[list[Any], dict[str, Any]]:
     def value(text: str) -> Any:
         try:
             return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             return text
 
     args: list[Any] = []

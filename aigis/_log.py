@@ -1,4 +1,5 @@
-"""Logging set-up: console for humans, no timestamps under journald, plugin loggers."""
+"""Logging set-up: console for humans; under journald native records (``AIGIS_PLUGIN=``) or
+plain lines without timestamps; plugin loggers."""
 
 from __future__ import annotations
 
@@ -47,12 +48,50 @@ class _PluginField(logging.Filter):
         return True
 
 
+def journal_handler() -> logging.Handler | None:
+    """A handler sending records to journald natively, with ``AIGIS_PLUGIN=`` for records about
+    a plugin; None without systemd-python (the ``systemd`` extra)."""
+    try:
+        from systemd.journal import JournalHandler
+    except ImportError:
+        return None
+
+    class PluginJournalHandler(JournalHandler):
+        """JournalHandler that sends our fields only: its own emit sends every record attribute
+        (args, msg, plugin, ...) as a field."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                fields = {"LOGGER": record.name, "THREAD_NAME": record.threadName}
+                if getattr(record, "plugin", ""):
+                    fields["AIGIS_PLUGIN"] = record.plugin
+                self.send(
+                    self.format(record),
+                    PRIORITY=str(self.map_priority(record.levelno)),
+                    CODE_FILE=record.pathname,
+                    CODE_LINE=record.lineno,
+                    CODE_FUNC=record.funcName,
+                    **self._extra,
+                    **fields,
+                )
+            except Exception:
+                self.handleError(record)
+
+    return PluginJournalHandler(SYSLOG_IDENTIFIER="aigis")
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Configure the root logger once for the daemon."""
-    handler = logging.StreamHandler(sys.stderr)
-    if under_journald():
+    journald = under_journald()
+    handler = journal_handler() if journald else None
+    if handler is not None:
+        # journald adds the time, the pid and the unit; the level is PRIORITY=.
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    elif journald:
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("<%(priority)d>%(name)s: %(message)s"))
     else:
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
             logging.Formatter(
                 "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"

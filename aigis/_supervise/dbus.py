@@ -1,85 +1,118 @@
-"""A small client for systemd's manager over D-Bus (jeepney): start, stop, read unit state.
+"""A small client for systemd's manager over D-Bus (jeepney): jobs, reloads, unit state.
 
-One connection, no process spawns: the status of 100 plugins is 100 cheap D-Bus calls.
+One connection, no process spawns: the states of many units are read with one pipelined batch of
+calls, so the status of 100 plugins costs tens of milliseconds, not 100 ``systemctl`` runs.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
 from typing import Any
 
-from jeepney import DBusAddress, DBusErrorResponse, new_method_call
+from jeepney import DBusAddress, HeaderFields, MessageType, new_method_call
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
+from jeepney.low_level import Message
+
+from aigis._supervise.unitstate import UnitState
 
 SYSTEMD = "org.freedesktop.systemd1"
 MANAGER = DBusAddress(
     "/org/freedesktop/systemd1", bus_name=SYSTEMD, interface="org.freedesktop.systemd1.Manager"
 )
-MANAGER_PROPS = DBusAddress(
-    "/org/freedesktop/systemd1", bus_name=SYSTEMD, interface="org.freedesktop.DBus.Properties"
-)
-UNIT_IFACE = "org.freedesktop.systemd1.Unit"
-SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+WINDOW = 100  # calls in flight at once: dbus-daemon allows 128 pending replies per connection
+UNIT_PREFIX = "/org/freedesktop/systemd1/unit/"
+
+Call = tuple[DBusAddress, str, str | None, tuple]
 
 
 class SystemdError(Exception):
-    """systemd refused a request; the message is systemd's own."""
+    """systemd refused a request; ``name`` is the D-Bus error name, the message systemd's own."""
+
+    def __init__(self, method: str, name: str, text: str) -> None:
+        self.name = name
+        super().__init__(f"{method}: {text} ({name})")
 
 
-@dataclass(frozen=True)
-class UnitState:
-    """What systemd knows about one unit."""
-
-    unit: str
-    load_state: str
-    active_state: str
-    sub_state: str
-    result: str
-    n_restarts: int
-    main_pid: int
-    exec_main_status: int
-    exec_main_code: int
-    active_enter: float  # seconds since the epoch, 0 when never active
-    state_change: float
+def unit_path(unit: str) -> str:
+    """The D-Bus object path of ``unit`` (sd-bus label escaping); systemd loads it on access."""
+    out = []
+    for index, char in enumerate(unit):
+        if char.isascii() and (char.isalpha() or (char.isdigit() and index > 0)):
+            out.append(char)
+        else:
+            out.extend(f"_{byte:02x}" for byte in char.encode())
+    return UNIT_PREFIX + ("".join(out) or "_")
 
 
 class Systemd:
     """The system manager, reached over the system bus (or a given bus address)."""
 
     def __init__(self, bus: str = "SYSTEM", timeout: float = 30.0) -> None:
-        self._bus = bus
+        self.bus = bus
         self._timeout = timeout
         self._conn: DBusConnection | None = None
         self._lock = threading.Lock()
+        self._pins: set[str] = set()  # units referenced on the current connection
+
+    def _call_many(self, calls: Sequence[Call]) -> list[Message]:
+        """Send the calls pipelined, at most WINDOW awaiting replies (the bus daemon refuses more
+        pending replies per connection), and return the replies in order; errors come back as
+        error messages."""
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = open_dbus_connection(bus=self.bus)
+                conn = self._conn
+                serials: list[int] = []
+                wanted: set[int] = set()
+                replies: dict[int, Message] = {}
+                deadline = time.monotonic() + self._timeout
+                for address, method, signature, body in calls:
+                    while len(serials) - len(replies) >= WINDOW:
+                        self._receive(conn, wanted, replies, deadline)
+                    serial = next(conn.outgoing_serial)
+                    serials.append(serial)
+                    wanted.add(serial)
+                    conn.send_message(new_method_call(address, method, signature, body), serial)
+                while len(replies) < len(serials):
+                    self._receive(conn, wanted, replies, deadline)
+            except OSError:  # ConnectionError, TimeoutError too
+                self._drop()  # a late reply must not be taken for the answer to a later call
+                raise
+        return [replies[serial] for serial in serials]
+
+    def _receive(
+        self, conn: DBusConnection, wanted: set[int], replies: dict[int, Message], deadline: float
+    ) -> None:
+        """Wait for the next message; keep it if it answers one of the ``wanted`` serials."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"systemd did not answer within {self._timeout:g}s")
+        message = conn.receive(timeout=left)
+        serial = message.header.fields.get(HeaderFields.reply_serial, -1)
+        if serial in wanted:
+            replies[serial] = message
 
     def _call(
         self, address: DBusAddress, method: str, signature: str | None = None, body: tuple = ()
     ) -> tuple:
-        with self._lock:
-            if self._conn is None:
-                self._conn = open_dbus_connection(bus=self._bus)
-            message = new_method_call(address, method, signature, body)
-            try:
-                reply = self._conn.send_and_get_reply(message, timeout=self._timeout)
-            except DBusErrorResponse as exc:
-                raise SystemdError(
-                    f"{method}: {exc.name}: {' '.join(map(str, exc.data))}"
-                ) from None
-            except (OSError, ConnectionError):
-                self._conn = None  # re-open on the next call
-                raise
-        if reply.header.message_type.name == "error":
-            raise SystemdError(f"{method}: {reply.body}")
-        return reply.body
+        (reply,) = self._call_many([(address, method, signature, body)])
+        return _body(method, reply)
+
+    def _drop(self) -> None:
+        self._pins.clear()  # references live and die with the connection
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def close(self) -> None:
         """Close the bus connection."""
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._drop()
 
     # -- manager ---------------------------------------------------------------------------
     def reload(self) -> None:
@@ -88,29 +121,60 @@ class Systemd:
 
     def version(self) -> int:
         """systemd's major version (e.g. 252 from "252.38-1~deb12u1")."""
-        (variant,) = self._call(MANAGER_PROPS, "Get", "ss", (MANAGER.interface, "Version"))
-        match = re.match(r"\d+", str(variant[1]))
+        props = DBusAddress(MANAGER.object_path, bus_name=SYSTEMD, interface=PROPERTIES)
+        ((_sig, value),) = self._call(props, "Get", "ss", (MANAGER.interface, "Version"))
+        match = re.match(r"\d+", str(value))
         return int(match.group()) if match else 0
 
-    def start(self, unit: str) -> None:
-        """Queue a start job (mode replace)."""
-        self._call(MANAGER, "StartUnit", "ss", (unit, "replace"))
+    def start(self, unit: str) -> str:
+        """Queue a start job (mode replace); returns the job's object path."""
+        return self._call(MANAGER, "StartUnit", "ss", (unit, "replace"))[0]
 
-    def stop(self, unit: str) -> None:
-        """Queue a stop job."""
-        self._call(MANAGER, "StopUnit", "ss", (unit, "replace"))
+    def stop(self, unit: str) -> str:
+        """Queue a stop job; returns the job's object path."""
+        return self._call(MANAGER, "StopUnit", "ss", (unit, "replace"))[0]
 
-    def restart(self, unit: str) -> None:
-        """Queue a restart job (resets NRestarts)."""
-        self._call(MANAGER, "RestartUnit", "ss", (unit, "replace"))
+    def restart(self, unit: str) -> str:
+        """Queue a restart job (resets NRestarts); returns the job's object path."""
+        return self._call(MANAGER, "RestartUnit", "ss", (unit, "replace"))[0]
 
     def reset_failed(self, unit: str) -> None:
-        """Forget a failed state (and the start-limit counter); unknown units are ignored."""
+        """Forget a failed state, NRestarts and the start-limit counter; unknown units are fine."""
         try:
             self._call(MANAGER, "ResetFailedUnit", "s", (unit,))
         except SystemdError as exc:
-            if "NoSuchUnit" not in str(exc) and "not loaded" not in str(exc):
+            if exc.name not in (
+                "org.freedesktop.systemd1.NoSuchUnit",
+                "org.freedesktop.systemd1.LoadFailed",
+            ):
                 raise
+
+    def pin(self, unit: str) -> None:
+        """Reference ``unit`` (once per connection) so systemd keeps it in memory when inactive:
+        a clean exit stays readable (ExecMainStatus, timestamps) instead of being collected."""
+        if unit in self._pins:
+            return
+        self._call(MANAGER, "RefUnit", "s", (unit,))
+        self._pins.add(unit)
+
+    def unpin(self, unit: str) -> None:
+        """Drop the reference taken by ``pin``; systemd may then collect the unit."""
+        if unit not in self._pins:
+            return
+        self._pins.discard(unit)
+        try:
+            self._call(MANAGER, "UnrefUnit", "s", (unit,))
+        except SystemdError as exc:
+            if exc.name not in (
+                "org.freedesktop.systemd1.NoSuchUnit",
+                "org.freedesktop.systemd1.NotReferenced",
+            ):
+                raise
+
+    def brief(self, units: Sequence[str]) -> dict[str, tuple[str, str, int]]:
+        """``{unit: (ActiveState, SubState, job id)}`` of many units in one call."""
+        (rows,) = self._call(MANAGER, "ListUnitsByNames", "as", (list(units),))
+        return {row[0]: (row[3], row[4], int(row[7])) for row in rows}
 
     def list_units(self, pattern: str) -> list[str]:
         """Names of loaded units matching a glob (``aigis-plugin@*``)."""
@@ -118,28 +182,77 @@ class Systemd:
         return [row[0] for row in units]
 
     def state(self, unit: str) -> UnitState:
-        """Read a unit's state; an unknown unit reads as load_state "not-found"."""
-        (path,) = self._call(MANAGER, "LoadUnit", "s", (unit,))
-        obj = DBusAddress(path, bus_name=SYSTEMD)
-        unit_props = self._get_all(obj, UNIT_IFACE)
-        service = self._get_all(obj, SERVICE_IFACE) if unit.endswith(".service") else {}
-        return UnitState(
-            unit=unit,
-            load_state=unit_props.get("LoadState", ""),
-            active_state=unit_props.get("ActiveState", ""),
-            sub_state=unit_props.get("SubState", ""),
-            result=service.get("Result", ""),
-            n_restarts=int(service.get("NRestarts", 0)),
-            main_pid=int(service.get("MainPID", 0)),
-            exec_main_status=int(service.get("ExecMainStatus", 0)),
-            exec_main_code=int(service.get("ExecMainCode", 0)),
-            active_enter=unit_props.get("ActiveEnterTimestamp", 0) / 1e6,
-            state_change=unit_props.get("StateChangeTimestamp", 0) / 1e6,
-        )
+        """Read one unit's state; an unknown unit reads as load_state "not-found"."""
+        return self.states([unit])[0]
 
-    def _get_all(self, obj: DBusAddress, interface: str) -> dict[str, Any]:
-        props = DBusAddress(
-            obj.object_path, bus_name=SYSTEMD, interface="org.freedesktop.DBus.Properties"
-        )
-        (values,) = self._call(props, "GetAll", "s", (interface,))
-        return {key: value for key, (_sig, value) in values.items()}
+    def states(self, units: Sequence[str]) -> list[UnitState]:
+        """Read many units at once: one ListUnitsByNames, then a pipelined batch of Get calls
+        for the few properties we need (a GetAll of ~400 properties is twice as slow to parse)."""
+        if not units:
+            return []
+        (rows,) = self._call(MANAGER, "ListUnitsByNames", "as", (list(units),))
+        listed = {row[0]: row for row in rows}
+        calls: list[Call] = [
+            (
+                DBusAddress(unit_path(unit), bus_name=SYSTEMD, interface=PROPERTIES),
+                "Get",
+                "ss",
+                (f"org.freedesktop.systemd1.{interface}", name),
+            )
+            for unit in units
+            for interface, name in _PROPERTIES
+        ]
+        replies = iter(self._call_many(calls))
+        states = []
+        for unit in units:
+            props = {name: _body("Get", next(replies))[0][1] for _, name in _PROPERTIES}
+            row = listed.get(unit, (unit, "", "not-found", "inactive", "dead", "", "", 0))
+            states.append(_unit_state(unit, row, props))
+        return states
+
+
+#: What ``states`` reads besides ListUnitsByNames' LoadState, ActiveState, SubState and job.
+_PROPERTIES = (
+    ("Unit", "StateChangeTimestamp"),
+    ("Unit", "NeedDaemonReload"),
+    ("Unit", "StartLimitBurst"),
+    ("Service", "Result"),
+    ("Service", "Type"),
+    ("Service", "Restart"),
+    ("Service", "NRestarts"),
+    ("Service", "MainPID"),
+    ("Service", "ExecMainStatus"),
+    ("Service", "ExecMainCode"),
+    ("Service", "ExecMainStartTimestamp"),
+)
+
+
+def _body(method: str, reply: Message) -> tuple:
+    """The reply's body, or SystemdError for an error reply."""
+    if reply.header.message_type is MessageType.error:
+        name = reply.header.fields.get(HeaderFields.error_name, "unknown")
+        text = str(reply.body[0]) if reply.body else name
+        raise SystemdError(method, name, text)
+    return reply.body
+
+
+def _unit_state(unit: str, row: tuple, props: dict[str, Any]) -> UnitState:
+    """A UnitState from a ListUnitsByNames row and the ``_PROPERTIES`` values."""
+    return UnitState(
+        unit=unit,
+        load_state=row[2],
+        active_state=row[3],
+        sub_state=row[4],
+        result=props["Result"],
+        service_type=props["Type"],
+        restart=props["Restart"],
+        n_restarts=int(props["NRestarts"]),
+        start_limit_burst=int(props["StartLimitBurst"]),
+        main_pid=int(props["MainPID"]),
+        exec_main_status=int(props["ExecMainStatus"]),
+        exec_main_code=int(props["ExecMainCode"]),
+        exec_main_start=props["ExecMainStartTimestamp"] / 1e6,
+        state_change=props["StateChangeTimestamp"] / 1e6,
+        job_id=int(row[7]),
+        need_reload=bool(props["NeedDaemonReload"]),
+    )

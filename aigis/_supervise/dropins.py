@@ -1,0 +1,71 @@
+"""Per-plugin runtime drop-ins on disk: where they live, what they say, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from aigis._errors import PluginError
+from aigis._supervise.base import ProcessSpec
+from aigis._units import DROPIN_NAME, UnitSpec
+
+UNIT_DIR = "run/systemd/system"  # relative to the root: runtime drop-ins vanish at reboot
+
+
+def dropin_path(root: Path, unit: str) -> Path:
+    """``ROOT/run/systemd/system/UNIT.d/50-aigis.conf`` (ROOT is / except in tests)."""
+    return root / UNIT_DIR / f"{unit}.d" / DROPIN_NAME
+
+
+def unit_spec(spec: ProcessSpec) -> UnitSpec:
+    """The drop-in's view of ``spec``: argv[0] made absolute as systemd requires."""
+    return UnitSpec(
+        name=spec.name,
+        kind=spec.kind,
+        argv=[resolve_program(spec), *spec.argv[1:]],
+        cwd=str(spec.cwd),
+        env=spec.env,
+        restart=spec.restart,
+        restart_delay=spec.restart_delay,
+        restart_delay_max=spec.restart_delay_max,
+        stop_timeout=spec.stop_timeout,
+    )
+
+
+def resolve_program(spec: ProcessSpec) -> str:
+    """argv[0] as an absolute path: relative to cwd when it has a slash, else found on PATH."""
+    program = spec.argv[0]
+    if os.path.isabs(program):
+        return program
+    if "/" in program:
+        return os.path.normpath(os.path.join(spec.cwd, program))
+    search = spec.env.get("PATH") or os.environ.get("PATH") or os.defpath
+    found = shutil.which(program, path=search)
+    if found is None:
+        raise PluginError(spec.name, f'cannot find "{program}" on PATH ({search})')
+    return os.path.abspath(found)
+
+
+def write_dropin(name: str, path: Path, text: str) -> None:
+    """Replace the drop-in in one rename, so systemd never reads half of it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o755)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp.write_text(text)
+        # 0644 whatever the core's UMask=: systemd warns about world-inaccessible drop-ins (their
+        # contents are readable over D-Bus anyway).
+        temp.chmod(0o644)
+        os.replace(temp, path)
+    except OSError as exc:
+        raise PluginError(name, f"cannot write {path}: {exc}") from None
+
+
+def delete_dropin(path: Path) -> None:
+    """Remove the drop-in, and its directory unless something else (an operator's) is in it."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()

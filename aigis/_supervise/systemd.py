@@ -1,0 +1,364 @@
+"""The systemd backend: one ``aigis-plugin@NAME.service`` per plugin, its specifics in a drop-in.
+
+systemd counts restarts, kills whole trees and keeps the logs; AIGIS writes the drop-ins, reloads
+once per batch of changes, starts units, adopts units still running from an earlier core, and maps
+systemd's states onto the shared vocabulary (``unitstate.describe``, pure).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aigis._errors import AigisError, PluginError
+from aigis._supervise.base import ProcessSpec, State, Status
+from aigis._supervise.dbus import Systemd, SystemdError
+from aigis._supervise.dropins import delete_dropin, dropin_path, unit_spec, write_dropin
+from aigis._supervise.unitstate import UnitState, describe
+from aigis._units import render_dropin, unit_name
+
+log = logging.getLogger(__name__)
+
+START_WAIT = 30.0  # how long a start job may take before we report the plugin as still starting
+STOP_MARGIN = 5.0  # beyond TimeoutStopSec, then SIGKILL's own TimeoutStopSec: reaping, ExecStopPost
+POLL_INTERVAL = 2.0  # how often poll() reads states to log transitions (systemd does the work)
+QUIET = 0.5  # poll() applies a batch once no drop-in changed for this long (a reload in progress)
+STEP_MIN, STEP_MAX = 0.02, 0.2
+_IDLE = frozenset({State.EXITED, State.FAILED, State.STOPPED})
+_UP = ("active", "activating", "reloading")  # ActiveStates with a process (or one on its way)
+BUS_ERRORS = (OSError, SystemdError)  # OSError covers ConnectionError and TimeoutError
+
+
+@dataclass
+class _Plugin:
+    """One supervised plugin: its spec, unit and drop-in; guarded by the supervisor's lock."""
+
+    spec: ProcessSpec
+    unit: str
+    since: float
+    stop_requested: bool = False
+    error: str | None = None  # systemd refused to start it
+    seen: tuple[str, str] | None = None  # (ActiveState, SubState) poll() last saw
+
+
+class SystemdSupervisor:
+    """Implements the Supervisor protocol on systemd's manager, over D-Bus."""
+
+    NAME = "systemd"
+
+    def __init__(
+        self,
+        settings: object = None,
+        *,
+        root: Path | str = "/",
+        bus: str = "SYSTEM",
+        systemd: Systemd | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self._systemd = systemd if systemd is not None else Systemd(bus)
+        try:
+            self.version = self._systemd.version()
+        except BUS_ERRORS as exc:
+            raise AigisError(f"the systemd supervisor cannot reach systemd: {exc}") from None
+        self._plugins: dict[str, _Plugin] = {}
+        self._lock = threading.Lock()  # the registry and the pending batch
+        self._busy = threading.RLock()  # one batch or job-waiting operation at a time
+        self._dirty = False  # drop-ins changed on disk since the last daemon-reload
+        self._pending: dict[str, str] = {}  # name -> "start" | "restart", after the reload
+        self._halting = False
+        self._next_poll = 0.0
+        self._changed_at = 0.0  # monotonic time of the last add() or remove()
+        self._last_error = ""  # what poll() last logged, so a lasting failure is logged once
+
+    # -- the Supervisor protocol ---------------------------------------------------------------
+    def add(self, spec: ProcessSpec) -> None:
+        """Write the drop-in; start the unit with the next batch, or adopt it if it runs as is."""
+        unit = unit_name(spec.name)
+        text = render_dropin(unit_spec(spec), self.version)
+        path = dropin_path(self.root, unit)
+        with self._lock:
+            if self._halting:
+                raise PluginError(spec.name, "not started: all plugins are being stopped")
+            if spec.name in self._plugins:
+                raise PluginError(spec.name, "already supervised (remove it before adding again)")
+        state = self._state(spec.name, unit)
+        try:
+            current = path.read_text()
+        except FileNotFoundError:
+            current = None
+        except OSError as exc:
+            raise PluginError(spec.name, f"cannot read {path}: {exc}") from None
+        running = state.active_state in _UP
+        if current != text:
+            write_dropin(spec.name, path, text)
+        with self._lock:
+            self._plugins[spec.name] = _Plugin(spec, unit, since=time.time())
+            self._changed_at = time.monotonic()
+            if current != text:
+                self._dirty = True
+            adopt = current == text and running and not state.need_reload
+            if not adopt:
+                self._pending[spec.name] = "restart" if running else "start"
+        if adopt:
+            self._call(spec.name, self._systemd.pin, unit)
+            log.info('adopted: "%s" %s pid %s', spec.name, unit, state.main_pid, **_x(spec.name))
+
+    def start(self, name: str) -> Status:
+        """Start a plugin that is not running, with a fresh restart count; blocks."""
+        with self._busy:
+            plugin = self._begin(name)
+            self.flush()
+            state = self._state(name, plugin.unit)
+            if state.active_state in ("active", "reloading"):
+                return self._status(plugin, state)
+            how = "restart" if state.sub_state == "auto-restart" else "start"
+            self._run_jobs({name: how}, START_WAIT)
+            return self.status([name])[0]
+
+    def restart(self, name: str) -> Status:
+        """Restart the unit (systemd resets NRestarts); blocks."""
+        with self._busy:
+            plugin = self._begin(name)
+            self.flush()
+            wait = 2 * plugin.spec.stop_timeout + STOP_MARGIN + START_WAIT
+            self._run_jobs({name: "restart"}, wait)
+            return self.status([name])[0]
+
+    def stop(self, name: str) -> Status:
+        """Stop the unit (its whole cgroup: SIGTERM, TimeoutStopSec, SIGKILL); blocks."""
+        with self._busy:
+            with self._lock:
+                plugin = self._get(name)
+                self._pending.pop(name, None)  # no flush: removals stay batched in one reload
+            state = self._state(name, plugin.unit)
+            if state.active_state in ("inactive", "failed") and not state.job_id:
+                return self._status(plugin, state)  # exited, failed or stopped: nothing to do
+            with self._lock:
+                plugin.stop_requested = True
+            self._run_jobs({name: "stop"}, 2 * plugin.spec.stop_timeout + STOP_MARGIN)
+            status = self._read([name])[0]
+        log.info('stopped: "%s" (last: %s)', name, status.last_exit or "-", **_x(name))
+        return status
+
+    def remove(self, name: str) -> None:
+        """Stop the unit, forget its failures and delete its drop-in (reloaded with the batch)."""
+        with self._busy:
+            self.stop(name)
+            with self._lock:
+                plugin = self._plugins.pop(name)
+                self._pending.pop(name, None)
+            self._call(name, self._systemd.reset_failed, plugin.unit)
+            self._call(name, self._systemd.unpin, plugin.unit)
+            delete_dropin(dropin_path(self.root, plugin.unit))
+            with self._lock:
+                self._dirty = True
+                self._changed_at = time.monotonic()
+
+    def status(self, names: Iterable[str] | None = None) -> list[Status]:
+        """Snapshots read from systemd in one pipelined batch, in registration order."""
+        self.flush()
+        return self._read(names)
+
+    def _read(self, names: Iterable[str] | None = None) -> list[Status]:
+        """``status`` without applying the pending batch first."""
+        with self._lock:
+            wanted = list(self._plugins) if names is None else list(names)
+            plugins = [self._get(name) for name in wanted]
+        try:
+            states = self._systemd.states([p.unit for p in plugins])
+        except BUS_ERRORS as exc:
+            raise AigisError(f"cannot read plugin states from systemd: {exc}") from None
+        return [self._status(p, s) for p, s in zip(plugins, states)]
+
+    def poll(self) -> None:
+        """Apply the pending batch once changes pause; every few seconds log what systemd did."""
+        try:
+            now = time.monotonic()
+            with self._lock:
+                settled = now - self._changed_at >= QUIET
+            # Never wait here: the main loop must keep pinging the watchdog while another
+            # thread (a reload, an aigisctl stop) holds the supervisor for seconds.
+            if settled and self._busy.acquire(blocking=False):
+                try:
+                    self.flush(wait=False)
+                finally:
+                    self._busy.release()
+            if now >= self._next_poll:
+                self._next_poll = now + POLL_INTERVAL
+                self._log_transitions()
+        except AigisError as exc:
+            if str(exc) != self._last_error:  # once, not every tick
+                log.error("failed: %s", exc)
+            self._last_error = str(exc)
+        else:
+            self._last_error = ""
+
+    def stop_all(self, order: list[str]) -> None:
+        """Stop every unit at once (all jobs queued, then waited for); nothing starts again."""
+        with self._busy:
+            with self._lock:
+                self._halting = True
+                self._pending.clear()
+                names = [n for n in order if n in self._plugins]
+                names += [n for n in reversed(self._plugins) if n not in names]
+                wait = max((2 * p.spec.stop_timeout for p in self._plugins.values()), default=0)
+            self.flush()  # e.g. the drop-ins removed just before
+            live = [s.name for s in self.status(names) if s.state not in _IDLE]
+            with self._lock:
+                for name in live:
+                    self._plugins[name].stop_requested = True
+            if live:
+                self._run_jobs(dict.fromkeys(live, "stop"), wait + STOP_MARGIN)
+
+    def log_path(self, name: str) -> Path | None:
+        """None: plugin output goes to the journal (``journalctl -u`` the unit)."""
+        return None
+
+    def close(self) -> None:
+        """Close the D-Bus connection (systemd then may collect the units it kept for us)."""
+        self._systemd.close()
+
+    def unit_of(self, name: str) -> str:
+        """``aigis-plugin@NAME.service`` (NAME escaped as systemd-escape does)."""
+        return unit_name(name)
+
+    # -- batches and jobs ----------------------------------------------------------------------
+    def flush(self, wait: bool = True) -> None:
+        """One daemon-reload for every drop-in written since the last, then the pending starts;
+        ``wait``: until their jobs finish (bounded by START_WAIT)."""
+        with self._busy:
+            with self._lock:
+                dirty, self._dirty = self._dirty, False
+                pending, self._pending = self._pending, {}
+            if dirty:
+                try:
+                    self._systemd.reload()
+                except BUS_ERRORS as exc:
+                    with self._lock:
+                        self._dirty = True
+                        self._pending = {**pending, **self._pending}
+                    raise AigisError(f"systemd daemon-reload failed: {exc}") from None
+                log.debug("reloaded: systemd (%d pending starts)", len(pending))
+            if pending:
+                self._run_jobs(pending, START_WAIT if wait else 0.0)
+
+    def _run_jobs(self, jobs: dict[str, str], wait: float) -> None:
+        """Queue ``{name: start|restart|stop}`` jobs at once, then wait (bounded) for all."""
+        queued = {}
+        for name, how in jobs.items():
+            with self._lock:
+                plugin = self._plugins.get(name)
+            if plugin is None:
+                continue
+            try:
+                if how != "stop":
+                    self._systemd.pin(plugin.unit)
+                    self._systemd.reset_failed(plugin.unit)  # a failed unit would not start
+                getattr(self._systemd, how)(plugin.unit)
+            except BUS_ERRORS as exc:
+                with self._lock:
+                    plugin.error = f"could not {how}: {exc}"
+                log.error('failed: "%s" could not %s: %s', name, how, exc, **_x(name))
+                continue
+            with self._lock:
+                plugin.error = None
+                plugin.since = time.time()
+            queued[name] = plugin
+            if how != "stop":
+                log.info('started: "%s" %s (%s)', name, plugin.unit, how, **_x(name))
+        deadline, step = time.monotonic() + wait, STEP_MIN
+        units = [p.unit for p in queued.values()] if wait > 0 else []
+        while units:
+            try:
+                brief = self._systemd.brief(units)
+            except BUS_ERRORS as exc:
+                raise AigisError(f"cannot read unit states from systemd: {exc}") from None
+            units = [unit for unit in units if brief.get(unit, ("", "", 0))[2]]
+            if not units:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("still waiting: jobs of %s after %gs", ", ".join(units), wait)
+                return
+            time.sleep(step)
+            step = min(step * 1.5, STEP_MAX)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _begin(self, name: str) -> _Plugin:
+        """The plugin, cleared for a requested (re)start."""
+        with self._lock:
+            if self._halting:
+                raise PluginError(name, "not started: all plugins are being stopped")
+            plugin = self._get(name)
+            plugin.stop_requested = False
+            self._pending.pop(name, None)
+            return plugin
+
+    def _get(self, name: str) -> _Plugin:
+        plugin = self._plugins.get(name)
+        if plugin is None:
+            raise PluginError(name, "not supervised")
+        return plugin
+
+    def _call(self, name: str, method, *args: str) -> None:
+        """A systemd call about one plugin; failures become PluginError naming it."""
+        try:
+            method(*args)
+        except BUS_ERRORS as exc:
+            raise PluginError(name, f"systemd: {exc}") from None
+
+    def _state(self, name: str, unit: str) -> UnitState:
+        try:
+            return self._systemd.state(unit)
+        except BUS_ERRORS as exc:
+            raise PluginError(name, f"cannot read {unit} from systemd: {exc}") from None
+
+    def _status(self, plugin: _Plugin, unit: UnitState) -> Status:
+        spec = plugin.spec
+        if plugin.stop_requested and unit.active_state in _UP and not unit.job_id:
+            plugin.stop_requested = False  # started again behind our back (systemctl start)
+        state, reason, restarts, last = describe(
+            unit, restart_limit=spec.restart, stop_requested=plugin.stop_requested
+        )
+        if plugin.error and state in (State.STOPPED, State.FAILED):
+            state, reason = State.FAILED, plugin.error
+        since = unit.state_change or plugin.since
+        started = unit.exec_main_start or None
+        pid = unit.main_pid or None
+        return Status(spec.name, spec.kind, state, pid, restarts, since, started, last, reason)
+
+    def _log_transitions(self) -> None:
+        """Verb-first lines for what systemd did on its own (exits, restarts, giving up): one
+        cheap call for every unit's state, full reads only for the units that changed."""
+        with self._lock:
+            plugins = {p.unit: p for n, p in self._plugins.items() if n not in self._pending}
+        try:
+            brief = self._systemd.brief(list(plugins))
+        except BUS_ERRORS as exc:
+            raise AigisError(f"cannot read unit states from systemd: {exc}") from None
+        changed = []
+        for unit, plugin in plugins.items():
+            now = brief.get(unit, ("", "", 0))[:2]
+            if now != plugin.seen:
+                first, plugin.seen = plugin.seen is None, now
+                if not first:
+                    changed.append(plugin.spec.name)
+        verbs = {State.BACKOFF: "backoff", State.FAILED: "gave up", State.EXITED: "exited"}
+        for status in self._read(changed) if changed else []:
+            verb = verbs.get(status.state)
+            if verb is None:
+                continue
+            if status.state is State.FAILED and not status.reason.startswith("gave up"):
+                verb = "failed"
+            level = logging.ERROR if status.state is State.FAILED else logging.WARNING
+            if status.state is State.EXITED:
+                level = logging.INFO
+            log.log(level, '%s: "%s" %s', verb, status.name, status.reason, **_x(status.name))
+
+
+def _x(name: str) -> dict[str, dict[str, str]]:
+    """``extra=`` for log calls: journald gets the plugin as a structured field."""
+    return {"extra": {"plugin": name}}

@@ -1,0 +1,78 @@
+"""systemd's view of a plugin unit, and its translation into the shared states (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aigis._supervise.base import State
+from aigis._supervise.policy import describe_exit
+
+CLD_KILLED, CLD_DUMPED = 2, 3  # ExecMainCode values (siginfo's si_code) for a signal death
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """What systemd knows about one service unit."""
+
+    unit: str
+    load_state: str
+    active_state: str
+    sub_state: str
+    result: str
+    service_type: str  # Type=: "notify", "exec", "simple", ...
+    restart: str  # the unit's Restart= policy: "no", "on-failure", ...
+    n_restarts: int
+    start_limit_burst: int
+    main_pid: int
+    exec_main_status: int
+    exec_main_code: int  # 0 while running or never ran, CLD_EXITED=1, CLD_KILLED=2, CLD_DUMPED=3
+    exec_main_start: float  # seconds since the epoch, 0 when it never ran
+    state_change: float
+    job_id: int  # 0 when no job is queued or running for the unit
+    need_reload: bool  # unit files changed on disk since the last daemon-reload
+
+    @property
+    def returncode(self) -> int | None:
+        """The last main process's exit as subprocess reports it (negative: signal), if any."""
+        if self.exec_main_code in (CLD_KILLED, CLD_DUMPED):
+            return -self.exec_main_status
+        return self.exec_main_status if self.exec_main_code else None
+
+
+def describe(
+    unit: UnitState, *, restart_limit: int | None, stop_requested: bool
+) -> tuple[State, str, int, str | None]:
+    """(state, reason, restarts, last exit) of a plugin from its unit's state (pure)."""
+    code = unit.returncode
+    last = describe_exit(code) if code is not None else None
+    restarts = unit.n_restarts
+    active, sub = unit.active_state, unit.sub_state
+    if active in ("active", "reloading"):
+        return State.RUNNING, f"{unit.unit} {active}/{sub}", restarts, last
+    if active == "activating" and sub == "auto-restart":
+        limit = f"/{restart_limit}" if restart_limit else ""
+        reason = f"{last}; restart {restarts + 1}{limit} pending"
+        return State.BACKOFF, reason, restarts, last
+    if active == "activating":
+        return State.STARTING, f"{unit.unit} {active}/{sub}", restarts, last
+    if active == "deactivating":
+        reason = "stop requested" if stop_requested else f"stopping ({sub})"
+        return State.STOPPING, reason, restarts, last
+    if stop_requested:
+        return State.STOPPED, f"stopped by request (last: {last or 'not running'})", restarts, last
+    if active == "failed":
+        if unit.restart != "no" or restart_limit == 0:
+            # systemd 252 counts the restart its start limit then refuses (Result stays
+            # exit-code): StartLimitBurst is RESTART + 1, so RESTART restarts really ran.
+            if unit.start_limit_burst:
+                restarts = min(restarts, unit.start_limit_burst - 1)
+            noun = "restart" if restarts == 1 else "restarts"
+            return State.FAILED, f"gave up after {restarts} {noun} (last: {last})", restarts, last
+        if unit.result not in ("exit-code", "signal", "core-dump"):
+            return State.FAILED, f"failed ({unit.result}; last: {last})", restarts, last
+        return State.FAILED, f"{last}; not restarted (RESTART not set)", restarts, last
+    if code == 0:
+        return State.EXITED, "exited cleanly (exit 0)", restarts, last
+    if unit.exec_main_start:
+        return State.STOPPED, f"stopped outside AIGIS (last: {last})", restarts, last
+    return State.STOPPED, "not started", restarts, last
