@@ -61,7 +61,8 @@ class Aigis:
         for unit in ("aigis.service", "aigis-plugin@.service"):
             box.write(f"/etc/systemd/system/{unit}", (UNITS / unit).read_text())
         box.run("groupadd", "--system", "aigis")  # the packages create it (sysusers.d)
-        # PrivateTmp= hides the host's /tmp, where the work directory is: bind it back in.
+        # PrivateTmp= hides the host's /tmp, where the work directory (and, in a fresh clone,
+        # the checkout and its venv) may be: bind them back in.
         self.dropin(
             "50-test.conf",
             f"""\
@@ -69,6 +70,7 @@ class Aigis:
             ExecStart=
             ExecStart={PYTHON} -m aigis -c {self.config}
             BindPaths={self.dir}
+            BindReadOnlyPaths={REPO}
             """,
         )
 
