@@ -282,7 +282,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     where = _control(args, "logs", args.name)
     if "journal" in where:
-        argv = ["journalctl", "-u", where["journal"], "-n", str(args.lines), "--no-pager"]
+        # AIGIS_PLUGIN= matches the unit's output (LogExtraFields) and the core's records about
+        # the plugin, interleaved in time order.
+        argv = ["journalctl", f"AIGIS_PLUGIN={args.name}", "-n", str(args.lines), "--no-pager"]
         if args.follow:
             argv.append("-f")
         os.execvp(argv[0], argv)

@@ -154,8 +154,9 @@ def test_start_returns_after_ready_with_status_units_journal_and_ctl(aigis: Aigi
     for name in ("oracle", "clock"):
         assert rows[name]["state"] == "running"
         assert rows[name]["pid"] == aigis.main_pid(f"aigis-plugin@{name}.service")
-    code, out, _ = aigis.ctl("logs", "clock", "-n", "5")
+    code, out, _ = aigis.ctl("logs", "clock", "-n", "200")
     assert code == 0 and "clock: it is" in out
+    assert 'started: "clock"' in out  # the core's own record about the plugin, same view
     # The core's own records about a plugin carry AIGIS_PLUGIN= (systemd-python's handler).
     fields = [
         json.loads(line)
