@@ -70,7 +70,8 @@ class EmbeddedSupervisor:
 
     # -- the Supervisor protocol ---------------------------------------------------------------
     def add(self, spec: ProcessSpec) -> None:
-        """Register ``spec`` and spawn it."""
+        """Register ``spec`` and spawn it (after stopping strays of a crashed earlier core)."""
+        self._stop_strays(spec)
         with self._lock:
             self._refuse_if_halting(spec.name)
             if spec.name in self._runs:
@@ -211,6 +212,38 @@ class EmbeddedSupervisor:
                 log.info('running: "%s" pid %s (reported ready)', name, run.pid, **_x(name))
 
     # -- transitions (called with the lock held) ------------------------------------------------
+    def _stop_strays(self, spec: ProcessSpec) -> None:
+        """A core that crashed left this plugin running without its log pipe: stop it, so the
+        plugin never runs twice. Only processes with this plugin's directory are touched."""
+        plugin_dir = spec.env.get("AIGIS_PLUGIN_DIR")
+        if not plugin_dir or spec.name in self._runs:
+            return
+        pids = self._os.find_strays(spec.name, f"AIGIS_PLUGIN_DIR={plugin_dir}")
+        if not pids:
+            return
+        log.warning(
+            'stopping: "%s": %d process(es) left by an earlier core: %s',
+            spec.name,
+            len(pids),
+            " ".join(map(str, pids)),
+        )
+        for signum, wait in ((signal.SIGTERM, spec.stop_timeout), (signal.SIGKILL, KILL_GRACE)):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    self._os.kill(pid, signum)
+            deadline = self._os.monotonic() + wait
+            while pids and self._os.monotonic() < deadline:
+                pids = self._os.find_strays(spec.name, f"AIGIS_PLUGIN_DIR={plugin_dir}")
+                if pids:
+                    self._os.sleep(STEP_MAX)
+            if not pids:
+                return
+        log.error(
+            'failed: "%s": could not stop processes left by an earlier core: %s',
+            spec.name,
+            " ".join(map(str, pids)),
+        )
+
     def _spawn(self, run: _Run, reason: str) -> None:
         """Spawn a new run with a fresh tag; STARTING, or FAILED if it cannot even be spawned."""
         spec = run.spec

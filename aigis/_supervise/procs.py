@@ -106,6 +106,22 @@ def tagged_processes(match: Callable[[str], bool] | None = None) -> dict[int, Ta
     return found
 
 
+def strays(name: str, marker: str) -> list[int]:
+    """Processes of plugin ``name`` left by an earlier core: tagged ``name:…`` and carrying
+    ``marker`` (e.g. ``AIGIS_PLUGIN_DIR=/var/lib/aigis/ext/NAME``) in their environment, so
+    another AIGIS instance's plugin of the same name is never touched."""
+    wanted = b"\0" + marker.encode() + b"\0"
+    found = []
+    for pid, _tagged in tagged_processes(lambda tag: tag.startswith(name + ":")).items():
+        try:
+            environ = b"\0" + Path(f"/proc/{pid}/environ").read_bytes() + b"\0"
+        except OSError:
+            continue
+        if wanted in environ:
+            found.append(pid)
+    return found
+
+
 class Reaper:
     """Reaps orphans re-parented to us as subreaper, but only ones positively known to be ours.
 
@@ -182,6 +198,9 @@ class Os(Protocol):
 
     def find_tagged(self, tags: Collection[str]) -> dict[int, Tagged]:
         """Live processes carrying one of tags."""
+
+    def find_strays(self, name: str, marker: str) -> list[int]:
+        """Processes of ``name`` left by an earlier core (see ``strays``)."""
 
     def reap_orphans(self) -> list[tuple[int, int]]:
         """Reap zombie orphans of ours."""
@@ -262,6 +281,10 @@ class LocalOs:
         """Signal one process; one already gone is fine."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
+
+    def find_strays(self, name: str, marker: str) -> list[int]:
+        """Processes of ``name`` left by an earlier core."""
+        return strays(name, marker)
 
     def find_tagged(self, tags: Collection[str]) -> dict[int, Tagged]:
         """Live processes carrying one of ``tags``; each is remembered for reaping."""

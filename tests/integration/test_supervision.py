@@ -263,3 +263,20 @@ def test_flooding_plugin_loses_no_line_and_status_stays_fast(tmp_path, make_plug
     # A responsiveness requirement (not a benchmark): while a plugin floods its output, the
     # core answers every status call within a second.
     assert slowest < 1.0, f"the core took {slowest:.2f} s to answer status during the flood"
+
+
+def test_a_restarted_core_stops_what_a_crashed_core_left_running(tmp_path, make_plugin, run_daemon):
+    make_plugin("sleeper", external([PY, "-c", "import time; time.sleep(600)"]))
+    first, config = run_daemon('[external]\nsleeper = "src/sleeper"\n')
+    old = wait_until(lambda: status(config)["sleeper"]["pid"], what="the sleeper's pid")
+    first.proc.kill()  # SIGKILL: no shutdown, the plugin is orphaned
+    first.proc.wait(timeout=10)
+    assert alive(old)
+    second = DaemonProcess(config)
+    try:
+        second.wait_for("ready:")
+        new = wait_until(lambda: status(config)["sleeper"]["pid"], what="the new pid")
+        assert new != old and not alive(old)
+        assert 'stopping: "sleeper": 1 process(es) left by an earlier core' in second.log
+    finally:
+        second.stop()

@@ -41,6 +41,7 @@ class FakeOs:
         self.next_pid = 100
         self.spawn_error: OSError | None = None
         self.ignore_term_next = False
+        self.strays: list[int] = []  # pids find_strays reports (left by an "earlier core")
 
     # -- the Os seam
     def spawn(self, argv, cwd, env, output):
@@ -70,6 +71,12 @@ class FakeOs:
         self.calls.append(("kill", pid, signum))
         if pid in self.procs:
             self._deliver(self.procs[pid], signum)
+
+    def find_strays(self, name, marker):
+        self.calls.append(("find_strays", name, marker))
+        return [
+            pid for pid in self.strays if pid in self.procs and self.procs[pid].returncode is None
+        ]
 
     def find_tagged(self, tags):
         return {
@@ -155,6 +162,39 @@ def test_add_spawns_with_the_spec_env_and_a_fresh_tag(sup, fake):
     status = state(sup)
     assert (status.state, status.pid, status.restarts) == (State.STARTING, 100, 0)
     assert status.since == status.started_at == WALL
+
+
+def test_processes_left_by_an_earlier_core_are_stopped_before_spawning(sup, fake):
+    stray = fake._new("p:old", pgid=None)
+    fake.strays = [stray]
+    sup.add(
+        ProcessSpec(
+            "p", "external", ("prog",), Path("/srv/p"), {"AIGIS_PLUGIN_DIR": "/var/lib/aigis/ext/p"}
+        )
+    )
+    assert ("find_strays", "p", "AIGIS_PLUGIN_DIR=/var/lib/aigis/ext/p") in fake.calls
+    assert ("kill", stray, signal.SIGTERM) in fake.calls
+    assert fake.procs[stray].returncode == -signal.SIGTERM
+    kinds = [c[0] for c in fake.calls]
+    assert kinds.index("kill") < kinds.index("spawn")  # gone before the new one starts
+
+
+def test_a_stray_ignoring_sigterm_is_killed(sup, fake):
+    stray = fake._new("p:old", pgid=None)
+    fake.procs[stray].ignores_term = True
+    fake.strays = [stray]
+    sup.add(
+        ProcessSpec(
+            "p", "external", ("prog",), Path("/srv/p"), {"AIGIS_PLUGIN_DIR": "/x"}, stop_timeout=2
+        )
+    )
+    assert ("kill", stray, signal.SIGKILL) in fake.calls
+    assert fake.procs[stray].returncode == -signal.SIGKILL
+
+
+def test_without_a_plugin_dir_nothing_is_searched(sup, fake):
+    sup.add(spec())
+    assert not [c for c in fake.calls if c[0] == "find_strays"]
 
 
 def test_every_spawn_gets_a_new_tag(sup, fake):
