@@ -55,6 +55,8 @@ def status_row(plugin: Plugin, proc: Status | None, now: float | None = None) ->
     }
     if plugin.state == "loaded" and plugin.loaded_at:
         row["uptime"] = max(0.0, now - plugin.loaded_at)
+    if proc is None and plugin.supervised:
+        row.update(state="unknown", reason="the supervisor could not report this plugin's state")
     if proc is not None:
         row.update(
             state=str(proc.state),

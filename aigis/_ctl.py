@@ -98,8 +98,16 @@ def _client(args: argparse.Namespace, control: bool = True):
 
     settings = _settings(args)
     path = settings.control_socket if control else settings.socket
-    if not path.exists():
-        raise CtlError(f"the AIGIS core is not running (no socket at {path})", EXIT_NOT_RUNNING)
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise CtlError(
+            f"permission denied: {path} (members of the aigis group, or root, may use aigisctl)"
+        ) from None
+    except OSError:
+        raise CtlError(
+            f"the AIGIS core is not running (no socket at {path})", EXIT_NOT_RUNNING
+        ) from None
     try:
         authkey = read_authkey(settings.authkey_file)
     except AigisError as exc:
@@ -376,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # e.g. journalctl missing, a log file unreadable: one line
+        print(
+            f"aigisctl: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr
+        )
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

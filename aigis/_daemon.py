@@ -96,6 +96,7 @@ class Daemon:
             if self._startup_signals():
                 break
             self.start_process(plugin)
+        self.retire_unknown()
         log.info("ready: %s", self.summary())
         self.notifier.ready(self.summary())
         if self.reload_pending and not self.stopping:
@@ -115,6 +116,16 @@ class Daemon:
     def supervisor_name(self) -> str:
         """``embedded`` or ``systemd``."""
         return getattr(self.supervisor, "NAME", type(self.supervisor).__name__)
+
+    def retire_unknown(self) -> None:
+        """Stop plugin processes an earlier core left that this config no longer has."""
+        retire = getattr(self.supervisor, "retire_unknown", None)
+        if retire is None or self.stopping:
+            return
+        try:
+            retire()
+        except AigisError as exc:
+            log.error("failed: %s", exc)
 
     def start_server(self, which: str) -> None:
         """``plugins``: the namespace on the Unix socket (and TCP when configured);
@@ -198,9 +209,20 @@ class Daemon:
             plugins = list(reversed(list(self.plugins.values())))
             for plugin in plugins:
                 if plugin.supervised:
-                    self.supervisor.remove(plugin.name)
+                    try:
+                        self.supervisor.remove(plugin.name)
+                    except AigisError as exc:  # one plugin's trouble never stops the shutdown
+                        log.error(
+                            'failed: plugin "%s": %s',
+                            plugin.name,
+                            exc,
+                            extra={"plugin": plugin.name},
+                        )
                     plugin.supervised = False
-            self.supervisor.stop_all([])
+            try:
+                self.supervisor.stop_all([])
+            except AigisError as exc:
+                log.error("failed: stopping the remaining plugins: %s", exc)
         for server in [s for s in self.servers if s.unix_path == self.config.settings.socket]:
             server.stop()
         with self.lock:
@@ -250,10 +272,11 @@ class Daemon:
     def remove_plugin(self, name: str) -> None:
         """Stop and forget one plugin."""
         with self.lock:
-            plugin = self.plugins.pop(name, None)
+            plugin = self.plugins.get(name)
             if plugin is None:
                 return
-            self._take_down(plugin)
+            self._take_down(plugin)  # raises if the process could not be stopped: keep it listed
+            del self.plugins[name]
             log.info('removed: plugin "%s"', name, extra={"plugin": name})
 
     def process_spec(self, plugin: Plugin) -> ProcessSpec:
@@ -387,6 +410,9 @@ class Daemon:
                 procs.update((s.name, s) for s in self.supervisor.status([name]))
             except PluginError:  # removed by a concurrent reload
                 continue
+            except AigisError as exc:  # systemd unreachable: say so in the row, never crash
+                log.warning("status: %s", exc)
+                break
         return [status_row(p, procs.get(p.name)) for p in plugins]
 
     def log_location(self, name: str) -> dict[str, Any]:

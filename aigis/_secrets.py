@@ -13,7 +13,7 @@ def plan_secrets(
 ) -> list[tuple[Path, Path]]:
     """(source, destination file) pairs; raise listing every missing or misplaced secret."""
     source_dir = secrets_dir / plugin
-    missing, outside, escaping, pairs = [], [], [], []
+    missing, outside, escaping, unreadable, pairs = [], [], [], [], []
     real_root = root.resolve()
     real_source_dir = source_dir.resolve()
     for name, dest in secrets.items():
@@ -21,7 +21,12 @@ def plan_secrets(
         if real_source_dir not in source.resolve().parents:
             escaping.append(name)
             continue
-        if not source.is_file():
+        try:
+            is_file = source.is_file()
+        except PermissionError:
+            unreadable.append(str(source))
+            continue
+        if not is_file:
             missing.append(str(source))
             continue
         target = Path(dest)
@@ -41,6 +46,8 @@ def plan_secrets(
         problems.append(
             f"secret destinations outside the plugin directory {root}: " + ", ".join(outside)
         )
+    if unreadable:
+        problems.append("secrets not readable (permission denied): " + ", ".join(unreadable))
     if escaping:
         problems.append(f"secret names must be files inside {source_dir}: " + ", ".join(escaping))
     if problems:

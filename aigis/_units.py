@@ -39,15 +39,13 @@ def plugin_of_unit(unit: str) -> str | None:
     return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), match.group(1))
 
 
-def quote(value: str) -> str:
-    """One word for a unit file line: specifiers (%) and variables ($) kept literal."""
-    escaped = (
-        value.replace("\\", "\\\\")
-        .replace('"', '\\"')
-        .replace("\n", "\\n")
-        .replace("%", "%%")
-        .replace("$", "$$")
-    )
+def quote(value: str, variables: bool = True) -> str:
+    """One word for a unit file line: specifiers (%) kept literal, and variables ($) too where
+    systemd expands them (``ExecStart=``; ``Environment=`` does no ``$`` expansion)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    escaped = escaped.replace("%", "%%")
+    if variables:
+        escaped = escaped.replace("$", "$$")
     return f'"{escaped}"'
 
 
@@ -96,11 +94,20 @@ def render_dropin(spec: UnitSpec, systemd_version: int = 252) -> str:
         "ExecStart=" + " ".join(quote(arg) for arg in spec.argv),
         "WorkingDirectory=" + spec.cwd.replace("%", "%%"),
     ]
-    lines += [f"Environment={quote(f'{key}={value}')}" for key, value in sorted(spec.env.items())]
+    lines += [
+        f"Environment={quote(f'{key}={value}', variables=False)}"
+        for key, value in sorted(spec.env.items())
+    ]
     if spec.restart is None or spec.restart == 0:
         lines.append("Restart=no")
     else:
-        lines += ["Restart=on-failure", f"RestartSec={_seconds(spec.restart_delay)}"]
+        # systemd counts SIGTERM/SIGINT/SIGHUP deaths as clean; for AIGIS any signal a plugin
+        # did not ask for is a failure (SPEC: non-zero exit, signal, watchdog).
+        lines += [
+            "Restart=on-failure",
+            "RestartForceExitStatus=SIGTERM SIGINT SIGHUP SIGPIPE",
+            f"RestartSec={_seconds(spec.restart_delay)}",
+        ]
         if systemd_version >= 254 and spec.restart_delay_max > spec.restart_delay:
             lines += [
                 f"RestartSteps={min(spec.restart, 10)}",

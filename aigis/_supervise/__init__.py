@@ -14,8 +14,17 @@ log = logging.getLogger(__name__)
 
 
 def under_systemd_service() -> bool:
-    """True when this process was started by systemd as a service (and systemd is PID 1)."""
-    return bool(os.environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()
+    """True when systemd (PID 1) started this very process as a system service, as root.
+
+    INVOCATION_ID alone is inherited by shells inside user services and CI runners;
+    SYSTEMD_EXEC_PID (systemd >= 248) names the process systemd executed.
+    """
+    return (
+        os.geteuid() == 0
+        and bool(os.environ.get("INVOCATION_ID"))
+        and os.environ.get("SYSTEMD_EXEC_PID") == str(os.getpid())
+        and Path("/run/systemd/system").is_dir()
+    )
 
 
 def pick_supervisor(choice: str, settings: Settings) -> Supervisor:

@@ -57,6 +57,7 @@ class Systemd:
         self._conn: DBusConnection | None = None
         self._lock = threading.Lock()
         self._pins: set[str] = set()  # units referenced on the current connection
+        self._wanted: set[str] = set()  # units to reference again on every new connection
 
     def _call_many(self, calls: Sequence[Call]) -> list[Message]:
         """Send the calls pipelined, at most WINDOW awaiting replies (the bus daemon refuses more
@@ -64,8 +65,13 @@ class Systemd:
         error messages."""
         with self._lock:
             try:
+                repin: list[Call] = []
                 if self._conn is None:
                     self._conn = open_dbus_connection(bus=self.bus)
+                    # References die with a connection: take them again, or a unit that exits
+                    # cleanly would be collected with its exit status.
+                    repin = [(MANAGER, "RefUnit", "s", (u,)) for u in sorted(self._wanted)]
+                    calls = [*repin, *calls]
                 conn = self._conn
                 serials: list[int] = []
                 wanted: set[int] = set()
@@ -83,7 +89,10 @@ class Systemd:
             except OSError:  # ConnectionError, TimeoutError too
                 self._drop()  # a late reply must not be taken for the answer to a later call
                 raise
-        return [replies[serial] for serial in serials]
+            for (_a, _m, _s, (unit,)), serial in zip(repin, serials):
+                if replies[serial].header.message_type.name != "error":
+                    self._pins.add(unit)
+        return [replies[serial] for serial in serials[len(repin) :]]
 
     def _receive(
         self, conn: DBusConnection, wanted: set[int], replies: dict[int, Message], deadline: float
@@ -152,6 +161,7 @@ class Systemd:
     def pin(self, unit: str) -> None:
         """Reference ``unit`` (once per connection) so systemd keeps it in memory when inactive:
         a clean exit stays readable (ExecMainStatus, timestamps) instead of being collected."""
+        self._wanted.add(unit)
         if unit in self._pins:
             return
         self._call(MANAGER, "RefUnit", "s", (unit,))
@@ -159,6 +169,7 @@ class Systemd:
 
     def unpin(self, unit: str) -> None:
         """Drop the reference taken by ``pin``; systemd may then collect the unit."""
+        self._wanted.discard(unit)
         if unit not in self._pins:
             return
         self._pins.discard(unit)

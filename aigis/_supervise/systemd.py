@@ -7,6 +7,7 @@ systemd's states onto the shared vocabulary (``unitstate.describe``, pure).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -17,7 +18,13 @@ from pathlib import Path
 from aigis._errors import AigisError, PluginError
 from aigis._supervise.base import ProcessSpec, State, Status
 from aigis._supervise.dbus import Systemd, SystemdError
-from aigis._supervise.dropins import delete_dropin, dropin_path, unit_spec, write_dropin
+from aigis._supervise.dropins import (
+    UNIT_DIR,
+    delete_dropin,
+    dropin_path,
+    unit_spec,
+    write_dropin,
+)
 from aigis._supervise.unitstate import UnitState, describe
 from aigis._units import render_dropin, unit_name
 
@@ -98,7 +105,7 @@ class SystemdSupervisor:
         with self._lock:
             self._plugins[spec.name] = _Plugin(spec, unit, since=time.time())
             self._changed_at = time.monotonic()
-            if current != text:
+            if current != text or state.need_reload:
                 self._dirty = True
             adopt = current == text and running and not state.need_reload
             if not adopt:
@@ -115,7 +122,7 @@ class SystemdSupervisor:
             state = self._state(name, plugin.unit)
             if state.active_state in ("active", "reloading"):
                 return self._status(plugin, state)
-            how = "restart" if state.sub_state == "auto-restart" else "start"
+            how = "restart" if state.sub_state.startswith("auto-restart") else "start"
             self._run_jobs({name: how}, START_WAIT)
             return self.status([name])[0]
 
@@ -159,8 +166,16 @@ class SystemdSupervisor:
                 self._changed_at = time.monotonic()
 
     def status(self, names: Iterable[str] | None = None) -> list[Status]:
-        """Snapshots read from systemd in one pipelined batch, in registration order."""
-        self.flush()
+        """Snapshots read from systemd in one pipelined batch, in registration order.
+
+        The pending batch is applied first only when no other operation holds the supervisor:
+        status must answer while a plugin is being stopped (it then reads what systemd says).
+        """
+        if self._busy.acquire(blocking=False):
+            try:
+                self.flush()
+            finally:
+                self._busy.release()
         return self._read(names)
 
     def _read(self, names: Iterable[str] | None = None) -> list[Status]:
@@ -213,6 +228,34 @@ class SystemdSupervisor:
                     self._plugins[name].stop_requested = True
             if live:
                 self._run_jobs(dict.fromkeys(live, "stop"), wait + STOP_MARGIN)
+
+    def retire_unknown(self) -> list[str]:
+        """Stop and forget ``aigis-plugin@`` units this core does not supervise: plugins removed
+        from the config (or failing to load) while the core was down. Returns their units."""
+        with self._lock:
+            ours = {p.unit for p in self._plugins.values()}
+        try:
+            units = [u for u in self._systemd.list_units("aigis-plugin@*.service") if u not in ours]
+        except BUS_ERRORS as exc:
+            raise AigisError(f"cannot list plugin units: {exc}") from None
+        for directory in (self.root / UNIT_DIR).glob("aigis-plugin@*.service.d"):
+            unit = directory.name.removesuffix(".d")
+            if unit not in ours and unit not in units:
+                units.append(unit)
+        for unit in units:
+            log.warning("retiring: %s (not in the config)", unit)
+            try:
+                self._systemd.stop(unit)
+            except BUS_ERRORS as exc:
+                log.error("failed: could not stop %s: %s", unit, exc)
+            delete_dropin(dropin_path(self.root, unit))
+            with contextlib.suppress(*BUS_ERRORS):
+                self._systemd.reset_failed(unit)
+        if units:
+            with self._lock:
+                self._dirty = True
+                self._changed_at = time.monotonic()
+        return units
 
     def log_path(self, name: str) -> Path | None:
         """None: plugin output goes to the journal (``journalctl -u`` the unit)."""

@@ -49,7 +49,12 @@ def describe(
     active, sub = unit.active_state, unit.sub_state
     if active in ("active", "reloading"):
         return State.RUNNING, f"{unit.unit} {active}/{sub}", restarts, last
-    if active == "activating" and sub == "auto-restart":
+    if active == "activating" and sub.startswith("auto-restart"):
+        if restart_limit is not None and restarts >= restart_limit:
+            # systemd 252 counts one more restart, which its start limit then refuses: the
+            # unit turns failed (with the last exit) once RestartSec passes. Say so meanwhile.
+            reason = f"{last or 'failed'}; restart limit {restart_limit} reached, giving up"
+            return State.BACKOFF, reason, restart_limit, last
         limit = f"/{restart_limit}" if restart_limit else ""
         reason = f"{last}; restart {restarts + 1}{limit} pending"
         return State.BACKOFF, reason, restarts, last

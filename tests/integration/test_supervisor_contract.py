@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ class Backend:
 
     sup: Supervisor
     alive: Callable[[int], bool]
+    kill: Callable[[int, int], None]  # signal a process by the pid the supervisor reports
 
 
 def _alive_in(proc: Path) -> Callable[[int], bool]:
@@ -82,11 +84,15 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "embedded":
         sup: Supervisor = EmbeddedSupervisor(tmp_path / "log", console=None)
-        backend = Backend(sup, _alive_in(Path("/proc")))
+        backend = Backend(sup, _alive_in(Path("/proc")), os.kill)
     else:
         box: Box = request.getfixturevalue("box")
         sup = SystemdSupervisor(root=box.host_path("/"), bus=box.bus_address)
-        backend = Backend(sup, _alive_in(box.host_path("/proc")))
+        backend = Backend(
+            sup,
+            _alive_in(box.host_path("/proc")),
+            lambda pid, signum: box.run("kill", f"-{signum}", str(pid)) and None,
+        )
     try:
         yield backend
     finally:
@@ -150,6 +156,17 @@ def test_crasher_gives_up_after_its_restarts(backend: Backend, name: str, tmp_pa
     assert status.reason.startswith("gave up after 2 restarts (last: exit 1")
     assert status.last_exit == "exit 1"
     assert runs.read_text() == "run\n" * 3
+
+
+def test_a_plugin_killed_from_outside_is_restarted(backend: Backend, name: str, tmp_path) -> None:
+    # SIGTERM from someone else is a failure for AIGIS (systemd alone would call it clean).
+    backend.sup.add(spec(name, tmp_path, "/bin/sleep", "600", restart=2))
+    first = wait_for(backend.sup, name, lambda s: s.state is State.RUNNING).pid
+    assert first is not None
+    backend.kill(first, signal.SIGTERM)
+    again = wait_for(backend.sup, name, lambda s: s.state is State.RUNNING and s.pid != first)
+    assert again.restarts == 1
+    assert not backend.alive(first)
 
 
 def test_no_restart_policy_fails_at_once(backend: Backend, name: str, tmp_path) -> None:

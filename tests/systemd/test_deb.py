@@ -20,7 +20,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,8 +75,6 @@ class Installed:
     timings: dict[str, float] = field(default_factory=dict)
     #: State of aigis.service right after `apt-get install` (the postinst starts it).
     state_after_install: str = ""
-    #: Temporary workarounds applied to the box, with the reason (see _work_around_pygit2).
-    workarounds: list[str] = field(default_factory=list)
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> str:
         out = self.box.run(*cmd, check=False, timeout=timeout)
@@ -93,19 +90,8 @@ class Installed:
         return {row["name"]: row for row in json.loads(self.run("aigisctl", "status", "--json"))}
 
     def plugin_log(self, name: str) -> str:
-        """What plugin ``name`` printed: its unit's journal under the systemd supervisor, else
-        the ``name | ...`` lines the embedded supervisor writes to aigis.service's journal."""
-        unit = f"aigis-plugin@{name}.service"
-        if self.box.unit_property(unit, "LoadState") == "loaded" and self.box.unit_property(
-            unit, "InvocationID"
-        ):
-            return self.box.journal(unit)
-        prefix = f"{name} | "
-        return "\n".join(
-            line[len(prefix) :]
-            for line in self.box.journal("aigis.service").splitlines()
-            if line.startswith(prefix)
-        )
+        """What plugin ``name`` printed: ``journalctl -u aigis-plugin@NAME``."""
+        return self.box.journal(f"aigis-plugin@{name}.service")
 
     def timed(self, what: str, *cmd: str, timeout: float = 300) -> str:
         started = time.monotonic()
@@ -177,10 +163,7 @@ def aigis(
                 journal = box.journal(None, "-o", "short-monotonic")
                 (box.workdir / "journal.txt").write_text(journal)
             (box.workdir / "timings.json").write_text(json.dumps(installed.timings, indent=2))
-            print(
-                f"\ntest_deb timings (s): {installed.timings}; workarounds: "
-                f"{installed.workarounds or 'none'}"
-            )
+            print(f"\ntest_deb timings (s): {installed.timings}")
         finally:
             box.shutdown()
         assert _host_snapshot() == host_before, "installing in the box changed the host"
@@ -216,7 +199,6 @@ def _install(aigis: Installed) -> None:
     names = sorted({d.split()[0].split(":")[0] for d in depends.replace("|", ",").split(",")})
     names = [n for n in names if n and not n.startswith("$")]
     _apt_install(aigis, "install dependencies", names)
-    _work_around_pygit2(aigis)
     aigis.timed("install .deb", *APT_ENV, "apt-get", "install", "-y", "-q", str(aigis.deb))
     aigis.state_after_install = box.unit_property("aigis.service", "ActiveState")
 
@@ -227,47 +209,6 @@ def _apt_install(aigis: Installed, what: str, packages: list[str]) -> None:
     if out.returncode:  # the host's package lists may be missing or stale: refresh in the box
         aigis.timed("apt-get update", *APT_ENV, "apt-get", "update", "-q", timeout=300)
     aigis.timed(what, *cmd, timeout=600)
-
-
-def _work_around_pygit2(aigis: Installed) -> None:
-    """TODO(packaging): remove once aigis/_sources.py works with Debian 12's pygit2 1.11.
-
-    aigis/_sources.py imports ``pygit2.enums`` (pygit2 >= 1.14) and calls
-    ``clone_repository(proxy=)`` (>= 1.18.0) and ``Remote.list_heads`` (>= 1.18.2); bookworm ships
-    1.11.1, so the packaged daemon cannot start. Until that is fixed, the box gets a current pygit2
-    from PyPI in /usr/local (inside the overlay). This runs only when the packaged code really fails
-    to import with the box's Debian packages, so the fix makes it a no-op by itself.
-    """
-    unpacked = aigis.box.workdir / "deb-contents"
-    subprocess.run(["dpkg-deb", "-x", str(aigis.deb), str(unpacked)], check=True)
-    probe = aigis.box.run(
-        "env",
-        f"PYTHONPATH={unpacked}/usr/lib/python3/dist-packages",
-        "python3",
-        "-c",
-        "import aigis._daemon",
-        check=False,
-    )
-    shutil.rmtree(unpacked)
-    if probe.returncode == 0:
-        return
-    assert "No module named 'pygit2.enums'" in probe.stderr, (
-        f"the packaged aigis does not import with Debian's packages:\n{probe.stderr}"
-    )
-    target = aigis.box.host_path("/usr/local/lib/python3.11/dist-packages")
-    started = time.monotonic()
-    # The test venv's pip (Debian's python3 may have none) picks cp311 wheels, which the box's
-    # Python 3.11 loads.
-    pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        + ["--target", str(target), "pygit2>=1.18.2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert pip.returncode == 0, f"pip install pygit2 into the box failed:\n{pip.stderr}"
-    aigis.timings["pygit2 workaround"] = round(time.monotonic() - started, 2)
-    aigis.workarounds.append("pygit2>=1.18.2 from PyPI in the box's /usr/local (Debian: 1.11)")
 
 
 def _configure_examples(aigis: Installed) -> None:
@@ -401,7 +342,7 @@ def test_files_permissions_and_group(aigis: Installed) -> None:
     assert aigis.run("getent", "group", "aigis").startswith("aigis:x:")
     modes = aigis.run("stat", "-c", "%a %U:%G %n", "/etc/aigis/secrets", "/var/lib/aigis")
     assert "750 root:aigis /etc/aigis/secrets" in modes
-    assert "750 root:" in modes.splitlines()[1]  # TODO: root:aigis once aigis.service sets Group=
+    assert "750 root:aigis /var/lib/aigis" in modes
     assert "aigis.service" in aigis.run("systemctl", "list-unit-files", "aigis*")
 
 
@@ -438,14 +379,12 @@ def test_aigisctl_status(aigis: Installed) -> None:
 
 
 def test_plugin_output_reaches_the_journal(aigis: Installed) -> None:
-    # Under the systemd supervisor each internal/external plugin is aigis-plugin@NAME.service and
-    # plugin_log() reads `journalctl -u aigis-plugin@NAME`; the embedded one (the fallback while
-    # the systemd backend is missing) logs `NAME | ...` lines in aigis.service's journal.
-    # TODO: drop the fallback once the systemd supervisor is in every build of the package.
-    if "systemd supervisor" in aigis.box.journal("aigis.service"):
-        for name in ("oracle", "clock"):
-            unit = f"aigis-plugin@{name}.service"
-            assert aigis.box.unit_property(unit, "ActiveState") == "active", unit
+    # The packaged service picks the systemd supervisor: each internal/external plugin is its own
+    # aigis-plugin@NAME.service and its output is that unit's journal.
+    assert "systemd supervisor" in aigis.box.journal("aigis.service")
+    for name in ("oracle", "clock"):
+        unit = f"aigis-plugin@{name}.service"
+        assert aigis.box.unit_property(unit, "ActiveState") == "active", unit
     wait_until(lambda: "oracle: turn 0: rolled" in aigis.plugin_log("oracle"), 20, "oracle")
     assert "message of the day" in aigis.plugin_log("oracle")  # the secret was copied
     wait_until(lambda: "clock: it is" in aigis.plugin_log("clock"), 20, "clock output")

@@ -34,6 +34,13 @@ EXITED, KILLED = 1, 2  # ExecMainCode
         (dict(active_state="activating", sub_state="auto-restart", n_restarts=1,
               exec_main_code=EXITED, exec_main_status=1), 2, False,
          State.BACKOFF, "exit 1; restart 2/2 pending", 1),
+        # the restart systemd 252 will count and then refuse: not "restart 3/2 pending"
+        (dict(active_state="activating", sub_state="auto-restart", n_restarts=2,
+              exec_main_code=EXITED, exec_main_status=1), 2, False,
+         State.BACKOFF, "exit 1; restart limit 2 reached, giving up", 2),
+        (dict(active_state="activating", sub_state="auto-restart-queued", n_restarts=0,
+              exec_main_code=EXITED, exec_main_status=1), 2, False,
+         State.BACKOFF, "exit 1; restart 1/2 pending", 0),
         (dict(active_state="deactivating", sub_state="stop-sigterm"), 2, True,
          State.STOPPING, "stop requested", 0),
         # systemd 252: NRestarts counts the refused restart; StartLimitBurst = RESTART + 1

@@ -59,5 +59,12 @@ def test_plugin_of_other_units_is_none():
     assert plugin_of_unit("aigis.service") is None
 
 
+def test_environment_keeps_dollars_as_written():
+    spec = UnitSpec(
+        name="p", kind="external", argv=["/bin/true"], cwd="/", env={"B": "pa$word"}, restart=None
+    )
+    assert 'Environment="B=pa$word"' in render_dropin(spec).splitlines()
+
+
 def test_quote_keeps_specifiers_and_variables_literal():
     assert quote('a "b" $X 5% \\') == '"a \\"b\\" $$X 5%% \\\\"'
