@@ -345,3 +345,25 @@ def test_status_of_100_plugins_is_one_batch_of_dbus_calls(box: Box, monkeypatch)
     finally:
         sup.stop_all([])
         sup.close()
+
+
+def test_units_of_plugins_no_longer_configured_are_retired_at_start(aigis: Aigis) -> None:
+    # A plugin removed from the config while the core was down: its unit still runs.
+    ghost = "aigis-plugin@ghost.service"
+    aigis.box.write(
+        f"/run/systemd/system/{ghost}.d/50-aigis.conf",
+        "[Service]\nType=exec\nExecStart=\nExecStart=/bin/sleep 600\n",
+    )
+    aigis.box.systemctl("daemon-reload")
+    aigis.box.systemctl("start", ghost)
+    assert aigis.prop(ghost, "ActiveState") == "active"
+    aigis.examples()
+    aigis.write_config()
+    aigis.box.systemctl("start", "aigis")
+    aigis.wait_prop(ghost, "ActiveState", "inactive")
+    assert not aigis.box.host_path(f"/run/systemd/system/{ghost}.d").exists()
+    assert "retiring: aigis-plugin@ghost.service (not in the config)" in aigis.core_log()
+    assert sorted(aigis.active_plugin_units()) == [
+        "aigis-plugin@clock.service",
+        "aigis-plugin@oracle.service",
+    ]
