@@ -101,8 +101,14 @@ class Daemon:
         self.notifier.ready(self.summary())
         if self.reload_pending and not self.stopping:
             self.handle_sighup()
+        last_error = ""
         while not self.stopping:
-            self.supervisor.poll()
+            try:
+                self.supervisor.poll()
+            except Exception as exc:  # a supervision bug must not take every plugin down
+                if str(exc) != last_error:  # once per distinct error, not every tick
+                    log.exception("failed: supervising plugins")
+                last_error = str(exc)
             self.notifier.watchdog()
             try:
                 signum = self.signals.get(timeout=TICK)
