@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := git libsystemd-dev pkg-config gcc python3-dev python3-venv iproute2 util-linux
+APT_PACKAGES := git libsystemd-dev pkg-config gcc python3-dev python3-venv iproute2 util-linux \
+	openssh-server openssh-client
 
 .PHONY: demo test venv dev-venv system-packages lint format bench check clean
 

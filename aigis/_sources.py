@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import inspect
 import logging
 import os
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pygit2
 
@@ -30,12 +32,21 @@ except ImportError:  # Debian 12 ships pygit2 1.11: plain int constants
 _CLONE_KW = (
     {"proxy": True} if "proxy" in inspect.signature(pygit2.clone_repository).parameters else {}
 )
+try:  # pygit2 >= 1.14: allowed_types is a CredentialType flag
+    from pygit2.enums import CredentialType
+
+    _CRED_USERNAME, _CRED_SSH_KEY = CredentialType.USERNAME, CredentialType.SSH_KEY
+except ImportError:  # pygit2 1.11: plain ints
+    _CRED_USERNAME, _CRED_SSH_KEY = pygit2.GIT_CREDENTIAL_USERNAME, pygit2.GIT_CREDENTIAL_SSH_KEY
 
 
 log = logging.getLogger(__name__)
 
 _ORIGIN = "refs/remotes/origin/"
 _HEX = re.compile(r"[0-9a-fA-F]{4,64}")
+_SSH_SCHEMES = ("ssh://", "ssh+git://", "git+ssh://")
+_SSH_KEY_ENV = "AIGIS_GIT_SSH_KEY"
+_DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,103 @@ class Fetched:
 
 class _NotUpdated(Exception):
     """An update step failed in a way that keeps the existing checkout (a warning, not an error)."""
+
+
+class _SshError(pygit2.GitError):
+    """SSH authentication or host key trouble, raised from a callback through libgit2."""
+
+
+class _SshCallbacks(pygit2.RemoteCallbacks):
+    """Credentials and host key policy for one connection to an ssh:// or scp-like URL.
+
+    Credentials: the key named by $AIGIS_GIT_SSH_KEY if set (and nothing else), otherwise the
+    ssh-agent when $SSH_AUTH_SOCK is set, then the first existing ~/.ssh/id_ed25519, id_ecdsa,
+    id_rsa. Each is offered once: libgit2 asks again after every rejection, forever, so an
+    exhausted list raises instead. Host keys: libgit2 (with libssh2) checks ~/.ssh/known_hosts
+    itself and passes the verdict as `valid`; pygit2 would accept any SSH host key when the
+    callback passes through, so this callback refuses a host key known_hosts does not vouch for.
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._url = url
+        self._pending: list[tuple[str, Path | None]] | None = None  # (label, key) queue
+        self._tried: list[str] = []
+
+    def credentials(self, url: str, username_from_url: str | None, allowed_types: int):
+        """Return the next credential to try; raise once every one was refused."""
+        user = username_from_url or getpass.getuser()
+        if not allowed_types & _CRED_SSH_KEY:
+            if allowed_types & _CRED_USERNAME:  # ssh://host/path: libgit2 asks for the user first
+                return pygit2.Username(user)
+            raise _SshError(f"ssh server for {self._url} does not accept public-key authentication")
+        if self._pending is None:
+            self._pending = _ssh_identities()
+        if not self._pending:
+            if self._tried:
+                raise _SshError(
+                    f"ssh authentication as {user} failed with {' and '.join(self._tried)}"
+                )
+            raise _SshError(
+                f"ssh authentication as {user}: no key to offer (${_SSH_KEY_ENV} and "
+                f"$SSH_AUTH_SOCK are unset and none of "
+                f"{', '.join(f'~/.ssh/{k}' for k in _DEFAULT_KEYS)} exists)"
+            )
+        label, key = self._pending.pop(0)
+        self._tried.append(label)
+        if key is None:
+            return pygit2.KeypairFromAgent(user)
+        pub = key.with_name(key.name + ".pub")
+        # Without the .pub beside it, libssh2 derives the public key from the private one.
+        return pygit2.Keypair(user, str(pub) if pub.exists() else None, str(key), "")
+
+    def certificate_check(self, certificate: None, valid: bool, host: bytes | str) -> bool:
+        """Accept a host key only when libgit2 found it in ~/.ssh/known_hosts."""
+        if valid:
+            return True
+        host = host.decode(errors="replace") if isinstance(host, bytes) else host
+        known = Path("~/.ssh/known_hosts").expanduser()
+        try:
+            port = urlsplit(self._url).port if "://" in self._url else None
+        except ValueError:
+            port = None
+        scan = f"ssh-keyscan -p {port} {host}" if port and port != 22 else f"ssh-keyscan {host}"
+        raise _SshError(
+            f"ssh host key of {host}{f' port {port}' if port else ''} is not trusted: no matching "
+            f"entry in {known} (unknown host or changed key); check the key's fingerprint and add "
+            f"it, e.g. {scan} >> {known}"
+        )
+
+
+def _ssh_identities() -> list[tuple[str, Path | None]]:
+    """List the credentials to offer, in order, as (label for errors, private key or None=agent)."""
+    explicit = os.environ.get(_SSH_KEY_ENV)
+    if explicit:
+        key = Path(explicit).expanduser()
+        if not key.is_file():
+            raise _SshError(f"${_SSH_KEY_ENV}={explicit}: no such private key file")
+        return [(f"key {key} (${_SSH_KEY_ENV})", key)]
+    found: list[tuple[str, Path | None]] = []
+    if os.environ.get("SSH_AUTH_SOCK"):
+        found.append((f"the ssh-agent at {os.environ['SSH_AUTH_SOCK']}", None))
+    for name in _DEFAULT_KEYS:
+        key = Path("~/.ssh").expanduser() / name
+        if key.is_file():
+            found.append((f"key {key}", key))
+            break
+    return found
+
+
+def _is_ssh(url: str) -> bool:
+    """Tell whether libgit2 will use its SSH transport: ssh:// or scp-like user@host:path."""
+    if "://" in url:
+        return url.lower().startswith(_SSH_SCHEMES)
+    return ":" in url
+
+
+def _callbacks(url: str) -> dict[str, pygit2.RemoteCallbacks]:
+    """Return callbacks= for one network operation on url (fresh: it counts attempts)."""
+    return {"callbacks": _SshCallbacks(url)} if _is_ssh(url) else {}
 
 
 def is_local_source(source: str, base_dir: Path) -> bool:
@@ -113,7 +221,7 @@ def _clone(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
     """Clone url into dest and check out ref or the default branch; leave no dest on failure."""
     try:
         with _staging(dest) as tmp:
-            repo = pygit2.clone_repository(url, tmp, **_CLONE_KW)
+            repo = pygit2.clone_repository(url, tmp, **_CLONE_KW, **_callbacks(url))
             try:
                 target = _target(repo, ref)
                 if target is None:
@@ -168,7 +276,7 @@ def _fetch_origin(name: str, repo: pygit2.Repository, url: str) -> None:
     remote = repo.remotes["origin"]
     try:
         # Prune so that "master if the remote has it" sees branches deleted upstream.
-        remote.fetch(prune=_PRUNE, proxy=True)
+        remote.fetch(prune=_PRUNE, proxy=True, **_callbacks(url))
     except pygit2.GitError as exc:
         raise _NotUpdated(f"fetch failed: {exc}") from exc
     # libgit2 (like git) never updates origin/HEAD on fetch; follow the remote's current default
@@ -176,7 +284,10 @@ def _fetch_origin(name: str, repo: pygit2.Repository, url: str) -> None:
     if hasattr(remote, "list_heads"):  # pygit2 >= 1.18.2
         heads = [(h.name, h.symref_target) for h in remote.list_heads(connect=False)]
     else:  # older: ls_remotes() connects again
-        heads = [(h["name"], h["symref_target"]) for h in remote.ls_remotes(proxy=True)]
+        heads = [
+            (h["name"], h["symref_target"])
+            for h in remote.ls_remotes(proxy=True, **_callbacks(url))
+        ]
     for name_, symref in heads:
         if name_ == "HEAD" and symref:
             branch = symref.removeprefix("refs/heads/")
