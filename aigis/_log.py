@@ -15,6 +15,11 @@ def plugin_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"{PLUGIN_LOGGER}.{name}")
 
 
+def about(name: str) -> dict[str, dict[str, str]]:
+    """``**about(name)`` in a log call: journald gets the plugin as the AIGIS_PLUGIN field."""
+    return {"extra": {"plugin": name}}
+
+
 def under_journald() -> bool:
     """True when stderr is connected to journald (systemd sets JOURNAL_STREAM)."""
     stream = os.environ.get("JOURNAL_STREAM", "")

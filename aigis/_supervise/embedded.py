@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aigis._errors import PluginError
+from aigis._log import about
 from aigis._supervise import policy
 from aigis._supervise.base import ACTIVE, ProcessSpec, State, Status
 from aigis._supervise.logsink import LogSink, write_console
@@ -124,7 +125,11 @@ class EmbeddedSupervisor:
             timeout = run.spec.stop_timeout
         if pid is not None:
             log.info(
-                'stopping: "%s" pid %d (SIGTERM, SIGKILL after %gs)', name, pid, timeout, **_x(name)
+                'stopping: "%s" pid %d (SIGTERM, SIGKILL after %gs)',
+                name,
+                pid,
+                timeout,
+                **about(name),
             )
         returncode, survivors, killed = self._terminate(name, pid, tags, timeout)
         if pid is not None:
@@ -142,11 +147,11 @@ class EmbeddedSupervisor:
                     run.leftovers[run.tag] = 0.0  # poll() keeps sending SIGKILL until they go
                 pids = ", ".join(map(str, sorted(survivors)))
                 self._set(run, State.FAILED, f"could not stop: pid {pids} survived SIGKILL")
-                log.error('failed: "%s" %s', name, run.reason, **_x(name))
+                log.error('failed: "%s" %s', name, run.reason, **about(name))
             elif owned:
                 how = f"SIGKILL after {timeout:g}s" if killed else f"last: {run.last_exit}"
                 self._set(run, State.STOPPED, f"stopped by request ({how})")
-                log.info('stopped: "%s" (%s)', name, how, **_x(name))
+                log.info('stopped: "%s" (%s)', name, how, **about(name))
             return self._status(run)
 
     def remove(self, name: str) -> None:
@@ -209,7 +214,7 @@ class EmbeddedSupervisor:
             run = self._get(name)
             if run.state is State.STARTING:
                 self._set(run, State.RUNNING, "reported ready")
-                log.info('running: "%s" pid %s (reported ready)', name, run.pid, **_x(name))
+                log.info('running: "%s" pid %s (reported ready)', name, run.pid, **about(name))
 
     # -- transitions (called with the lock held) ------------------------------------------------
     def _stop_strays(self, spec: ProcessSpec) -> None:
@@ -253,13 +258,15 @@ class EmbeddedSupervisor:
         except OSError as exc:
             run.pid = run.tag = None
             self._set(run, State.FAILED, f"could not spawn: {exc}")
-            log.error('failed: "%s" could not spawn: %s', spec.name, exc, **_x(spec.name))
+            log.error('failed: "%s" could not spawn: %s', spec.name, exc, **about(spec.name))
             return
         run.pid, run.tag = pid, tag
         run.started_at, run.started_mono = self._os.time(), self._os.monotonic()
         # startsecs 0: counts as running at once (the reason still says why it was spawned).
         self._set(run, State.STARTING if spec.startsecs > 0 else State.RUNNING, reason)
-        log.info('spawned: "%s" pid %d: %s', spec.name, pid, " ".join(spec.argv), **_x(spec.name))
+        log.info(
+            'spawned: "%s" pid %d: %s', spec.name, pid, " ".join(spec.argv), **about(spec.name)
+        )
 
     def _poll_run(self, run: _Run, now: float) -> None:
         """Advance one plugin's state machine."""
@@ -270,7 +277,7 @@ class EmbeddedSupervisor:
                 self._exited(run, returncode, now)
             elif run.state is State.STARTING and now - run.started_mono >= spec.startsecs:
                 self._set(run, State.RUNNING, f"up for {spec.startsecs:g}s")
-                log.info('running: "%s" pid %d', spec.name, run.pid, **_x(spec.name))
+                log.info('running: "%s" pid %d', spec.name, run.pid, **about(spec.name))
         elif (
             run.state is State.BACKOFF
             and now >= run.restart_at
@@ -302,13 +309,15 @@ class EmbeddedSupervisor:
             level = logging.INFO
         elif returncode == -signal.SIGKILL:
             level, hint = logging.ERROR, hint + "; perhaps out of memory?"
-        log.log(level, 'exited: "%s" pid %s with %s%s', name, pid, run.last_exit, hint, **_x(name))
+        log.log(
+            level, 'exited: "%s" pid %s with %s%s', name, pid, run.last_exit, hint, **about(name)
+        )
         if decision.action is policy.Action.RESTART:
             run.restart_at = now + decision.delay
-            log.info('backoff: "%s" %s', name, decision.reason, **_x(name))
+            log.info('backoff: "%s" %s', name, decision.reason, **about(name))
         elif decision.action is policy.Action.GIVE_UP:
             detail = decision.reason.removeprefix("gave up ")
-            log.error('gave up: "%s" %s', name, detail, **_x(name))
+            log.error('gave up: "%s" %s', name, detail, **about(name))
         self._set(run, decision.state, decision.reason)
 
     def _sweep(self, scanned: set[str], found: dict[int, Tagged], now: float) -> None:
@@ -330,7 +339,7 @@ class EmbeddedSupervisor:
                     self._os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
                 if fresh:
                     name, sig = run.spec.name, "SIGKILL" if late else "SIGTERM"
-                    log.warning('leftover: "%s" pid %s (%s)', name, fresh, sig, **_x(name))
+                    log.warning('leftover: "%s" pid %s (%s)', name, fresh, sig, **about(name))
                 run.signalled.update(fresh)
             if not run.leftovers:
                 run.signalled.clear()
@@ -399,7 +408,7 @@ class EmbeddedSupervisor:
                     name,
                     alive,
                     timeout,
-                    **_x(name),
+                    **about(name),
                 )
                 if main_alive and pid is not None:
                     os_.kill_group(pid, signal.SIGKILL)
@@ -415,8 +424,3 @@ class EmbeddedSupervisor:
                 signalled |= found.keys()
             os_.sleep(step)
             step = min(step * 1.5, STEP_MAX)
-
-
-def _x(name: str) -> dict[str, dict[str, str]]:
-    """``extra=`` for log calls: journald gets the plugin as a structured field."""
-    return {"extra": {"plugin": name}}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aigis._errors import AigisError, PluginError
+from aigis._log import about
 from aigis._supervise.base import ProcessSpec, State, Status
 from aigis._supervise.dbus import Systemd, SystemdError
 from aigis._supervise.dropins import (
@@ -112,7 +113,7 @@ class SystemdSupervisor:
                 self._pending[spec.name] = "restart" if running else "start"
         if adopt:
             self._call(spec.name, self._systemd.pin, unit)
-            log.info('adopted: "%s" %s pid %s', spec.name, unit, state.main_pid, **_x(spec.name))
+            log.info('adopted: "%s" %s pid %s', spec.name, unit, state.main_pid, **about(spec.name))
 
     def start(self, name: str) -> Status:
         """Start a plugin that is not running, with a fresh restart count; blocks."""
@@ -148,7 +149,7 @@ class SystemdSupervisor:
                 plugin.stop_requested = True
             self._run_jobs({name: "stop"}, 2 * plugin.spec.stop_timeout + STOP_MARGIN)
             status = self._read([name])[0]
-        log.info('stopped: "%s" (last: %s)', name, status.last_exit or "-", **_x(name))
+        log.info('stopped: "%s" (last: %s)', name, status.last_exit or "-", **about(name))
         return status
 
     def remove(self, name: str) -> None:
@@ -305,14 +306,14 @@ class SystemdSupervisor:
             except BUS_ERRORS as exc:
                 with self._lock:
                     plugin.error = f"could not {how}: {exc}"
-                log.error('failed: "%s" could not %s: %s', name, how, exc, **_x(name))
+                log.error('failed: "%s" could not %s: %s', name, how, exc, **about(name))
                 continue
             with self._lock:
                 plugin.error = None
                 plugin.since = time.time()
             queued[name] = plugin
             if how != "stop":
-                log.info('started: "%s" %s (%s)', name, plugin.unit, how, **_x(name))
+                log.info('started: "%s" %s (%s)', name, plugin.unit, how, **about(name))
         deadline, step = time.monotonic() + wait, STEP_MIN
         units = [p.unit for p in queued.values()] if wait > 0 else []
         while units:
@@ -399,9 +400,4 @@ class SystemdSupervisor:
             level = logging.ERROR if status.state is State.FAILED else logging.WARNING
             if status.state is State.EXITED:
                 level = logging.INFO
-            log.log(level, '%s: "%s" %s', verb, status.name, status.reason, **_x(status.name))
-
-
-def _x(name: str) -> dict[str, dict[str, str]]:
-    """``extra=`` for log calls: journald gets the plugin as a structured field."""
-    return {"extra": {"plugin": name}}
+            log.log(level, '%s: "%s" %s', verb, status.name, status.reason, **about(status.name))
