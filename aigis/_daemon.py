@@ -22,7 +22,7 @@ from aigis._config import Config, PluginEntry, load_config
 from aigis._control import Control, status_row
 from aigis._errors import AigisError, ConfigError, PluginError
 from aigis._loader import Loader, Plugin
-from aigis._log import setup_logging
+from aigis._log import about, setup_logging
 from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
 from aigis._reload import diff
@@ -222,7 +222,7 @@ class Daemon:
                             'failed: plugin "%s": %s',
                             plugin.name,
                             exc,
-                            extra={"plugin": plugin.name},
+                            **about(plugin.name),
                         )
                     plugin.supervised = False
             try:
@@ -264,7 +264,7 @@ class Daemon:
                         'failed: plugin "%s": %s',
                         plugin.name,
                         plugin.reason,
-                        extra={"plugin": plugin.name},
+                        **about(plugin.name),
                     )
             return plugin
 
@@ -283,7 +283,7 @@ class Daemon:
                 return
             self._take_down(plugin)  # raises if the process could not be stopped: keep it listed
             del self.plugins[name]
-            log.info('removed: plugin "%s"', name, extra={"plugin": name})
+            log.info('removed: plugin "%s"', name, **about(name))
 
     def process_spec(self, plugin: Plugin) -> ProcessSpec:
         """What to run for an internal or external plugin, and how to supervise it."""
@@ -335,7 +335,7 @@ class Daemon:
             plugin = self.plugins.get(name)
             if plugin is None:
                 raise PluginError(name, f"no such plugin in {self.config.path}")
-            log.info('reloading: plugin "%s"', name, extra={"plugin": name})
+            log.info('reloading: plugin "%s"', name, **about(name))
             self._take_down(plugin)
             fresh = self.add_plugin(plugin.entry)
             if fresh.state == "failed":

@@ -14,7 +14,7 @@ from aigis import _sources
 from aigis._config import PluginEntry, Settings
 from aigis._coreplugin import CoreModule, forget_modules_under, import_core
 from aigis._errors import AigisError, PluginError, SkillError
-from aigis._log import plugin_logger
+from aigis._log import about, plugin_logger
 from aigis._manifest import CORE_FILE, Manifest, load_manifest
 from aigis._namespace import Namespace, Skill
 from aigis._requirements import check_system, install
@@ -96,13 +96,13 @@ class Loader:
             plugin.name,
             plugin.plugin_type,
             f": {len(plugin.skills)} skills: {names}" if plugin.skills else "",
-            extra={"plugin": plugin.name},
+            **about(plugin.name),
         )
         return plugin
 
     def _failed(self, plugin: Plugin, reason: str) -> Plugin:
         plugin.state, plugin.reason = "failed", reason
-        log.error('failed: plugin "%s": %s', plugin.name, reason, extra={"plugin": plugin.name})
+        log.error('failed: plugin "%s": %s', plugin.name, reason, **about(plugin.name))
         return plugin
 
     def _prepare(self, plugin: Plugin) -> None:
@@ -116,9 +116,7 @@ class Loader:
         manifest = load_manifest(plugin.root, entry.name)
         plugin.manifest = manifest
         for warning in manifest.warnings:
-            log.warning(
-                'manifest: plugin "%s": %s', entry.name, warning, extra={"plugin": entry.name}
-            )
+            log.warning('manifest: plugin "%s": %s', entry.name, warning, **about(entry.name))
         if manifest.plugin_type != entry.table:
             log.warning(
                 'manifest: plugin "%s" is listed under [%s] but its PLUGIN_TYPE is '
@@ -127,7 +125,7 @@ class Loader:
                 entry.table,
                 manifest.plugin_type,
                 manifest.plugin_type,
-                extra={"plugin": entry.name},
+                **about(entry.name),
             )
         if manifest.plugin_type != "core" and not manifest.is_local:
             raise PluginError(
@@ -149,7 +147,7 @@ class Loader:
                 log.info(
                     'skipped: plugin "%s": requirements (policy "skip")',
                     entry.name,
-                    extra={"plugin": entry.name},
+                    **about(entry.name),
                 )
         else:
             install(
@@ -165,9 +163,7 @@ class Loader:
             count = copy_secrets(
                 entry.name, manifest.secrets, self.settings.secrets_dir, plugin.root
             )
-            log.info(
-                'secrets: plugin "%s": %d copied', entry.name, count, extra={"plugin": entry.name}
-            )
+            log.info('secrets: plugin "%s": %d copied', entry.name, count, **about(entry.name))
 
     def _load_core(self, plugin: Plugin) -> None:
         """Import AIGIS.core and register its SKILLS (all or nothing)."""
@@ -185,7 +181,7 @@ class Loader:
         if core is not None and core.cleanup is not None:
             try:
                 core.cleanup()
-                log.info('cleaned up: plugin "%s"', plugin.name, extra={"plugin": plugin.name})
+                log.info('cleaned up: plugin "%s"', plugin.name, **about(plugin.name))
             except (Exception, SystemExit) as exc:  # one cleanup must not stop the others
                 log.error(
                     'cleanup failed: plugin "%s": %s: %s',
@@ -193,7 +189,7 @@ class Loader:
                     type(exc).__name__,
                     exc,
                     exc_info=True,
-                    extra={"plugin": plugin.name},
+                    **about(plugin.name),
                 )
         if plugin.manifest is not None:
             forget_modules_under(plugin.root)
