@@ -207,13 +207,19 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop plugin processes in reverse load order while the namespace is still served,
         then close the plugins' socket (callers retry against the next core), then run
-        cleanups in reverse load order, then close the control socket."""
+        cleanups in reverse load order, then close the control socket.
+
+        When systemd is restarting the core's unit, plugin units keep running: the next core
+        adopts them (a package upgrade must not bounce every plugin)."""
         self.notifier.stopping()
         if self.reloader is not None:
             self.reloader.join()  # a reload in progress finishes first (it holds the lock)
+        restarting = getattr(self.supervisor, "core_restarting", lambda: False)()
+        if restarting:
+            log.info("restarting: the core only; plugin units keep running for the next core")
         with self.lock:
             plugins = list(reversed(list(self.plugins.values())))
-            for plugin in plugins:
+            for plugin in [] if restarting else plugins:
                 if plugin.supervised:
                     try:
                         self.supervisor.remove(plugin.name)
@@ -226,7 +232,8 @@ class Daemon:
                         )
                     plugin.supervised = False
             try:
-                self.supervisor.stop_all([])
+                if not restarting:
+                    self.supervisor.stop_all([])
             except AigisError as exc:
                 log.error("failed: stopping the remaining plugins: %s", exc)
         for server in [s for s in self.servers if s.unix_path == self.config.settings.socket]:

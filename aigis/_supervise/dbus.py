@@ -187,6 +187,18 @@ class Systemd:
         (rows,) = self._call(MANAGER, "ListUnitsByNames", "as", (list(units),))
         return {row[0]: (row[3], row[4], int(row[7])) for row in rows}
 
+    def job_type(self, unit: str) -> str:
+        """The type of the job running or queued for ``unit`` ("restart", "stop", …), or ""."""
+        (rows,) = self._call(MANAGER, "ListUnitsByNames", "as", ([unit],))
+        return str(rows[0][8]) if rows and int(rows[0][7]) else ""
+
+    def unit_of_pid(self, pid: int) -> str:
+        """The name of the unit process ``pid`` belongs to (e.g. ``aigis.service``)."""
+        (path,) = self._call(MANAGER, "GetUnitByPID", "u", (pid,))
+        props = DBusAddress(path, bus_name=SYSTEMD, interface=PROPERTIES)
+        ((_sig, value),) = self._call(props, "Get", "ss", ("org.freedesktop.systemd1.Unit", "Id"))
+        return str(value)
+
     def list_units(self, pattern: str) -> list[str]:
         """Names of loaded units matching a glob (``aigis-plugin@*``)."""
         (units,) = self._call(MANAGER, "ListUnitsByPatterns", "asas", ([], [pattern]))

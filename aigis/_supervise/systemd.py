@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -257,6 +258,15 @@ class SystemdSupervisor:
                 self._dirty = True
                 self._changed_at = time.monotonic()
         return units
+
+    def core_restarting(self) -> bool:
+        """True while systemd restarts the core's own unit (``systemctl restart aigis``, a package
+        upgrade): plugin units then keep running and the next core adopts them."""
+        try:
+            unit = self._systemd.unit_of_pid(os.getpid())
+            return self._systemd.job_type(unit) in ("restart", "try-restart")
+        except BUS_ERRORS:
+            return False
 
     def log_path(self, name: str) -> Path | None:
         """None: plugin output goes to the journal (``journalctl -u`` the unit)."""

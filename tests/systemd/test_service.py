@@ -243,6 +243,26 @@ def test_core_crash_keeps_plugins_and_the_new_core_adopts_them(aigis: Aigis) -> 
     wait_until(lambda: calls.read_text().count("\n") > seen + 2, 10, "calls after the restart")
 
 
+def test_systemctl_restart_restarts_the_core_only(aigis: Aigis) -> None:
+    # A package upgrade runs `systemctl restart aigis`: plugins keep running and are adopted.
+    aigis.examples()
+    aigis.write_config()
+    aigis.box.systemctl("start", "aigis")
+    units = ["aigis-plugin@oracle", "aigis-plugin@clock"]
+    before = {u: aigis.main_pid(u) for u in units}
+    core = aigis.main_pid("aigis.service")
+    aigis.box.systemctl("restart", "aigis")
+    assert aigis.prop("aigis.service", "ActiveState") == "active"
+    assert aigis.main_pid("aigis.service") != core
+    assert {u: aigis.main_pid(u) for u in units} == before
+    log = aigis.core_log()
+    assert "restarting: the core only; plugin units keep running" in log
+    assert 'adopted: "oracle"' in log and 'adopted: "clock"' in log
+    assert 'cleaned up: plugin "dnd"' in log  # core plugins still get their cleanup
+    rows = aigis.status()
+    assert rows["oracle"]["state"] == rows["clock"]["state"] == "running"
+
+
 def test_stop_leaves_no_plugin_unit_active(aigis: Aigis) -> None:
     aigis.examples()
     aigis.write_config()
