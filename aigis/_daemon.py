@@ -48,9 +48,14 @@ class Daemon:
     ) -> None:
         self.config = config
         self.skip_requirements = skip_requirements
+        self.cancel = threading.Event()  # set by SIGTERM/SIGINT: abandon slow start-up work
         self.namespace = Namespace(aigis, reserved=PUBLIC_API)
         self.loader = Loader(
-            config.settings, self.namespace, config.path.parent, skip_requirements=skip_requirements
+            config.settings,
+            self.namespace,
+            config.path.parent,
+            skip_requirements=skip_requirements,
+            cancel=self.cancel,
         )
         self.supervisor: Supervisor = pick_supervisor(
             supervisor or config.settings.supervisor, config.settings
@@ -164,7 +169,13 @@ class Daemon:
     def install_signals(self) -> None:
         """Handlers only enqueue the signal number."""
         for signum in self.SIGNALS:
-            signal.signal(signum, lambda s, _frame: self.signals.put(s))
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        """Enqueue; a stop request also cancels a requirements command that is running."""
+        self.signals.put(signum)
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.cancel.set()
 
     def dispatch(self, signum: int) -> None:
         """Call ``handle_<signame>``."""

@@ -6,6 +6,7 @@ One plugin failing any step is marked failed with its reason; the others still l
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,11 +59,14 @@ class Loader:
         namespace: Namespace,
         base_dir: Path,
         skip_requirements: bool = False,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.namespace = namespace
         self.base_dir = base_dir
         self.skip_requirements = skip_requirements or settings.requirements == "skip"
+        # Set when AIGIS is asked to stop: a running requirements command is killed.
+        self.cancel = cancel
 
     def root_of(self, name: str) -> Path:
         """``<state>/ext/<name>``."""
@@ -158,6 +162,7 @@ class Loader:
                 marker=self.settings.state_dir / "requirements" / f"{entry.name}.sha256",
                 timeout=self.settings.requirements_timeout,
                 logger=plugin_logger(entry.name),
+                cancel=self.cancel,
             )
         if manifest.secrets:
             count = copy_secrets(

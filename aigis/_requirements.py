@@ -10,6 +10,8 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 from aigis._errors import RequirementsError
@@ -54,8 +56,12 @@ def install(
     marker: Path,
     timeout: float,
     logger: logging.Logger,
+    cancel: threading.Event | None = None,
 ) -> bool:
-    """Run the requirements command unless its inputs are unchanged; True when it ran."""
+    """Run the requirements command unless its inputs are unchanged; True when it ran.
+
+    ``cancel`` (set when AIGIS is asked to stop) kills the command at once.
+    """
     if not command:
         if file:
             logger.warning(
@@ -72,7 +78,10 @@ def install(
     shell = requirements_shell(command, file)
     logger.info("installing: requirements: %s", shell)
     try:
-        returncode, output = _run_shell(shell, cwd, timeout)
+        returncode, output = _run_shell(shell, cwd, timeout, cancel)
+    except Cancelled as exc:
+        _log_output(logger, exc.output)
+        raise RequirementsError(plugin, "requirements command stopped: AIGIS is stopping") from None
     except subprocess.TimeoutExpired as exc:
         _log_output(logger, exc.output or b"")
         raise RequirementsError(
@@ -93,8 +102,22 @@ def install(
     return True
 
 
-def _run_shell(shell: str, cwd: Path, timeout: float) -> tuple[int, bytes]:
-    """Run ``shell`` in its own session; on timeout kill the whole group (pip's children too)."""
+class Cancelled(Exception):
+    """The requirements command was killed because AIGIS is stopping."""
+
+    def __init__(self, output: bytes) -> None:
+        super().__init__("cancelled")
+        self.output = output
+
+
+CANCEL_CHECK = 0.2  # seconds between looks at the cancel event while the command runs
+
+
+def _run_shell(
+    shell: str, cwd: Path, timeout: float, cancel: threading.Event | None = None
+) -> tuple[int, bytes]:
+    """Run ``shell`` in its own session; on timeout or cancel kill the whole group (pip's
+    children too)."""
     with subprocess.Popen(
         shell,
         shell=True,
@@ -104,15 +127,24 @@ def _run_shell(shell: str, cwd: Path, timeout: float) -> tuple[int, bytes]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     ) as proc:
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-            exc.output = output
-            raise
-        return proc.returncode, output
+        deadline = time.monotonic() + timeout
+        while True:
+            # communicate() may be retried after a timeout without losing output.
+            step = min(CANCEL_CHECK, max(0.0, deadline - time.monotonic()))
+            try:
+                output, _ = proc.communicate(timeout=step)
+                return proc.returncode, output
+            except subprocess.TimeoutExpired as exc:
+                cancelled = cancel is not None and cancel.is_set()
+                if not cancelled and time.monotonic() < deadline:
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                output, _ = proc.communicate()
+                if cancelled:
+                    raise Cancelled(output) from None
+                exc.output = output
+                raise
 
 
 def _log_output(logger: logging.Logger, output: bytes) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,33 @@ def test_bad_config_never_starts_and_exits_1_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert f'aigis: {config}:2: [core] invalid plugin name "bad name"' in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_during_a_slow_requirements_install_stops_at_once(tmp_path, make_plugin, daemons):
+    pidfile = tmp_path / "installer.pid"
+    make_plugin(
+        "slow",
+        CORE_CFG + f'REQUIREMENTS_COMMAND = "echo $$ > {pidfile}; exec sleep 600"\n',
+        core="SKILLS = []\n",
+    )
+    make_plugin("never", CORE_CFG, core="SKILLS = []\n")
+    config = tmp_path / "aigis.toml"
+    config.write_text(
+        '[aigis]\nstate_dir = "state"\nruntime_dir = "state/run"\n[core]\n'
+        'slow = "src/slow"\nnever = "src/never"\n'
+    )
+    daemon = DaemonProcess(config)
+    daemons.append(daemon)
+    daemon.wait_for("installing: requirements")
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline, "the requirements command did not start"
+        time.sleep(0.05)
+    installer = int(pidfile.read_text())
+    started = time.monotonic()
+    assert daemon.signal(signal.SIGTERM, timeout=20) == 0
+    assert time.monotonic() - started < 10  # not the 900 s requirements timeout
+    log = daemon.log
+    assert 'failed: plugin "slow": requirements command stopped: AIGIS is stopping' in log
+    assert 'plugin "never"' not in log  # nothing more is loaded once stopping
+    assert not Path(f"/proc/{installer}").exists()
