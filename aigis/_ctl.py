@@ -290,9 +290,16 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     where = _control(args, "logs", args.name)
     if "journal" in where:
-        # AIGIS_PLUGIN= matches the unit's output (LogExtraFields) and the core's records about
-        # the plugin, interleaved in time order.
-        argv = ["journalctl", f"AIGIS_PLUGIN={args.name}", "-n", str(args.lines), "--no-pager"]
+        # The unit's output, the core's records about the plugin and PID 1's messages about the
+        # unit (how it died, watchdog, start limit), in time order. Trusted fields only
+        # (_SYSTEMD_UNIT, _PID are set by journald): anyone can send an AIGIS_PLUGIN= field.
+        unit = where["journal"]
+        argv = [
+            "journalctl", f"_SYSTEMD_UNIT={unit}",
+            "+", "_SYSTEMD_UNIT=aigis.service", f"AIGIS_PLUGIN={args.name}",
+            "+", "_PID=1", f"UNIT={unit}",
+            "-n", str(args.lines), "--no-pager",
+        ]  # fmt: skip
         if args.follow:
             argv.append("-f")
         os.execvp(argv[0], argv)

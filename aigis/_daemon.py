@@ -111,9 +111,11 @@ class Daemon:
             try:
                 self.supervisor.poll()
             except Exception as exc:  # a supervision bug must not take every plugin down
-                if str(exc) != last_error:  # once per distinct error, not every tick
+                if type(exc).__name__ != last_error:  # once per kind of error, not every tick
                     log.exception("failed: supervising plugins")
-                last_error = str(exc)
+                last_error = type(exc).__name__
+            else:
+                last_error = ""
             self.notifier.watchdog()
             try:
                 signum = self.signals.get(timeout=TICK)
@@ -133,10 +135,11 @@ class Daemon:
         retire = getattr(self.supervisor, "retire_unknown", None)
         if retire is None or self.stopping:
             return
-        try:
-            retire()
-        except AigisError as exc:
-            log.error("failed: %s", exc)
+        with self.lock:
+            try:
+                retire([p.name for p in self.config.plugins])
+            except AigisError as exc:
+                log.error("failed: %s", exc)
 
     def start_server(self, which: str) -> None:
         """``plugins``: the namespace on the Unix socket (and TCP when configured);
@@ -289,7 +292,11 @@ class Daemon:
     def _take_down(self, plugin: Plugin) -> None:
         """Stop the plugin's process (if any), then run its cleanup and remove its skills."""
         if plugin.supervised:
-            self.supervisor.remove(plugin.name)
+            try:
+                self.supervisor.remove(plugin.name)
+            except PluginError as exc:
+                if "not supervised" not in exc.reason:
+                    raise
             plugin.supervised = False
         self.loader.unload(plugin)
 

@@ -161,11 +161,13 @@ class Systemd:
     def pin(self, unit: str) -> None:
         """Reference ``unit`` (once per connection) so systemd keeps it in memory when inactive:
         a clean exit stays readable (ExecMainStatus, timestamps) instead of being collected."""
-        self._wanted.add(unit)
         if unit in self._pins:
             return
+        # Into _wanted only after the call: had this call opened a new connection, the re-pin
+        # batch would otherwise reference the unit a second time.
         self._call(MANAGER, "RefUnit", "s", (unit,))
         self._pins.add(unit)
+        self._wanted.add(unit)
 
     def unpin(self, unit: str) -> None:
         """Drop the reference taken by ``pin``; systemd may then collect the unit."""

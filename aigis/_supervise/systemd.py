@@ -160,8 +160,20 @@ class SystemdSupervisor:
             with self._lock:
                 plugin = self._plugins.pop(name)
                 self._pending.pop(name, None)
-            self._call(name, self._systemd.reset_failed, plugin.unit)
-            self._call(name, self._systemd.unpin, plugin.unit)
+            # Best effort from here: the plugin is already forgotten, so a bus error must not
+            # leave a name that can be neither removed nor added again.
+            for step in (self._systemd.reset_failed, self._systemd.unpin):
+                try:
+                    step(plugin.unit)
+                except BUS_ERRORS as exc:
+                    log.warning(
+                        'failed: "%s": %s %s: %s',
+                        name,
+                        step.__name__,
+                        plugin.unit,
+                        exc,
+                        **about(name),
+                    )
             delete_dropin(dropin_path(self.root, plugin.unit))
             with self._lock:
                 self._dirty = True
@@ -231,17 +243,18 @@ class SystemdSupervisor:
             if live:
                 self._run_jobs(dict.fromkeys(live, "stop"), wait + STOP_MARGIN)
 
-    def retire_unknown(self) -> list[str]:
-        """Stop and forget ``aigis-plugin@`` units this core does not supervise: plugins removed
-        from the config (or failing to load) while the core was down. Returns their units."""
+    def retire_unknown(self, configured: Iterable[str]) -> list[str]:
+        """Stop and forget ``aigis-plugin@`` units of plugins the config no longer lists (removed
+        while the core was down). Units of listed plugins that failed to load are left alone.
+        Returns the units retired."""
         with self._lock:
-            ours = {p.unit for p in self._plugins.values()}
+            ours = {p.unit for p in self._plugins.values()} | {unit_name(n) for n in configured}
         try:
             units = [u for u in self._systemd.list_units("aigis-plugin@*.service") if u not in ours]
         except BUS_ERRORS as exc:
             raise AigisError(f"cannot list plugin units: {exc}") from None
-        for directory in (self.root / UNIT_DIR).glob("aigis-plugin@*.service.d"):
-            unit = directory.name.removesuffix(".d")
+        for directory in (self.root / UNIT_DIR).glob("aigis-plugin@?*.service.d"):
+            unit = directory.name.removesuffix(".d")  # ?*: never the template's own directory
             if unit not in ours and unit not in units:
                 units.append(unit)
         for unit in units:

@@ -63,16 +63,14 @@ class Aigis:
         for unit in ("aigis.service", "aigis-plugin@.service"):
             box.write(f"/etc/systemd/system/{unit}", (UNITS / unit).read_text())
         box.run("groupadd", "--system", "aigis")  # the packages create it (sysusers.d)
-        # PrivateTmp= hides the host's /tmp, where the work directory (and, in a fresh clone,
-        # the checkout and its venv) may be: bind them back in.
+        # Kept visible should the unit gain PrivateTmp=: the work directory and, in a fresh
+        # clone, the checkout and its venv live under /tmp.
         self.dropin(
             "50-test.conf",
             f"""\
             [Service]
             ExecStart=
             ExecStart={PYTHON} -m aigis -c {self.config}
-            ExecReload=
-            ExecReload={PYTHON} -m aigis._ctl -c {self.config} reload
             BindPaths={self.dir}
             BindReadOnlyPaths={REPO}
             """,

@@ -112,6 +112,9 @@ class FakeSystemd:
     def unpin(self, unit: str) -> None:
         self.calls.append(("unpin", unit))
 
+    def list_units(self, pattern: str) -> list[str]:
+        return sorted(u for u in self.units if u.startswith("aigis-plugin@"))
+
 
 def make(tmp_path: Path) -> tuple[SystemdSupervisor, FakeSystemd]:
     fake = FakeSystemd()
@@ -172,6 +175,32 @@ def test_remove_deletes_the_dropin_and_reloads_with_the_next_batch(tmp_path: Pat
     sup.stop_all([])
     assert fake.calls.count(("reload",)) == 1
     assert not dropin_path(tmp_path, "aigis-plugin@a.service").parent.exists()
+
+
+def test_remove_survives_a_bus_error_after_the_stop(tmp_path: Path) -> None:
+    sup, fake = make(tmp_path)
+    sup.add(spec("a", tmp_path))
+    sup.status()
+
+    def no_reply(unit: str) -> None:
+        raise TimeoutError("systemd did not answer")
+
+    fake.reset_failed = no_reply  # type: ignore[method-assign]
+    sup.remove("a")  # logged, not raised: the name is free again
+    sup.add(spec("a", tmp_path))
+
+
+def test_retire_stops_only_units_of_plugins_the_config_does_not_list(tmp_path: Path) -> None:
+    sup, fake = make(tmp_path)
+    for name in ("gone", "broken"):  # "broken" is listed but failed to load this time
+        unit = f"aigis-plugin@{name}.service"
+        fake.units[unit] = replace(BASE, unit=unit, active_state="active", sub_state="running")
+    template_dir = dropin_path(tmp_path, "aigis-plugin@.service").parent
+    template_dir.mkdir(parents=True)  # e.g. `systemctl edit --runtime aigis-plugin@.service`
+    assert sup.retire_unknown(["broken", "other"]) == ["aigis-plugin@gone.service"]
+    assert ("stop", "aigis-plugin@gone.service") in fake.calls
+    assert ("stop", "aigis-plugin@broken.service") not in fake.calls
+    assert template_dir.exists()
 
 
 def test_program_is_resolved_to_an_absolute_path(tmp_path: Path) -> None:
