@@ -19,9 +19,12 @@ test: system-packages dev-venv
 	$(VENV)/bin/pytest
 
 $(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && \
-		$(PYTHON) -m venv $(VENV); }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && \
+			$(PYTHON) -m venv $(VENV); \
+		else echo "make: $(PYTHON) cannot create a venv: run 'sudo apt install python3-venv'" >&2; \
+			exit 1; fi; }
 	$(PY) -m pip install -q --upgrade pip
 
 venv: $(VENV)/bin/python
