@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "systemd": ["systemd-python>=234"],
-        "dev": ["pytest>=7", "ruff>=0.4"],
+        "dev": ["pytest>=7", "ruff>=0.4", "mypy>=1.8", "hypothesis>=6.90"],
     },
     entry_points={
         "console_scripts": [
