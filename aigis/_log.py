@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 PLUGIN_LOGGER = "aigis.plugin"
 
@@ -15,7 +16,7 @@ def plugin_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"{PLUGIN_LOGGER}.{name}")
 
 
-def about(name: str) -> dict[str, dict[str, str]]:
+def about(name: str) -> dict[str, Any]:
     """``**about(name)`` in a log call: journald gets the plugin as the AIGIS_PLUGIN field."""
     return {"extra": {"plugin": name}}
 
