@@ -5,7 +5,6 @@ Every operation returns plain data (dicts, lists, str) so any client can read it
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,66 +12,6 @@ from aigis._errors import PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
     from aigis._daemon import Daemon
-    from aigis._loader import Plugin
-    from aigis._supervise.base import Status
-
-#: The status row every backend reports; documented in the README (``aigisctl status --json``).
-STATUS_FIELDS = (
-    "name",
-    "type",
-    "state",
-    "pid",
-    "restarts",
-    "uptime",
-    "since",
-    "host",
-    "source",
-    "ref",
-    "commit",
-    "last_exit",
-    "reason",
-)
-
-
-def status_row(plugin: Plugin, proc: Status | None, now: float | None = None) -> dict[str, Any]:
-    """One plugin's status as plain data (pure)."""
-    now = time.time() if now is None else now
-    manifest = plugin.manifest
-    row: dict[str, Any] = {
-        "name": plugin.name,
-        "type": plugin.plugin_type,
-        "state": plugin.state,
-        "pid": None,
-        "restarts": 0,
-        "uptime": None,
-        "since": plugin.loaded_at or None,
-        "host": manifest.host if manifest else "localhost",
-        "source": plugin.entry.source,
-        "ref": plugin.entry.ref,
-        "commit": plugin.commit,
-        "last_exit": None,
-        "reason": plugin.reason,
-    }
-    if plugin.state == "loaded" and plugin.loaded_at:
-        row["uptime"] = max(0.0, now - plugin.loaded_at)
-    if proc is None and plugin.supervised:
-        row.update(state="unknown", reason="the supervisor could not report this plugin's state")
-    if proc is not None:
-        row.update(
-            state=str(proc.state),
-            pid=proc.pid,
-            restarts=proc.restarts,
-            since=proc.since,
-            last_exit=proc.last_exit,
-            reason=proc.reason,
-        )
-        row["uptime"] = max(0.0, now - proc.started_at) if proc.started_at and proc.pid else None
-    return row
-
-
-def is_up(row: dict[str, Any]) -> bool:
-    """Whether a status row counts as running for exit code 3 (LSB ``not running``)."""
-    return row["state"] in ("loaded", "running", "starting")
 
 
 class Control:
@@ -132,4 +71,7 @@ class Control:
     def logs(self, name: str) -> dict[str, Any]:
         """Where ``name``'s output is: ``{"file": path}`` or ``{"journal": unit}``."""
         self._known(name)
-        return self.daemon.log_location(name)
+        where = self.daemon.log_location(name)
+        if where.journal_unit is not None:
+            return {"journal": where.journal_unit}
+        return {"file": str(where.file)}

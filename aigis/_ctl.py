@@ -167,7 +167,7 @@ def _duration(seconds: float | None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     """A table (or JSON) of plugins; exit 3 when a named plugin is not running. When the core is
     down, say so and show what systemd knows of the plugin units."""
-    from aigis._control import is_up
+    from aigis._status import is_up
 
     try:
         rows = _control(args, "status", args.names)
@@ -213,11 +213,9 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 def _rows_from_systemd(names: list[str]) -> list[dict[str, Any]]:
     """Status rows of the ``aigis-plugin@`` units (all, or ``names``) read from systemd."""
-    import time
-
+    from aigis._status import unit_row
     from aigis._supervise.dbus import Systemd, SystemdError
-    from aigis._supervise.unitstate import describe
-    from aigis._units import plugin_of_unit, unit_name
+    from aigis._supervise.units import unit_name
 
     bus = Systemd(timeout=5.0)
     try:
@@ -229,28 +227,7 @@ def _rows_from_systemd(names: list[str]) -> list[dict[str, Any]]:
         ) from None
     finally:
         bus.close()
-    kinds = {"notify": "internal", "exec": "external"}
-    rows = []
-    for unit in states:
-        state, reason, restarts, last = describe(unit, restart_limit=None, stop_requested=False)
-        if unit.load_state != "loaded":
-            reason = f"{unit.unit} {unit.load_state}"
-        started = unit.exec_main_start if unit.main_pid else None
-        rows.append(
-            {
-                "name": plugin_of_unit(unit.unit) or unit.unit,
-                "type": kinds.get(unit.service_type, unit.service_type or "-"),
-                "state": str(state),
-                "pid": unit.main_pid or None,
-                "restarts": restarts,
-                "uptime": time.time() - started if started else None,
-                "since": unit.state_change or None,
-                "unit": unit.unit,
-                "last_exit": last,
-                "reason": reason,
-            }
-        )
-    return rows
+    return [unit_row(unit) for unit in states]
 
 
 def _verb(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ Signal handlers only enqueue; the main loop reads like a to-do list and dispatch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import queue
@@ -19,16 +20,19 @@ from typing import Any
 
 import aigis
 from aigis._config import Config, PluginEntry, load_config
-from aigis._control import Control, status_row
-from aigis._errors import AigisError, ConfigError, PluginError
+from aigis._control import Control
+from aigis._errors import AigisError, ConfigError, NotSupervised, PluginError
+from aigis._launch import process_spec
 from aigis._loader import Loader, Plugin
 from aigis._log import about, setup_logging
 from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
 from aigis._reload import diff
 from aigis._rpc.server import CoreServer, load_or_create_authkey
+from aigis._states import Kind, State
+from aigis._status import Row, plugin_row, summary
 from aigis._supervise import pick_supervisor
-from aigis._supervise.base import ProcessSpec, Supervisor
+from aigis._supervise.base import LogLocation, Status, Supervisor
 from aigis._version import __version__
 
 log = logging.getLogger("aigis.core")
@@ -44,7 +48,7 @@ class Daemon:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(
-        self, config: Config, *, skip_requirements: bool = False, supervisor: str | None = None
+        self, config: Config, supervisor: Supervisor, *, skip_requirements: bool = False
     ) -> None:
         self.config = config
         self.skip_requirements = skip_requirements
@@ -57,9 +61,7 @@ class Daemon:
             skip_requirements=skip_requirements,
             cancel=self.cancel,
         )
-        self.supervisor: Supervisor = pick_supervisor(
-            supervisor or config.settings.supervisor, config.settings
-        )
+        self.supervisor = supervisor
         self.plugins: dict[str, Plugin] = {}
         # The plugin set is changed by the main loop, control calls and AIGISReload.
         self.lock = threading.RLock()
@@ -75,13 +77,23 @@ class Daemon:
     def run(self) -> int:
         """Serve, load everything, loop until SIGTERM/SIGINT, then stop cleanly; exit code."""
         self.install_signals()
+        if not self.startup():
+            self.shutdown()
+            return 1
+        self.loop()
+        self.shutdown()
+        return 0
+
+    def startup(self) -> bool:
+        """Control socket, every plugin's skills, the plugins' socket, then every process;
+        False when a socket cannot be served."""
         self.register_builtins()
         log.info(
             "starting: AIGIS %s with %s (%d plugins, %s supervisor)",
             __version__,
             self.config.path,
             len(self.config.plugins),
-            self.supervisor_name,
+            self.supervisor.name,
         )
         try:
             self.start_server("control")
@@ -95,17 +107,21 @@ class Daemon:
             self.start_server("plugins")
         except (OSError, AigisError) as exc:
             log.error("failed: cannot listen: %s", exc)
-            self.shutdown()
-            return 1
+            return False
         for plugin in loaded:
             if self._startup_signals():
                 break
             self.start_process(plugin)
         self.retire_unknown()
-        log.info("ready: %s", self.summary())
-        self.notifier.ready(self.summary())
+        line = self.summary()
+        log.info("ready: %s", line)
+        self.notifier.ready(line)
         if self.reload_pending and not self.stopping:
             self.handle_sighup()
+        return True
+
+    def loop(self) -> None:
+        """Until SIGTERM/SIGINT: supervise, ping the watchdog, dispatch signals."""
         last_error = ""
         while not self.stopping:
             try:
@@ -122,22 +138,14 @@ class Daemon:
             except queue.Empty:
                 continue
             self.dispatch(signum)
-        self.shutdown()
-        return 0
-
-    @property
-    def supervisor_name(self) -> str:
-        """``embedded`` or ``systemd``."""
-        return getattr(self.supervisor, "NAME", type(self.supervisor).__name__)
 
     def retire_unknown(self) -> None:
         """Stop plugin processes an earlier core left that this config no longer has."""
-        retire = getattr(self.supervisor, "retire_unknown", None)
-        if retire is None or self.stopping:
+        if self.stopping:
             return
         with self.lock:
             try:
-                retire([p.name for p in self.config.plugins])
+                self.supervisor.retire_unknown([p.name for p in self.config.plugins])
             except AigisError as exc:
                 log.error("failed: %s", exc)
 
@@ -219,45 +227,78 @@ class Daemon:
             self.signals.put(signal.SIGHUP)
 
     def shutdown(self) -> None:
-        """Stop plugin processes in reverse load order while the namespace is still served,
-        then close the plugins' socket (callers retry against the next core), then run
-        cleanups in reverse load order, then close the control socket.
+        """Stop plugin processes in reverse load order (each config table's at once) while the
+        namespace is still served, then close the plugins' socket (callers retry against the
+        next core), then run cleanups in reverse load order, then close the control socket.
+        One plugin's failure never skips the others, the cleanups or the exit.
 
         When systemd is restarting the core's unit, plugin units keep running: the next core
         adopts them (a package upgrade must not bounce every plugin)."""
         self.notifier.stopping()
         if self.reloader is not None:
             self.reloader.join()  # a reload in progress finishes first (it holds the lock)
-        restarting = getattr(self.supervisor, "core_restarting", lambda: False)()
+        restarting = self._core_restarting()
         if restarting:
             log.info("restarting: the core only; plugin units keep running for the next core")
         with self.lock:
             plugins = list(reversed(list(self.plugins.values())))
-            for plugin in [] if restarting else plugins:
-                if plugin.supervised:
-                    try:
-                        self.supervisor.remove(plugin.name)
-                    except AigisError as exc:  # one plugin's trouble never stops the shutdown
-                        log.error(
-                            'failed: plugin "%s": %s',
-                            plugin.name,
-                            exc,
-                            **about(plugin.name),
-                        )
-                    plugin.supervised = False
-            try:
-                if not restarting:
-                    self.supervisor.stop_all([])
-            except AigisError as exc:
-                log.error("failed: stopping the remaining plugins: %s", exc)
+            if not restarting:
+                self._stop_processes(plugins)
         for server in [s for s in self.servers if s.unix_path == self.config.settings.socket]:
-            server.stop()
+            self._quietly("closing the plugins' socket", server.stop)
         with self.lock:
             for plugin in plugins:
-                self.loader.unload(plugin)
+                self._quietly(f'cleaning up plugin "{plugin.name}"', self.loader.unload, plugin)
+        self._quietly("closing the supervisor", self.supervisor.close)
         for server in self.servers:
-            server.stop()  # idempotent for the one already stopped
+            self._quietly("closing a socket", server.stop)  # idempotent for the one stopped
         log.info("stopped: AIGIS")
+
+    def _core_restarting(self) -> bool:
+        try:
+            return self.supervisor.core_restarting()
+        except Exception:  # cannot tell: stop the plugins, as a stop would
+            log.exception("failed: asking whether the core is being restarted")
+            return False
+
+    def stop_steps(self, plugins: list[Plugin]) -> list[list[str]]:
+        """Supervised plugins grouped by config table, in reverse load order (``plugins`` is
+        already reversed): each group is stopped at once, the groups one after the other."""
+        steps: list[list[str]] = []
+        table = None
+        for plugin in plugins:
+            if not plugin.supervised:
+                continue
+            if plugin.entry.table != table:
+                steps.append([])
+                table = plugin.entry.table
+            steps[-1].append(plugin.name)
+        return steps
+
+    def _stop_processes(self, plugins: list[Plugin]) -> None:
+        """Every supervised process, stopped step by step, then forgotten one by one."""
+        self._quietly("stopping the plugins", self.supervisor.stop_all, self.stop_steps(plugins))
+        for plugin in plugins:
+            if not plugin.supervised:
+                continue
+            try:
+                self.supervisor.remove(plugin.name)
+            except NotSupervised:
+                pass
+            except Exception as exc:  # one plugin's trouble never stops the shutdown
+                why = exc.reason if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+                log.error('failed: plugin "%s": %s', plugin.name, why, **about(plugin.name))
+            plugin.supervised = False
+
+    @staticmethod
+    def _quietly(what: str, action: Any, *args: Any) -> None:
+        """Run one shutdown step; an error is logged and the shutdown goes on."""
+        try:
+            action(*args)
+        except AigisError as exc:
+            log.error("failed: %s: %s", what, exc)
+        except Exception:
+            log.exception("failed: %s", what)
 
     # -- plugins -------------------------------------------------------------------------------
     def add_plugin(self, entry: PluginEntry) -> Plugin:
@@ -275,12 +316,17 @@ class Daemon:
     def start_process(self, plugin: Plugin) -> Plugin:
         """Hand a loaded internal/external plugin's process to the supervisor."""
         with self.lock:
-            if plugin.state == "loaded" and plugin.plugin_type in ("internal", "external"):
+            if plugin.has_process:
                 try:
-                    self.supervisor.add(self.process_spec(plugin))
+                    assert plugin.manifest is not None
+                    spec = process_spec(
+                        plugin.name, str(plugin.root), plugin.manifest, self.config.settings
+                    )
+                    self.supervisor.add(spec)
                     plugin.supervised = True
                 except (PluginError, OSError, ValueError) as exc:
-                    plugin.state, plugin.reason = "failed", f"could not start: {exc}"
+                    reason = exc.reason if isinstance(exc, PluginError) else str(exc)
+                    plugin.state, plugin.reason = State.FAILED, f"could not start: {reason}"
                     log.error(
                         'failed: plugin "%s": %s',
                         plugin.name,
@@ -292,11 +338,8 @@ class Daemon:
     def _take_down(self, plugin: Plugin) -> None:
         """Stop the plugin's process (if any), then run its cleanup and remove its skills."""
         if plugin.supervised:
-            try:
+            with contextlib.suppress(NotSupervised):  # e.g. removed by a concurrent reload
                 self.supervisor.remove(plugin.name)
-            except PluginError as exc:
-                if "not supervised" not in exc.reason:
-                    raise
             plugin.supervised = False
         self.loader.unload(plugin)
 
@@ -309,44 +352,6 @@ class Daemon:
             self._take_down(plugin)  # raises if the process could not be stopped: keep it listed
             del self.plugins[name]
             log.info('removed: plugin "%s"', name, **about(name))
-
-    def process_spec(self, plugin: Plugin) -> ProcessSpec:
-        """What to run for an internal or external plugin, and how to supervise it."""
-        manifest = plugin.manifest
-        assert manifest is not None and manifest.launch is not None
-        settings = self.config.settings
-        env = {
-            "AIGIS_PLUGIN": plugin.name,
-            "AIGIS_PLUGIN_DIR": str(plugin.root),
-            "AIGIS_ADDRESS": str(settings.socket),
-            "AIGIS_AUTHKEY_FILE": str(settings.authkey_file),
-            "PYTHONUNBUFFERED": "1",
-        }
-        if manifest.plugin_type == "internal":
-            argv: tuple[str, ...] = (
-                sys.executable,
-                "-m",
-                "aigis._runner",
-                "--name",
-                plugin.name,
-                "--entrypoint",
-                str(manifest.entrypoint),
-                "--launch",
-                str(manifest.launch),
-            )
-        else:
-            argv = tuple(manifest.launch)
-        return ProcessSpec(
-            name=plugin.name,
-            kind=manifest.plugin_type,
-            argv=argv,
-            cwd=manifest.entrypoint,
-            env=env,
-            restart=manifest.restart,
-            restart_delay=settings.restart_delay,
-            restart_delay_max=settings.restart_delay_max,
-            stop_timeout=settings.stop_timeout,
-        )
 
     # -- operations (control socket, AIGISReload, SIGHUP) ----------------------------------------
     def register_builtins(self) -> None:
@@ -363,36 +368,57 @@ class Daemon:
             log.info('reloading: plugin "%s"', name, **about(name))
             self._take_down(plugin)
             fresh = self.add_plugin(plugin.entry)
-            if fresh.state == "failed":
+            if fresh.state is State.FAILED:
                 raise PluginError(name, f"reload failed: {fresh.reason}")
-            return fresh.state
+            return str(fresh.state)  # plain data: the caller may not have our enum
 
     def reload_config(self) -> str:
-        """Re-read the config; add, remove and reload only what changed. Returns a summary."""
+        """Re-read the config; add, remove and reload only what changed. Every step is tried
+        (one plugin that cannot be stopped does not hold up the others); returns one line:
+        the plan, and the plugins that failed with why."""
         with self.lock:
             new = load_config(self.config.path)  # a bad config raises here: nothing changes
             self.notifier.reloading()
+            failures: dict[str, str] = {}
             try:
-                failed = [p.name for p in self.plugins.values() if p.state == "failed"]
+                failed = [p.name for p in self.plugins.values() if p.state is State.FAILED]
                 plan = diff(self.config, new, retry=failed)
                 log.info("reloading: config %s: %s", new.path, plan.describe())
                 for key in plan.settings_changed:
                     log.warning("not applied: [aigis] %s changed; restart AIGIS to apply it", key)
-                for name in plan.removed:
-                    self.remove_plugin(name)
-                for entry in plan.changed:
-                    self.remove_plugin(entry.name)
+                wanted = {p.name for p in new.plugins}
+                # Also plugins an earlier reload could not remove: they are tried again.
+                removed = [n for n in reversed(self.plugins) if n not in wanted]
+                for name in [*removed, *(e.name for e in plan.changed)]:
+                    self._try(failures, name, self.remove_plugin, name)
                 self.config = new
                 for entry in (*plan.changed, *plan.added):
-                    self.add_plugin(entry)
-                # Keep load order = config order for status and for shutdown.
-                self.plugins = {
-                    p.name: self.plugins[p.name] for p in new.plugins if p.name in self.plugins
-                }
-                log.info("reloaded: %s", self.summary())
-                return plan.describe()
+                    if entry.name in failures:
+                        continue  # its old process still runs: never two of one plugin
+                    self._try(failures, entry.name, self.add_plugin, entry)
+                    plugin = self.plugins.get(entry.name)
+                    if plugin is not None and plugin.state is State.FAILED:
+                        failures[entry.name] = plugin.reason
+                # Load order = config order for status and for shutdown; plugins that could not
+                # be removed stay listed (last) so that status shows them and shutdown stops them.
+                order = [p.name for p in new.plugins if p.name in self.plugins]
+                order += [n for n in self.plugins if n not in order]
+                self.plugins = {name: self.plugins[name] for name in order}
+                line = summary_of_reload(plan.describe(), failures)
+                log.info("reloaded: %s", line)
+                return line
             finally:
                 self.notifier.ready(self.summary())
+
+    @staticmethod
+    def _try(failures: dict[str, str], name: str, action: Any, *args: Any) -> None:
+        """One reload step for plugin ``name``; its error is recorded and logged, not raised."""
+        try:
+            action(*args)
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+            failures[name] = reason
+            log.error('failed: plugin "%s": %s', name, reason, **about(name))
 
     def start_plugin(self, name: str) -> dict[str, Any]:
         """Start a stopped/exited/failed plugin; a plugin that failed to load is loaded again."""
@@ -400,7 +426,7 @@ class Daemon:
             plugin = self.plugins[name]
             if plugin.supervised:
                 self.supervisor.start(name)
-            elif plugin.state == "failed":
+            elif plugin.state is State.FAILED:
                 plugin = self.add_plugin(plugin.entry)
             return self.status_rows([name])[0]
 
@@ -425,7 +451,7 @@ class Daemon:
         self.supervisor.restart(name)
         return self.status_rows([name])[0]
 
-    def status_rows(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+    def status_rows(self, names: list[str] | None = None) -> list[Row]:
         """Status of ``names`` (all when None), in load order; unknown names raise."""
         # No lock: a snapshot of the dict is enough, and status must answer during a reload.
         current = dict(self.plugins)
@@ -434,27 +460,32 @@ class Daemon:
             if name not in current:
                 raise PluginError(name, f"no such plugin in {self.config.path}")
         plugins = [current[n] for n in wanted]
-        supervised = [p.name for p in plugins if p.supervised]
-        procs = {}
-        for name in supervised:
-            try:  # outside the lock: status stays fast while a reload stops plugins
-                procs.update((s.name, s) for s in self.supervisor.status([name]))
-            except PluginError:  # removed by a concurrent reload
-                continue
-            except AigisError as exc:  # systemd unreachable: say so in the row, never crash
-                log.warning("status: %s", exc)
-                break
-        return [status_row(p, procs.get(p.name)) for p in plugins]
+        procs = self._snapshots([p.name for p in plugins if p.supervised])
+        return [plugin_row(p, procs.get(p.name)) for p in plugins]
 
-    def log_location(self, name: str) -> dict[str, Any]:
+    def _snapshots(self, names: list[str]) -> dict[str, Status]:
+        """The supervisor's snapshots of ``names`` in one round; a name removed meanwhile (by a
+        concurrent reload) is asked again alone, so the others still get theirs."""
+        if not names:
+            return {}
+        try:  # outside the lock: status stays fast while a reload stops plugins
+            return {s.name: s for s in self.supervisor.status(names)}
+        except NotSupervised:
+            pass
+        except AigisError as exc:  # systemd unreachable: the rows say unknown, never crash
+            log.warning("status: %s", exc)
+            return {}
+        found: dict[str, Status] = {}
+        for name in names:
+            with contextlib.suppress(NotSupervised):
+                found.update((s.name, s) for s in self.supervisor.status([name]))
+        return found
+
+    def log_location(self, name: str) -> LogLocation:
         """Where a plugin's output goes."""
-        path = self.supervisor.log_path(name) if self.plugins[name].supervised else None
-        if path is not None:
-            return {"file": str(path)}
-        unit = getattr(self.supervisor, "unit_of", None)
-        if unit is not None:
-            return {"journal": unit(name)}
-        raise PluginError(name, "has no process output (core plugins log into the core's log)")
+        if self.plugins[name].plugin_type is Kind.CORE:
+            raise PluginError(name, "has no process output (core plugins log into the core's log)")
+        return self.supervisor.log_location(name)
 
     def describe(self) -> dict[str, Any]:
         """What ``aigisctl`` shows about the core itself."""
@@ -462,18 +493,21 @@ class Daemon:
             "version": __version__,
             "pid": os.getpid(),
             "config": str(self.config.path),
-            "supervisor": self.supervisor_name,
+            "supervisor": self.supervisor.name,
             "started_at": self.started_at,
             "summary": self.summary(),
         }
 
     def summary(self) -> str:
         """One line: plugin counts per state, e.g. ``2 running, 1 loaded, 1 failed``."""
-        counts: dict[str, int] = {}
-        for row in self.status_rows():
-            counts[row["state"]] = counts.get(row["state"], 0) + 1
-        parts = [f"{n} {state}" for state, n in sorted(counts.items())]
-        return ", ".join(parts) if parts else "no plugins configured"
+        return summary(self.status_rows())
+
+
+def summary_of_reload(plan: str, failures: dict[str, str]) -> str:
+    """The reload plan's line, then each plugin that failed and why."""
+    if not failures:
+        return plan
+    return plan + "; failed: " + "; ".join(f"{n}: {why}" for n, why in failures.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -511,13 +545,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"aigis: {problem}", file=sys.stderr)
         return 1
     try:
-        daemon = Daemon(
-            config, skip_requirements=args.skip_requirements, supervisor=args.supervisor
-        )
+        supervisor = pick_supervisor(args.supervisor or config.settings.supervisor, config.settings)
     except AigisError as exc:  # e.g. the systemd backend asked for but unavailable
         print(f"aigis: {exc}", file=sys.stderr)
         return 1
-    return daemon.run()
+    return Daemon(config, supervisor, skip_requirements=args.skip_requirements).run()
 
 
 if __name__ == "__main__":  # pragma: no cover

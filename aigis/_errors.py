@@ -24,6 +24,13 @@ class PluginError(AigisError):
         super().__init__(f'plugin "{plugin}": {message}')
 
 
+class NotSupervised(PluginError):
+    """The supervisor has no process for this plugin (never added, or removed meanwhile)."""
+
+    def __init__(self, plugin: str) -> None:
+        super().__init__(plugin, "not supervised")
+
+
 class ManifestError(PluginError):
     """AIGIS/AIGIS.config is not a valid literal-only manifest."""
 

@@ -20,6 +20,7 @@ from aigis._manifest import CORE_FILE, Manifest, load_manifest
 from aigis._namespace import Namespace, Skill
 from aigis._requirements import check_system, install
 from aigis._secrets import copy_secrets
+from aigis._states import PROCESS_KINDS, Kind, State
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class Plugin:
 
     entry: PluginEntry
     root: Path
-    state: str = "new"  # loaded | failed | (supervised states come from the supervisor)
+    state: State = State.NEW  # NEW, LOADED or FAILED; a process's states come from its supervisor
     reason: str = ""
     manifest: Manifest | None = None
     commit: str | None = None
@@ -45,9 +46,29 @@ class Plugin:
         return self.entry.name
 
     @property
-    def plugin_type(self) -> str:
+    def plugin_type(self) -> Kind:
         """core, internal or external (from the manifest), or the config table before that."""
-        return self.manifest.plugin_type if self.manifest else self.entry.table
+        return Kind(self.manifest.plugin_type if self.manifest else self.entry.table)
+
+    @property
+    def host(self) -> str:
+        """Where its process runs (the manifest's HOST), ``localhost`` before it is read."""
+        return self.manifest.host if self.manifest else "localhost"
+
+    @property
+    def source(self) -> str:
+        """The source the config lists."""
+        return self.entry.source
+
+    @property
+    def ref(self) -> str | None:
+        """The branch, tag or commit the config pins, if any."""
+        return self.entry.ref
+
+    @property
+    def has_process(self) -> bool:
+        """Loaded, and of a kind that runs a process."""
+        return self.state is State.LOADED and self.plugin_type in PROCESS_KINDS
 
 
 class Loader:
@@ -80,10 +101,10 @@ class Loader:
             if (
                 plugin.manifest
                 and (self.root_of(entry.name) / CORE_FILE).is_file()
-                and plugin.manifest.plugin_type in ("core", "internal")
+                and plugin.manifest.plugin_type in (Kind.CORE, Kind.INTERNAL)
             ):
                 self._load_core(plugin)
-            elif plugin.manifest and plugin.manifest.plugin_type == "core":
+            elif plugin.manifest and plugin.manifest.plugin_type == Kind.CORE:
                 raise SkillError(entry.name, f"core plugins need {plugin.root / CORE_FILE}")
         except PluginError as exc:
             return self._failed(plugin, exc.reason)
@@ -92,7 +113,7 @@ class Loader:
         except Exception as exc:  # a bug or an OS error: this plugin fails, the daemon goes on
             log.debug("traceback of the failure", exc_info=True)
             return self._failed(plugin, f"unexpected {type(exc).__name__}: {exc}")
-        plugin.state = "loaded"
+        plugin.state = State.LOADED
         plugin.loaded_at = time.time()
         names = ", ".join(s.path for s in plugin.skills)
         log.info(
@@ -105,7 +126,7 @@ class Loader:
         return plugin
 
     def _failed(self, plugin: Plugin, reason: str) -> Plugin:
-        plugin.state, plugin.reason = "failed", reason
+        plugin.state, plugin.reason = State.FAILED, reason
         log.error('failed: plugin "%s": %s', plugin.name, reason, **about(plugin.name))
         return plugin
 
@@ -131,7 +152,7 @@ class Loader:
                 manifest.plugin_type,
                 **about(entry.name),
             )
-        if manifest.plugin_type != "core" and not manifest.is_local:
+        if manifest.plugin_type != Kind.CORE and not manifest.is_local:
             raise PluginError(
                 entry.name,
                 f'HOST "{manifest.host}" is not this machine; remote '

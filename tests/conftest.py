@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import aigis
+from aigis._config import Settings, parse_config
 
 
 def write_plugin(
@@ -45,3 +48,10 @@ def clean_aigis():
     yield aigis
     for name in set(vars(aigis)) - before:
         delattr(aigis, name)
+
+
+def settings_for(root: Path, **overrides: Any) -> Settings:
+    """``[aigis]`` settings with every directory under ``root``, defaults otherwise."""
+    text = f'[aigis]\nstate_dir = "{root / "state"}"\nruntime_dir = "{root / "run"}"\n'
+    settings = parse_config(text, root / "aigis.toml").settings
+    return dataclasses.replace(settings, **overrides)

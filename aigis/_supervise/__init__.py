@@ -28,8 +28,8 @@ def under_systemd_service() -> bool:
 
 
 def pick_supervisor(choice: str, settings: Settings) -> Supervisor:
-    """``auto`` (systemd when running as a systemd service, else embedded), ``systemd``,
-    ``embedded``."""
+    """The one place that picks a backend: ``auto`` (systemd when running as a systemd
+    service, else embedded), ``systemd``, ``embedded``."""
     if choice == "systemd" or (choice == "auto" and under_systemd_service()):
         try:
             from aigis._supervise.systemd import SystemdSupervisor
@@ -41,6 +41,4 @@ def pick_supervisor(choice: str, settings: Settings) -> Supervisor:
             return SystemdSupervisor(settings)
     from aigis._supervise.embedded import EmbeddedSupervisor
 
-    return EmbeddedSupervisor(
-        settings.log_dir, log_max_bytes=settings.log_max_bytes, log_backups=settings.log_backups
-    )
+    return EmbeddedSupervisor(settings)

@@ -1,28 +1,19 @@
-"""Supervision vocabulary shared by every backend: states, process specs, status, the protocol."""
+"""Supervision vocabulary shared by every backend: process specs, status, the protocol."""
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from aigis._states import ACTIVE, Kind, State
 
-class State(enum.StrEnum):
-    """Where a supervised plugin process is in its life (Supervisor's state machine)."""
+if TYPE_CHECKING:  # pragma: no cover
+    from aigis._config import Settings
 
-    STARTING = "starting"  # spawned, not yet up for startsecs nor reported ready
-    RUNNING = "running"
-    BACKOFF = "backoff"  # failed, waiting for its restart delay
-    EXITED = "exited"  # exited 0 on its own: not a failure, not restarted
-    FAILED = "failed"  # gave up restarting, could not spawn or could not be stopped
-    STOPPING = "stopping"  # stop requested, waiting for the whole process tree to go
-    STOPPED = "stopped"
-
-
-#: States in which a process of the plugin is expected to be alive.
-ACTIVE = frozenset({State.STARTING, State.RUNNING})
+__all__ = ["ACTIVE", "LogLocation", "ProcessSpec", "State", "Status", "Supervisor"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +21,7 @@ class ProcessSpec:
     """What to run for one plugin and how to supervise it; ``env`` is added to os.environ."""
 
     name: str
-    kind: str  # "internal" | "external"
+    kind: Kind  # internal | external
     argv: tuple[str, ...]
     cwd: Path
     env: dict[str, str] = field(default_factory=dict)
@@ -48,8 +39,9 @@ class ProcessSpec:
         if self.restart is not None and self.restart < 0:
             problems.append(f"restart must be >= 0 or None, got {self.restart}")
         for key in ("restart_delay", "restart_delay_max", "stop_timeout", "startsecs"):
-            if getattr(self, key) < 0:
-                problems.append(f"{key} must be >= 0, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                problems.append(f"{key} must be a finite number >= 0, got {value}")
         if problems:
             raise ValueError(f'plugin "{self.name}": ' + "; ".join(problems))
 
@@ -67,13 +59,28 @@ class Status:
     started_at: float | None  # when the current/last process started
     last_exit: str | None  # "exit 1", "signal 9 (SIGKILL)", "exit 0"
     reason: str  # "gave up after 2 restarts (last: exit 1)"
+    gave_up: bool = False  # FAILED because the restart policy gave up (not a spawn/stop error)
+
+
+@dataclass(frozen=True)
+class LogLocation:
+    """Where a plugin's output goes: a file the core writes, or a journal unit (never both)."""
+
+    file: Path | None = None
+    journal_unit: str | None = None
 
 
 class Supervisor(Protocol):
-    """What the daemon needs from a backend (embedded or systemd)."""
+    """Everything the daemon needs from a backend. Every backend is constructed as
+    ``Backend(settings, **test_hooks)``; ``aigis._supervise.pick_supervisor`` chooses one."""
+
+    #: ``embedded`` or ``systemd``: shown by ``aigisctl`` and in the core's log.
+    name: str
+
+    def __init__(self, settings: Settings) -> None: ...
 
     def add(self, spec: ProcessSpec) -> None:
-        """Register ``spec`` and start it."""
+        """Register ``spec`` and start it, or adopt it if an earlier core left it running as is."""
 
     def stop(self, name: str) -> Status:
         """Stop the whole process tree; blocks, bounded by stop_timeout plus the kill."""
@@ -85,16 +92,28 @@ class Supervisor(Protocol):
         """Stop then start; resets the restart count."""
 
     def remove(self, name: str) -> None:
-        """Stop and forget."""
+        """Stop and forget; NotSupervised when ``name`` is not supervised."""
 
     def status(self, names: Iterable[str] | None = None) -> list[Status]:
-        """Snapshots of ``names`` (all, in registration order, when None)."""
+        """Snapshots of ``names`` (all, in registration order, when None), in one round."""
 
     def poll(self) -> None:
-        """Reap, transition and restart after backoff; called by the main loop every 0.1-1 s."""
+        """Reap, transition and restart after backoff; called by the main loop."""
 
-    def stop_all(self, order: list[str]) -> None:
-        """Stop in ``order``, then any others; nothing is restarted during or after."""
+    def stop_all(self, steps: Sequence[Sequence[str]]) -> None:
+        """Stop every plugin: the names of one step at once (in parallel), the steps in order,
+        then any others; nothing is restarted during or after."""
 
-    def log_path(self, name: str) -> Path | None:
-        """Where the plugin's output is logged, if the backend keeps a file."""
+    def retire_unknown(self, configured: Iterable[str]) -> list[str]:
+        """Stop what an earlier core left running for plugins not in ``configured``; returns
+        what was retired."""
+
+    def core_restarting(self) -> bool:
+        """True when the core is being restarted and plugin processes keep running for the
+        next core to adopt (systemd restarting aigis.service); False otherwise."""
+
+    def log_location(self, name: str) -> LogLocation:
+        """Where ``name``'s output goes."""
+
+    def close(self) -> None:
+        """Release what the backend holds (log files, a bus connection); after stop_all."""

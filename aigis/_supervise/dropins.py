@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from aigis._errors import PluginError
 from aigis._supervise.base import ProcessSpec
-from aigis._units import DROPIN_NAME, UnitSpec
+from aigis._supervise.units import DROPIN_NAME
 
 UNIT_DIR = "run/systemd/system"  # relative to the root: runtime drop-ins vanish at reboot
 
@@ -19,19 +20,9 @@ def dropin_path(root: Path, unit: str) -> Path:
     return root / UNIT_DIR / f"{unit}.d" / DROPIN_NAME
 
 
-def unit_spec(spec: ProcessSpec) -> UnitSpec:
-    """The drop-in's view of ``spec``: argv[0] made absolute as systemd requires."""
-    return UnitSpec(
-        name=spec.name,
-        kind=spec.kind,
-        argv=[resolve_program(spec), *spec.argv[1:]],
-        cwd=str(spec.cwd),
-        env=spec.env,
-        restart=spec.restart,
-        restart_delay=spec.restart_delay,
-        restart_delay_max=spec.restart_delay_max,
-        stop_timeout=spec.stop_timeout,
-    )
+def absolute_program(spec: ProcessSpec) -> ProcessSpec:
+    """``spec`` with argv[0] made absolute, as systemd's ExecStart= requires."""
+    return replace(spec, argv=(resolve_program(spec), *spec.argv[1:]))
 
 
 def resolve_program(spec: ProcessSpec) -> str:

@@ -6,14 +6,16 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aigis._errors import PluginError
+from aigis._config import Settings
+from aigis._errors import NotSupervised, PluginError
 from aigis._log import about
 from aigis._supervise import policy
-from aigis._supervise.base import ACTIVE, ProcessSpec, State, Status
+from aigis._supervise.base import ACTIVE, LogLocation, ProcessSpec, State, Status
 from aigis._supervise.logsink import LogSink, write_console
 from aigis._supervise.procs import TAG_VAR, LocalOs, Os, Tagged, new_tag
 
@@ -23,6 +25,7 @@ STEP_MIN, STEP_MAX = 0.02, 0.1  # while stopping: check often at first, less onc
 KILL_GRACE = 5.0  # after SIGKILL, how long a process may take to vanish (D state, dying NFS)
 SCAN_INTERVAL = 5.0  # how often poll() looks for tagged processes, so orphans can be reaped later
 DRAIN_TIMEOUT = 1.0  # after a stop, how long to wait for the last output to reach the log
+STOP_WORKERS = 256  # plugins stopped at once by stop_all
 
 
 @dataclass
@@ -42,6 +45,7 @@ class _Run:
     last_exit: str | None = None
     restart_at: float = 0.0
     removing: bool = False
+    gave_up: bool = False  # FAILED by the restart policy
     leftovers: dict[str, float] = field(default_factory=dict)  # tag of a dead main -> SIGKILL at
     signalled: set[int] = field(default_factory=set)  # leftover pids already sent SIGTERM
 
@@ -49,19 +53,18 @@ class _Run:
 class EmbeddedSupervisor:
     """Implements the Supervisor protocol with a Supervisor-style explicit state machine."""
 
-    NAME = "embedded"
+    name = "embedded"
 
     def __init__(
         self,
-        log_dir: Path,
+        settings: Settings,
         *,
-        log_max_bytes: int = 10 * 2**20,
-        log_backups: int = 5,
         console: Callable[[bytes], None] | None = write_console,
         os_: Os | None = None,
     ) -> None:
-        self.log_dir = log_dir
-        self._log_max_bytes, self._log_backups, self._console = log_max_bytes, log_backups, console
+        self.log_dir = settings.log_dir
+        self._log_max_bytes, self._log_backups = settings.log_max_bytes, settings.log_backups
+        self._console = console
         self._os: Os = os_ if os_ is not None else LocalOs()
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
@@ -188,25 +191,49 @@ class EmbeddedSupervisor:
         with self._lock:
             self._sweep(tags, found, self._os.monotonic())
 
-    def stop_all(self, order: list[str]) -> None:
-        """Stop in ``order`` (then any others, newest first), close the logs; nothing restarts."""
+    def stop_all(self, steps: Sequence[Sequence[str]]) -> None:
+        """Stop each step's plugins at once, the steps in order, then any others (newest
+        first, at once); nothing restarts afterwards."""
         with self._lock:
             self._halting = True
-            rest = [name for name in reversed(self._runs) if name not in order]
-        for name in [*order, *rest]:
-            with contextlib.suppress(PluginError):  # unknown or removed meanwhile: nothing to do
-                self.stop(name)
+            named = {name for step in steps for name in step}
+            rest = [name for name in reversed(self._runs) if name not in named]
+        for step in [*steps, rest]:
+            if not step:
+                continue
+            with ThreadPoolExecutor(min(len(step), STOP_WORKERS), "aigis-stop") as pool:
+                for _ in pool.map(self._stop_quietly, step):
+                    pass
+
+    def _stop_quietly(self, name: str) -> None:
+        with contextlib.suppress(PluginError):  # unknown or removed meanwhile: nothing to do
+            self.stop(name)
+
+    def retire_unknown(self, configured: Iterable[str]) -> list[str]:
+        """Nothing to do here: what a crashed core left of a plugin is stopped when that plugin
+        is added (a plugin no longer configured is never touched)."""
+        return []
+
+    def core_restarting(self) -> bool:
+        """Never: without systemd, plugin processes end with the core's pipes."""
+        return False
+
+    def log_location(self, name: str) -> LogLocation:
+        """``<log_dir>/<name>.log``."""
+        return LogLocation(file=self.log_path(name))
+
+    def close(self) -> None:
+        """Close the log files (after stop_all: nothing writes to them any more)."""
         with self._lock:
             sinks = [run.sink for run in self._runs.values()]
         for sink in sinks:
-            sink.close()  # nothing runs any more: the log files can go
+            sink.close()
 
-    def log_path(self, name: str) -> Path | None:
-        """``<log_dir>/<name>.log`` for a supervised plugin, or one that left a log behind."""
+    def log_path(self, name: str) -> Path:
+        """``<log_dir>/<name>.log``, whether or not the plugin is supervised now."""
         with self._lock:
             run = self._runs.get(name)
-        path = run.sink.path if run else self.log_dir / f"{name}.log"
-        return path if run or path.exists() else None
+        return run.sink.path if run else self.log_dir / f"{name}.log"
 
     def mark_ready(self, name: str) -> None:
         """An internal plugin reported ready: running now, without waiting for startsecs."""
@@ -276,7 +303,7 @@ class EmbeddedSupervisor:
             if returncode is not None:
                 self._exited(run, returncode, now)
             elif run.state is State.STARTING and now - run.started_mono >= spec.startsecs:
-                self._set(run, State.RUNNING, f"up for {spec.startsecs:g}s")
+                self._set(run, State.RUNNING, run.reason)  # how it started stays true
                 log.info('running: "%s" pid %d', spec.name, run.pid, **about(spec.name))
         elif (
             run.state is State.BACKOFF
@@ -316,9 +343,9 @@ class EmbeddedSupervisor:
             run.restart_at = now + decision.delay
             log.info('backoff: "%s" %s', name, decision.reason, **about(name))
         elif decision.action is policy.Action.GIVE_UP:
-            detail = decision.reason.removeprefix("gave up ")
-            log.error('gave up: "%s" %s', name, detail, **about(name))
+            log.error('gave up: "%s" %s', name, decision.detail, **about(name))
         self._set(run, decision.state, decision.reason)
+        run.gave_up = decision.action is policy.Action.GIVE_UP
 
     def _sweep(self, scanned: set[str], found: dict[int, Tagged], now: float) -> None:
         """Terminate what dead runs left behind: SIGTERM, then SIGKILL after stop_timeout."""
@@ -353,7 +380,7 @@ class EmbeddedSupervisor:
         """The run of ``name``; an unknown name is the caller's error, named as such."""
         run = self._runs.get(name)
         if run is None:
-            raise PluginError(name, "not supervised")
+            raise NotSupervised(name)
         return run
 
     def _wait_idle(self, name: str) -> _Run:
@@ -373,7 +400,8 @@ class EmbeddedSupervisor:
         """An immutable snapshot for callers in other threads."""
         spec = run.spec
         return Status(spec.name, spec.kind, run.state, run.pid, run.restarts, run.since,
-                      run.started_at, run.last_exit, run.reason)  # fmt: skip
+                      run.started_at, run.last_exit, run.reason,
+                      run.gave_up and run.state is State.FAILED)  # fmt: skip
 
     # -- stopping (called without the lock) -----------------------------------------------------
     def _terminate(

@@ -6,7 +6,7 @@ import enum
 import signal
 from dataclasses import dataclass
 
-from aigis._supervise.base import State
+from aigis._states import State
 
 
 class Action(enum.StrEnum):
@@ -25,6 +25,7 @@ class Decision:
     action: Action
     reason: str
     delay: float = 0.0
+    detail: str = ""  # the reason without the verb, for a ``gave up: NAME <detail>`` log line
 
     @property
     def state(self) -> State:
@@ -75,10 +76,12 @@ def decide(
     if returncode == 0:
         return Decision(Action.EXITED, "exited cleanly (exit 0)")
     if restart_limit is None:
-        return Decision(Action.GIVE_UP, f"{last}; not restarted (RESTART not set)")
+        reason = f"{last}; not restarted (RESTART not set)"
+        return Decision(Action.GIVE_UP, reason, detail=reason)
     if restarts >= restart_limit:
         noun = "restart" if restarts == 1 else "restarts"
-        return Decision(Action.GIVE_UP, f"gave up after {restarts} {noun} (last: {last})")
+        detail = f"after {restarts} {noun} (last: {last})"
+        return Decision(Action.GIVE_UP, f"gave up {detail}", detail=detail)
     delay = backoff_delay(restarts, base_delay, max_delay)
     return Decision(
         Action.RESTART, f"{last}; restart {restarts + 1}/{restart_limit} in {delay:g}s", delay

@@ -12,23 +12,25 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from aigis._errors import AigisError, PluginError
+from aigis._config import Settings
+from aigis._errors import AigisError, NotSupervised, PluginError
 from aigis._log import about
-from aigis._supervise.base import ProcessSpec, State, Status
+from aigis._states import IDLE, State
+from aigis._supervise.base import LogLocation, ProcessSpec, Status
 from aigis._supervise.dbus import Systemd, SystemdError
 from aigis._supervise.dropins import (
     UNIT_DIR,
+    absolute_program,
     delete_dropin,
     dropin_path,
-    unit_spec,
     write_dropin,
 )
+from aigis._supervise.units import render_dropin, unit_name
 from aigis._supervise.unitstate import UnitState, describe
-from aigis._units import render_dropin, unit_name
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ STOP_MARGIN = 5.0  # beyond TimeoutStopSec, then SIGKILL's own TimeoutStopSec: r
 POLL_INTERVAL = 2.0  # how often poll() reads states to log transitions (systemd does the work)
 QUIET = 0.5  # poll() applies a batch once no drop-in changed for this long (a reload in progress)
 STEP_MIN, STEP_MAX = 0.02, 0.2
-_IDLE = frozenset({State.EXITED, State.FAILED, State.STOPPED})
 _UP = ("active", "activating", "reloading")  # ActiveStates with a process (or one on its way)
 BUS_ERRORS = (OSError, SystemdError)  # OSError covers ConnectionError and TimeoutError
 
@@ -57,11 +58,11 @@ class _Plugin:
 class SystemdSupervisor:
     """Implements the Supervisor protocol on systemd's manager, over D-Bus."""
 
-    NAME = "systemd"
+    name = "systemd"
 
     def __init__(
         self,
-        settings: object = None,
+        settings: Settings | None = None,
         *,
         root: Path | str = "/",
         bus: str = "SYSTEM",
@@ -87,7 +88,7 @@ class SystemdSupervisor:
     def add(self, spec: ProcessSpec) -> None:
         """Write the drop-in; start the unit with the next batch, or adopt it if it runs as is."""
         unit = unit_name(spec.name)
-        text = render_dropin(unit_spec(spec), self.version)
+        text = render_dropin(absolute_program(spec), self.version)
         path = dropin_path(self.root, unit)
         with self._lock:
             if self._halting:
@@ -226,22 +227,28 @@ class SystemdSupervisor:
         else:
             self._last_error = ""
 
-    def stop_all(self, order: list[str]) -> None:
-        """Stop every unit at once (all jobs queued, then waited for); nothing starts again."""
+    def stop_all(self, steps: Sequence[Sequence[str]]) -> None:
+        """Stop every unit: one step's jobs queued together and waited for, the steps in order,
+        then the rest together; nothing starts again."""
         with self._busy:
             with self._lock:
                 self._halting = True
                 self._pending.clear()
-                names = [n for n in order if n in self._plugins]
-                names += [n for n in reversed(self._plugins) if n not in names]
-                wait = max((2 * p.spec.stop_timeout for p in self._plugins.values()), default=0)
+                named = [n for step in steps for n in step if n in self._plugins]
+                rest = [n for n in reversed(self._plugins) if n not in named]
             self.flush()  # e.g. the drop-ins removed just before
-            live = [s.name for s in self.status(names) if s.state not in _IDLE]
-            with self._lock:
-                for name in live:
-                    self._plugins[name].stop_requested = True
-            if live:
-                self._run_jobs(dict.fromkeys(live, "stop"), wait + STOP_MARGIN)
+            for step in [*steps, rest]:
+                with self._lock:
+                    names = [n for n in step if n in self._plugins]
+                    wait = max((2 * self._plugins[n].spec.stop_timeout for n in names), default=0)
+                if not names:
+                    continue
+                live = [s.name for s in self._read(names) if s.state not in IDLE]
+                with self._lock:
+                    for name in live:
+                        self._plugins[name].stop_requested = True
+                if live:
+                    self._run_jobs(dict.fromkeys(live, "stop"), wait + STOP_MARGIN)
 
     def retire_unknown(self, configured: Iterable[str]) -> list[str]:
         """Stop and forget ``aigis-plugin@`` units of plugins the config no longer lists (removed
@@ -281,17 +288,13 @@ class SystemdSupervisor:
         except BUS_ERRORS:
             return False
 
-    def log_path(self, name: str) -> Path | None:
-        """None: plugin output goes to the journal (``journalctl -u`` the unit)."""
-        return None
+    def log_location(self, name: str) -> LogLocation:
+        """The journal of ``aigis-plugin@NAME.service`` (``journalctl -u``)."""
+        return LogLocation(journal_unit=unit_name(name))
 
     def close(self) -> None:
         """Close the D-Bus connection (systemd then may collect the units it kept for us)."""
         self._systemd.close()
-
-    def unit_of(self, name: str) -> str:
-        """``aigis-plugin@NAME.service`` (NAME escaped as systemd-escape does)."""
-        return unit_name(name)
 
     # -- batches and jobs ----------------------------------------------------------------------
     def flush(self, wait: bool = True) -> None:
@@ -367,7 +370,7 @@ class SystemdSupervisor:
     def _get(self, name: str) -> _Plugin:
         plugin = self._plugins.get(name)
         if plugin is None:
-            raise PluginError(name, "not supervised")
+            raise NotSupervised(name)
         return plugin
 
     def _call(self, name: str, method, *args: str) -> None:
@@ -387,15 +390,17 @@ class SystemdSupervisor:
         spec = plugin.spec
         if plugin.stop_requested and unit.active_state in _UP and not unit.job_id:
             plugin.stop_requested = False  # started again behind our back (systemctl start)
-        state, reason, restarts, last = describe(
-            unit, restart_limit=spec.restart, stop_requested=plugin.stop_requested
-        )
+        view = describe(unit, restart_limit=spec.restart, stop_requested=plugin.stop_requested)
+        state, reason, gave_up = view.state, view.reason, view.gave_up
         if plugin.error and state in (State.STOPPED, State.FAILED):
-            state, reason = State.FAILED, plugin.error
+            state, reason, gave_up = State.FAILED, plugin.error, False
         since = unit.state_change or plugin.since
         started = unit.exec_main_start or None
         pid = unit.main_pid or None
-        return Status(spec.name, spec.kind, state, pid, restarts, since, started, last, reason)
+        return Status(
+            spec.name, spec.kind, state, pid, view.restarts, since, started, view.last_exit,
+            reason, gave_up,
+        )  # fmt: skip
 
     def _log_transitions(self) -> None:
         """Verb-first lines for what systemd did on its own (exits, restarts, giving up): one
@@ -418,7 +423,7 @@ class SystemdSupervisor:
             verb = verbs.get(status.state)
             if verb is None:
                 continue
-            if status.state is State.FAILED and not status.reason.startswith("gave up"):
+            if status.state is State.FAILED and not status.gave_up:
                 verb = "failed"
             level = logging.ERROR if status.state is State.FAILED else logging.WARNING
             if status.state is State.EXITED:

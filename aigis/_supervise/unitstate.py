@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aigis._supervise.base import State
+from aigis._states import State
 from aigis._supervise.policy import describe_exit
 
 CLD_KILLED, CLD_DUMPED = 2, 3  # ExecMainCode values (siginfo's si_code) for a signal death
@@ -39,32 +39,42 @@ class UnitState:
         return self.exec_main_status if self.exec_main_code else None
 
 
-def describe(
-    unit: UnitState, *, restart_limit: int | None, stop_requested: bool
-) -> tuple[State, str, int, str | None]:
-    """(state, reason, restarts, last exit) of a plugin from its unit's state (pure)."""
+@dataclass(frozen=True)
+class UnitView:
+    """A unit's state in the shared vocabulary."""
+
+    state: State
+    reason: str
+    restarts: int
+    last_exit: str | None
+    gave_up: bool = False  # FAILED by the restart policy
+
+
+def describe(unit: UnitState, *, restart_limit: int | None, stop_requested: bool) -> UnitView:
+    """A plugin's state, reason, restarts and last exit from its unit's state (pure)."""
     code = unit.returncode
     last = describe_exit(code) if code is not None else None
     restarts = unit.n_restarts
     active, sub = unit.active_state, unit.sub_state
     if active in ("active", "reloading"):
-        return State.RUNNING, f"{unit.unit} {active}/{sub}", restarts, last
+        return UnitView(State.RUNNING, f"{unit.unit} {active}/{sub}", restarts, last)
     if active == "activating" and sub.startswith("auto-restart"):
         if restart_limit is not None and restarts >= restart_limit:
             # systemd 252 counts one more restart, which its start limit then refuses: the
             # unit turns failed (with the last exit) once RestartSec passes. Say so meanwhile.
             reason = f"{last or 'failed'}; restart limit {restart_limit} reached, giving up"
-            return State.BACKOFF, reason, restart_limit, last
+            return UnitView(State.BACKOFF, reason, restart_limit, last)
         limit = f"/{restart_limit}" if restart_limit else ""
         reason = f"{last}; restart {restarts + 1}{limit} pending"
-        return State.BACKOFF, reason, restarts, last
+        return UnitView(State.BACKOFF, reason, restarts, last)
     if active == "activating":
-        return State.STARTING, f"{unit.unit} {active}/{sub}", restarts, last
+        return UnitView(State.STARTING, f"{unit.unit} {active}/{sub}", restarts, last)
     if active == "deactivating":
         reason = "stop requested" if stop_requested else f"stopping ({sub})"
-        return State.STOPPING, reason, restarts, last
+        return UnitView(State.STOPPING, reason, restarts, last)
     if stop_requested:
-        return State.STOPPED, f"stopped by request (last: {last or 'not running'})", restarts, last
+        reason = f"stopped by request (last: {last or 'not running'})"
+        return UnitView(State.STOPPED, reason, restarts, last)
     if active == "failed":
         if unit.restart != "no" or restart_limit == 0:
             # systemd 252 counts the restart its start limit then refuses (Result stays
@@ -72,12 +82,14 @@ def describe(
             if unit.start_limit_burst:
                 restarts = min(restarts, unit.start_limit_burst - 1)
             noun = "restart" if restarts == 1 else "restarts"
-            return State.FAILED, f"gave up after {restarts} {noun} (last: {last})", restarts, last
+            reason = f"gave up after {restarts} {noun} (last: {last})"
+            return UnitView(State.FAILED, reason, restarts, last, gave_up=True)
         if unit.result not in ("exit-code", "signal", "core-dump"):
-            return State.FAILED, f"failed ({unit.result}; last: {last})", restarts, last
-        return State.FAILED, f"{last}; not restarted (RESTART not set)", restarts, last
+            return UnitView(State.FAILED, f"failed ({unit.result}; last: {last})", restarts, last)
+        reason = f"{last}; not restarted (RESTART not set)"
+        return UnitView(State.FAILED, reason, restarts, last, gave_up=True)
     if code == 0:
-        return State.EXITED, "exited cleanly (exit 0)", restarts, last
+        return UnitView(State.EXITED, "exited cleanly (exit 0)", restarts, last)
     if unit.exec_main_start:
-        return State.STOPPED, f"stopped outside AIGIS (last: {last})", restarts, last
-    return State.STOPPED, "not started", restarts, last
+        return UnitView(State.STOPPED, f"stopped outside AIGIS (last: {last})", restarts, last)
+    return UnitView(State.STOPPED, "not started", restarts, last)

@@ -18,6 +18,7 @@ import pytest
 from aigis._supervise import procs
 from aigis._supervise.base import ProcessSpec, State, Status
 from aigis._supervise.embedded import EmbeddedSupervisor
+from tests.conftest import settings_for
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,10 @@ def make_sup(tmp_path):
 
     def make(**kw) -> EmbeddedSupervisor:
         kw.setdefault("console", None)
-        made.append(EmbeddedSupervisor(tmp_path / "log", **kw))
+        settings = {k: kw.pop(k) for k in ("log_max_bytes", "log_backups") if k in kw}
+        made.append(
+            EmbeddedSupervisor(settings_for(tmp_path, state_dir=tmp_path, **settings), **kw)
+        )
         return made[-1]
 
     yield make
@@ -66,7 +70,8 @@ def make_sup(tmp_path):
     for supervisor in made:
         statuses = supervisor.status()
         names.update(status.name for status in statuses)
-        supervisor.stop_all([status.name for status in reversed(statuses)])
+        supervisor.stop_all([[status.name for status in reversed(statuses)]])
+        supervisor.close()
     survivors = kill_tagged(names)  # the safety net: never leak processes into other tests
     for supervisor in made:
         supervisor.poll()  # reap what the safety net killed
@@ -226,7 +231,7 @@ def test_stop_all_stops_in_the_given_order(sup, tmp_path, uid):
         lambda: all(Path(f"{record}.{name}.ready").exists() for name in names),
     )
     order = [names[2], names[0], names[1]]
-    sup.stop_all(order)
+    sup.stop_all([[name] for name in order])
     assert [line.split()[0] for line in record.read_text().splitlines()] == order
     assert {status.state for status in sup.status()} == {State.STOPPED}
 
@@ -240,7 +245,7 @@ def test_nothing_of_the_plugins_survives_stop_all(sup, tmp_path, uid):
     sup.add(fault(f"crash-{uid}", "crasher.py", tmp_path / "runs", restart=100, restart_delay=0))
     wait_for(sup, "fixtures ready", lambda: pidfile.exists() and ready.exists())
     assert procs.tagged_processes(lambda tag: tag.split(":")[0] in names)
-    sup.stop_all(sorted(names))
+    sup.stop_all([sorted(names)])
     assert procs.tagged_processes(lambda tag: tag.split(":")[0] in names) == {}
     wait_for(sup, "the grandchild to be reaped", lambda: pid_gone(int(pidfile.read_text())))
 
@@ -264,7 +269,7 @@ def test_flood_of_200000_lines_all_logged_while_status_stays_fast(make_sup, tmp_
         time.sleep(0.005)
     assert calls > 0 and slowest < 1.0  # a responsiveness bound, not a benchmark
     wait_for(sup, "EXITED", lambda: state(sup, name) is State.EXITED)
-    sup.stop_all([name])  # drains the reader
+    sup.stop_all([[name]])  # drains the reader
     console.close()
     assert log.read_bytes() == b"".join(LINE % number for number in range(lines))
     prefixed = (tmp_path / "console").read_bytes().splitlines(keepends=True)
@@ -278,7 +283,7 @@ def test_rotation_keeps_every_line_below_the_limit(make_sup, uid):
     name = f"rotate-{uid}"
     sup.add(fault(name, "flood.py", lines))
     wait_for(sup, "EXITED", lambda: state(sup, name) is State.EXITED)
-    sup.stop_all([name])  # drains the reader and closes the file
+    sup.stop_all([[name]])  # drains the reader and closes the file
     log = sup.log_path(name)
     backups = sorted(log.parent.glob(f"{name}.log.*"), key=lambda p: -int(p.suffix[1:]))
     assert len(backups) >= 5
@@ -295,7 +300,7 @@ def test_non_utf8_output_lands_byte_for_byte(make_sup, uid):
     name = f"bytes-{uid}"
     sup.add(fault(name, "non_utf8.py"))
     wait_for(sup, "EXITED", lambda: state(sup, name) is State.EXITED)
-    sup.stop_all([name])  # drains the reader
+    sup.stop_all([[name]])  # drains the reader
     out, err = b"out: caf\xe9 \xff\xfe\x80 end\n", b"err: \xc3\x28 \xa0\xa1\n"
     tail = b"tail \xff without newline"
     assert sup.log_path(name).read_bytes() == out + err + tail

@@ -21,6 +21,7 @@ from aigis._errors import PluginError
 from aigis._supervise.base import ProcessSpec, State, Status, Supervisor
 from aigis._supervise.embedded import EmbeddedSupervisor
 from aigis._supervise.systemd import SystemdSupervisor
+from tests.conftest import settings_for
 from tests.systemd.box import SYSTEMD, Box, reap_stale_boxes
 
 pytestmark = pytest.mark.integration
@@ -83,7 +84,9 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
 @pytest.fixture(params=["embedded", pytest.param("systemd", marks=pytest.mark.systemd)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "embedded":
-        sup: Supervisor = EmbeddedSupervisor(tmp_path / "log", console=None)
+        sup: Supervisor = EmbeddedSupervisor(
+            settings_for(tmp_path, state_dir=tmp_path), console=None
+        )
         backend = Backend(sup, _alive_in(Path("/proc")), os.kill)
     else:
         box: Box = request.getfixturevalue("box")
@@ -99,8 +102,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         for status in sup.status():
             sup.remove(status.name)
         sup.stop_all([])
-        if isinstance(sup, SystemdSupervisor):
-            sup.close()
+        sup.close()
 
 
 @pytest.fixture

@@ -284,11 +284,42 @@ def test_stop_leaves_no_plugin_unit_active_even_if_the_core_dies_meanwhile(aigis
     assert len(aigis.active_plugin_units()) == 3
     aigis.box.systemctl("stop", "--no-block", "aigis")
     aigis.wait_prop("aigis-plugin@stubborn.service", "ActiveState", "deactivating", timeout=10)
-    assert "aigis-plugin@clock.service" in aigis.active_plugin_units()
+    # external plugins stop first (all at once), then internal ones: oracle is still up
+    assert "aigis-plugin@oracle.service" in aigis.active_plugin_units()
     aigis.box.run("kill", "-9", str(aigis.main_pid("aigis.service")))
     aigis.wait_prop("aigis.service", "ActiveState", "failed", timeout=30)  # killed: not clean
     assert aigis.active_plugin_units() == []
     assert aigis.prop("aigis.service", "NRestarts") == "0"  # a requested stop: no restart
+
+
+def test_plugins_ignoring_sigterm_are_stopped_together_not_one_timeout_each(
+    aigis: Aigis,
+) -> None:
+    manifest = """\
+        PLUGIN_TYPE = "external"
+        ENTRYPOINT = "{root}"
+        LAUNCH = ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]
+        """
+    names = [f"stubborn{i:02d}" for i in range(20)]
+    for name in names:
+        aigis.plugin(name, "external", manifest, {})
+    aigis.write_config("stop_timeout = 2")
+    aigis.box.systemctl("start", "aigis")
+    assert len(aigis.active_plugin_units()) == 20
+    started = time.monotonic()
+    aigis.box.systemctl("stop", "aigis")
+    elapsed = time.monotonic() - started
+    assert aigis.active_plugin_units() == []
+    # What the core decided: every stop job was queued before the first stop timeout fired
+    # (one after the other, the first would time out before the second was even asked).
+    pid1 = aigis.box.journal(None, "_PID=1").splitlines()
+    stopping = [
+        i for i, line in enumerate(pid1) if line.startswith("Stopping ") and "stubborn" in line
+    ]
+    killing = [i for i, line in enumerate(pid1) if "'stop-sigterm' timed out. Killing" in line]
+    assert len(stopping) == 20 and len(killing) >= 20, "\n".join(pid1[-60:])
+    assert max(stopping) < min(killing), "\n".join(pid1[-60:])
+    assert elapsed < 20  # one after the other: 20 x 2 s at least
 
 
 def test_hung_core_is_restarted_by_the_watchdog(aigis: Aigis) -> None:

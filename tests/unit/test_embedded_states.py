@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from aigis._errors import PluginError
-from aigis._supervise.base import ProcessSpec, State
+from aigis._supervise.base import LogLocation, ProcessSpec, State
 from aigis._supervise.embedded import KILL_GRACE, EmbeddedSupervisor
 from aigis._supervise.procs import TAG_VAR, Tagged
+from tests.conftest import settings_for
 
 WALL = 1_700_000_000.0  # fake time.time() = WALL + fake monotonic
 
@@ -134,9 +135,12 @@ def fake():
 
 @pytest.fixture
 def sup(fake, tmp_path):
-    supervisor = EmbeddedSupervisor(tmp_path / "log", console=None, os_=fake)
+    supervisor = EmbeddedSupervisor(
+        settings_for(tmp_path, state_dir=tmp_path), console=None, os_=fake
+    )
     yield supervisor
-    supervisor.stop_all([])  # closes the log files
+    supervisor.stop_all([])
+    supervisor.close()  # the log files
 
 
 def spec(name="p", **kw):
@@ -430,7 +434,7 @@ def test_remove_stops_and_forgets(sup, fake):
 def test_stop_all_follows_the_order_and_nothing_restarts(sup, fake):
     for name in ("a", "b", "c"):
         sup.add(spec(name, restart=5, restart_delay=0))
-    sup.stop_all(["c", "a", "b"])
+    sup.stop_all([["c"], ["a"], ["b"]])
     assert [c[1] for c in fake.signals()] == [102, 100, 101]
     assert {s.state for s in sup.status()} == {State.STOPPED}
     advance(fake, sup, 100)
@@ -442,7 +446,7 @@ def test_stop_all_follows_the_order_and_nothing_restarts(sup, fake):
 def test_stop_all_stops_unlisted_plugins_too(sup, fake):
     sup.add(spec("a"))
     sup.add(spec("b"))
-    sup.stop_all(["b", "unknown"])
+    sup.stop_all([["b", "unknown"]])
     assert [s.state for s in sup.status()] == [State.STOPPED, State.STOPPED]
 
 
@@ -453,10 +457,10 @@ def test_status_keeps_registration_order_and_filters(sup):
     assert [s.name for s in sup.status(["m", "z"])] == ["m", "z"]
 
 
-def test_log_path(sup, tmp_path):
+def test_log_location_is_the_plugins_file(sup, tmp_path):
     sup.add(spec())
-    assert sup.log_path("p") == tmp_path / "log" / "p.log"
-    assert sup.log_path("nobody") is None
+    assert sup.log_location("p") == LogLocation(file=tmp_path / "log" / "p.log")
+    assert sup.log_location("gone").file == tmp_path / "log" / "gone.log"
 
 
 def test_log_lines_start_with_a_verb(sup, fake, caplog):

@@ -12,11 +12,12 @@ import pytest
 
 PACKAGE = Path(__file__).parents[2] / "aigis"
 
-LEAVES = {"aigis._errors", "aigis._version"}
+LEAVES = {"aigis._errors", "aigis._version", "aigis._states"}
 PURE = {
-    "aigis._config", "aigis._manifest", "aigis._namespace", "aigis._reload", "aigis._units",
+    "aigis._config", "aigis._manifest", "aigis._namespace", "aigis._reload",
+    "aigis._supervise.units",
     "aigis._supervise.base", "aigis._supervise.policy", "aigis._supervise.unitstate",
-    "aigis._rpc.wire",
+    "aigis._rpc.wire", "aigis._status", "aigis._launch",
 }  # fmt: skip
 TOP = {"aigis._daemon", "aigis._ctl", "aigis._control", "aigis.__main__"}
 

@@ -9,10 +9,10 @@ import pytest
 
 from aigis._errors import PluginError
 from aigis._supervise.base import ProcessSpec, State
-from aigis._supervise.dropins import dropin_path, resolve_program, unit_spec
+from aigis._supervise.dropins import absolute_program, dropin_path, resolve_program
 from aigis._supervise.systemd import SystemdSupervisor
+from aigis._supervise.units import render_dropin
 from aigis._supervise.unitstate import UnitState, describe
-from aigis._units import render_dropin
 
 UNIT = "aigis-plugin@x.service"
 BASE = UnitState(
@@ -64,7 +64,7 @@ EXITED, KILLED = 1, 2  # ExecMainCode
 )  # fmt: skip
 def test_unit_states_map_to_the_shared_vocabulary(changes, limit, stop, state, reason, restarts):
     got = describe(replace(BASE, **changes), restart_limit=limit, stop_requested=stop)
-    assert got[:3] == (state, reason, restarts)
+    assert (got.state, got.reason, got.restarts) == (state, reason, restarts)
 
 
 class FakeSystemd:
@@ -143,7 +143,7 @@ def test_a_running_unit_with_the_same_dropin_is_adopted_not_restarted(tmp_path: 
     unit = "aigis-plugin@kept.service"
     path = dropin_path(tmp_path, unit)
     path.parent.mkdir(parents=True)
-    path.write_text(render_dropin(unit_spec(spec("kept", tmp_path)), 252))
+    path.write_text(render_dropin(absolute_program(spec("kept", tmp_path)), 252))
     fake.units[unit] = replace(BASE, unit=unit, active_state="active", sub_state="running")
     sup.add(spec("kept", tmp_path))
     sup.status()

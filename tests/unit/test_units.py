@@ -4,15 +4,29 @@ from pathlib import Path
 
 import pytest
 
-from aigis._units import UnitSpec, plugin_of_unit, quote, render_dropin, systemd_escape, unit_name
+from aigis._states import Kind
+from aigis._supervise.base import ProcessSpec as UnitSpec
+from aigis._supervise.units import (
+    plugin_of_unit,
+    quote,
+    render_dropin,
+    systemd_escape,
+    unit_name,
+)
 
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "units"
 
 INTERNAL = UnitSpec(
     name="oracle",
-    kind="internal",
-    argv=["/usr/bin/python3", "-m", "aigis._runner", "--name", "oracle"],
-    cwd="/var/lib/aigis/ext/oracle",
+    kind=Kind.INTERNAL,
+    argv=(
+        "/usr/bin/python3",
+        "-m",
+        "aigis._runner",
+        "--name",
+        "oracle",
+    ),
+    cwd=Path("/var/lib/aigis/ext/oracle"),
     env={"PYTHONUNBUFFERED": "1", "AIGIS_ADDRESS": "/run/aigis/aigis.sock"},
     restart=3,
     restart_delay=1.0,
@@ -20,9 +34,13 @@ INTERNAL = UnitSpec(
 )
 EXTERNAL = UnitSpec(
     name="my-clock",
-    kind="external",
-    argv=["/bin/sh", "/var/lib/aigis/ext/my-clock/run 100%.sh", 'say "$HOME"'],
-    cwd="/var/lib/aigis/ext/my-clock",
+    kind=Kind.EXTERNAL,
+    argv=(
+        "/bin/sh",
+        "/var/lib/aigis/ext/my-clock/run 100%.sh",
+        'say "$HOME"',
+    ),
+    cwd=Path("/var/lib/aigis/ext/my-clock"),
     env={"PYTHONUNBUFFERED": "1"},
     restart=None,
 )
@@ -61,7 +79,12 @@ def test_plugin_of_other_units_is_none():
 
 def test_environment_keeps_dollars_as_written():
     spec = UnitSpec(
-        name="p", kind="external", argv=["/bin/true"], cwd="/", env={"B": "pa$word"}, restart=None
+        name="p",
+        kind=Kind.EXTERNAL,
+        argv=("/bin/true",),
+        cwd=Path("/"),
+        env={"B": "pa$word"},
+        restart=None,
     )
     assert 'Environment="B=pa$word"' in render_dropin(spec).splitlines()
 

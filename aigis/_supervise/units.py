@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+from aigis._states import Kind
+from aigis._supervise.base import ProcessSpec
 
 TEMPLATE = "aigis-plugin@.service"
 DROPIN_NAME = "50-aigis.conf"
@@ -54,23 +55,8 @@ def _seconds(value: float) -> str:
     return f"{int(round(value * 1000))}ms"
 
 
-@dataclass(frozen=True)
-class UnitSpec:
-    """Everything a plugin's drop-in says; argv[0] must already be an absolute path."""
-
-    name: str
-    kind: str  # internal | external
-    argv: Sequence[str]
-    cwd: str
-    env: Mapping[str, str]
-    restart: int | None
-    restart_delay: float = 1.0
-    restart_delay_max: float = 60.0
-    stop_timeout: float = 10.0
-
-
-def render_dropin(spec: UnitSpec, systemd_version: int = 252) -> str:
-    """The runtime drop-in for ``aigis-plugin@NAME.service``."""
+def render_dropin(spec: ProcessSpec, systemd_version: int = 252) -> str:
+    """The runtime drop-in for ``aigis-plugin@NAME.service``; argv[0] must be absolute."""
     lines = [
         f"# Written by AIGIS for plugin {spec.name}; rewritten on every start and reload.",
         "[Unit]",
@@ -85,14 +71,14 @@ def render_dropin(spec: UnitSpec, systemd_version: int = 252) -> str:
     lines += [
         "",
         "[Service]",
-        f"Type={'notify' if spec.kind == 'internal' else 'exec'}",
+        f"Type={'notify' if spec.kind is Kind.INTERNAL else 'exec'}",
     ]
-    if spec.kind == "internal":
+    if spec.kind is Kind.INTERNAL:
         lines.append("NotifyAccess=main")
     lines += [
         "ExecStart=",
         "ExecStart=" + " ".join(quote(arg) for arg in spec.argv),
-        "WorkingDirectory=" + spec.cwd.replace("%", "%%"),
+        "WorkingDirectory=" + str(spec.cwd).replace("%", "%%"),
     ]
     lines += [
         f"Environment={quote(f'{key}={value}', variables=False)}"
