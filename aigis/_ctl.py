@@ -193,7 +193,9 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = [("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "REASON")]
+    table: list[tuple[str, ...]] = [
+        ("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "REASON")
+    ]
     for row in rows:
         table.append(
             (
@@ -207,8 +209,8 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
             )
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    for line in table:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])
 
 
 def _rows_from_systemd(names: list[str]) -> list[dict[str, Any]]:

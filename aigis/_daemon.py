@@ -22,6 +22,7 @@ import aigis
 from aigis._config import Config, PluginEntry, load_config
 from aigis._control import Control
 from aigis._errors import AigisError, ConfigError, NotSupervised, PluginError
+from aigis._instance import InstanceLock
 from aigis._launch import process_spec
 from aigis._loader import Loader, Plugin
 from aigis._log import about, setup_logging
@@ -544,12 +545,17 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"aigis: {problem}", file=sys.stderr)
         return 1
+    lock = InstanceLock(config.settings.state_dir)
     try:
+        lock.acquire()  # before anything else: a second core must not touch the first's sockets
         supervisor = pick_supervisor(args.supervisor or config.settings.supervisor, config.settings)
-    except AigisError as exc:  # e.g. the systemd backend asked for but unavailable
+    except AigisError as exc:  # another core; the systemd backend asked for but unavailable
         print(f"aigis: {exc}", file=sys.stderr)
         return 1
-    return Daemon(config, supervisor, skip_requirements=args.skip_requirements).run()
+    try:
+        return Daemon(config, supervisor, skip_requirements=args.skip_requirements).run()
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,8 +69,9 @@ def journal_handler() -> logging.Handler | None:
         def emit(self, record: logging.LogRecord) -> None:
             try:
                 fields = {"LOGGER": record.name, "THREAD_NAME": record.threadName}
-                if getattr(record, "plugin", ""):
-                    fields["AIGIS_PLUGIN"] = record.plugin
+                plugin = getattr(record, "plugin", "")
+                if plugin:
+                    fields["AIGIS_PLUGIN"] = plugin
                 self.send(
                     self.format(record),
                     PRIORITY=str(self.map_priority(record.levelno)),

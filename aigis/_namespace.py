@@ -23,6 +23,8 @@ BUILTIN_OWNER = "aigis"
 class Node:
     """An intermediate namespace level (``aigis.a`` when a skill is ``a.b``)."""
 
+    _aigis_path: str
+
     def __init__(self, path: str) -> None:
         self.__dict__["_aigis_path"] = path
 

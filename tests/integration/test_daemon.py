@@ -102,3 +102,53 @@ def test_sigterm_during_a_slow_requirements_install_stops_at_once(tmp_path, make
     assert 'failed: plugin "slow": requirements command stopped: AIGIS is stopping' in log
     assert 'plugin "never"' not in log  # nothing more is loaded once stopping
     assert not Path(f"/proc/{installer}").exists()
+
+
+def test_a_second_core_refuses_to_start_and_leaves_the_first_alone(tmp_path, daemons):
+    config = tmp_path / "aigis.toml"
+    config.write_text('[aigis]\nstate_dir = "state"\nruntime_dir = "run"\n')
+    first = DaemonProcess(config)
+    daemons.append(first)
+    first.wait_for("ready:")
+    second = subprocess.run(
+        [sys.executable, "-m", "aigis", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 1
+    assert second.stderr.strip() == (
+        f"aigis: another AIGIS core is running with state directory {tmp_path / 'state'} "
+        f"(pid {first.proc.pid})"
+    )
+    assert first.proc.poll() is None
+    assert (tmp_path / "run" / "control.sock").exists()
+
+
+def test_a_socket_bound_but_not_yet_listening_is_not_taken_for_stale(tmp_path):
+    """A first core between bind() and listen() holds the lock: a second core must not remove
+    its socket and serve its own (both would then run the plugins)."""
+    import fcntl
+    import socket
+
+    config = tmp_path / "aigis.toml"
+    config.write_text('[aigis]\nstate_dir = "state"\nruntime_dir = "run"\n')
+    (tmp_path / "state").mkdir()
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "state" / "aigis.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        starting = socket.socket(socket.AF_UNIX)
+        starting.bind(str(tmp_path / "run" / "control.sock"))  # bound, not listening yet
+        inode = (tmp_path / "run" / "control.sock").stat().st_ino
+        try:
+            second = subprocess.run(
+                [sys.executable, "-m", "aigis", "-c", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        finally:
+            starting.close()
+    assert second.returncode == 1, second.stderr
+    assert "another AIGIS core is running" in second.stderr
+    assert (tmp_path / "run" / "control.sock").stat().st_ino == inode
