@@ -1,5 +1,6 @@
 """``aigisctl``: the operator's command line. It talks to the core over the control socket;
-``check`` works offline. Exit codes follow LSB: 0 ok, 1 error, 2 usage, 3 not running.
+``check`` works offline. Exit codes follow LSB: 0 ok, 1 error, 2 usage, 3 not running,
+4 not answering (the core accepted the connection but did not answer in time).
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from typing import Any
 
 from aigis._version import __version__
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_NOT_ANSWERING = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "/etc/aigis/aigis.toml"
 
 
 class CtlError(Exception):
-    """A failure to report on one line, with its exit code."""
+    """A failure to report on one line, with its exit code (and the core's error type)."""
 
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+    def __init__(self, message: str, code: int = EXIT_ERROR, error: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.error = error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aigisctl",
         description="Control and inspect the AIGIS core and its plugins.",
-        epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 not running.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 not running, 4 not answering "
+        "(wait: $AIGISCTL_TIMEOUT seconds, default 5).",
     )
     parser.add_argument("--version", action="version", version=f"aigisctl {__version__}")
     parser.add_argument(
@@ -91,13 +94,13 @@ def _settings(args: argparse.Namespace):
         raise CtlError("\n".join(exc.problems)) from None
 
 
-def _client(args: argparse.Namespace, control: bool = True):
-    """A client for the control socket (or the plugins' socket), failing fast."""
+def _client(args: argparse.Namespace):
+    """A proxy client for the plugins' socket (``aigisctl shell``), failing fast."""
     from aigis._errors import AigisError
     from aigis._rpc.client import CoreClient, read_authkey
 
     settings = _settings(args)
-    path = settings.control_socket if control else settings.socket
+    path = settings.socket
     try:
         os.stat(path)
     except PermissionError:
@@ -115,18 +118,23 @@ def _client(args: argparse.Namespace, control: bool = True):
     return CoreClient(path, authkey, retry_for=1.0)
 
 
-def _control(args: argparse.Namespace, operation: str, *call_args: Any) -> Any:
-    from aigis._errors import CoreUnavailable
+def _control(args: argparse.Namespace, operation: str, *call_args: Any, wait: bool = False) -> Any:
+    """``operation(*call_args)`` in the core, over the control socket (plain JSON)."""
+    from aigis import _ctlclient as client
+    from aigis._ctlwire import control_key_path
 
-    client = _client(args)
+    settings = _settings(args)
+    key = control_key_path(settings.state_dir)
     try:
-        return client.call((operation,), call_args)
-    except CoreUnavailable as exc:
-        raise CtlError(f"the AIGIS core is not running: {exc}", EXIT_NOT_RUNNING) from None
-    except Exception as exc:  # the core's own error: one line, no traceback
+        return client.request(settings.control_socket, key, operation, list(call_args), wait=wait)
+    except client.NotRunning as exc:
+        raise CtlError(str(exc), EXIT_NOT_RUNNING) from None
+    except client.NotAnswering as exc:
+        raise CtlError(str(exc), EXIT_NOT_ANSWERING) from None
+    except client.Failed as exc:  # the core's own error: one line
+        raise CtlError(str(exc) or exc.error, error=exc.error) from None
+    except client.ControlError as exc:  # refused, or not a core we understand
         raise CtlError(str(exc) or type(exc).__name__) from None
-    finally:
-        client.close()
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -172,7 +180,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         rows = _control(args, "status", args.names)
     except CtlError as exc:
-        if exc.code != EXIT_NOT_RUNNING or not Path("/run/systemd/system").is_dir():
+        down = (EXIT_NOT_RUNNING, EXIT_NOT_ANSWERING)
+        if exc.code not in down or not Path("/run/systemd/system").is_dir():
             raise
         print(f"aigisctl: {exc}", file=sys.stderr)
         rows = _rows_from_systemd(args.names)
@@ -181,7 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         elif not rows:
             print("systemd knows no AIGIS plugin unit.", file=sys.stderr)
         _print_status(rows, args.json)
-        return EXIT_NOT_RUNNING
+        return exc.code
     _print_status(rows, args.json)
     if args.names and not all(is_up(row) for row in rows):
         return EXIT_NOT_RUNNING
@@ -233,7 +242,7 @@ def _rows_from_systemd(names: list[str]) -> list[dict[str, Any]]:
 
 
 def _verb(args: argparse.Namespace) -> int:
-    row = _control(args, args.command, args.name)
+    row = _control(args, args.command, args.name, wait=True)
     print(
         f"{row['name']}: {row['state']}"
         + (f" (pid {row['pid']})" if row.get("pid") else "")
@@ -247,7 +256,7 @@ cmd_start = cmd_stop = cmd_restart = _verb
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the core to re-read its config."""
-    print(f"reloaded: {_control(args, 'reload')}")
+    print(f"reloaded: {_control(args, 'reload', wait=True)}")
     return EXIT_OK
 
 
@@ -293,46 +302,16 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def parse_call_args(tokens: list[str]) -> tuple[list[Any], dict[str, Any]]:
-    """Python literals; a token that is not one is a string; NAME=VALUE is a keyword."""
-    import ast
-    import re
-
-    def value(text: str) -> Any:
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            return text
-
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    for token in tokens:
-        match = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", token, re.S)
-        if match:
-            kwargs[match.group(1)] = value(match.group(2))
-        else:
-            args.append(value(token))
-    return args, kwargs
-
-
 def cmd_call(args: argparse.Namespace) -> int:
-    """Call a skill in the core and print its result."""
-    import pprint
-
-    from aigis._errors import CoreUnavailable
-
+    """Call a skill in the core and print its result (its repr, made in the core). Arguments
+    travel as the strings typed here and become Python literals in the core."""
     path = args.path.removeprefix("aigis.")
-    call_args, kwargs = parse_call_args(args.args)
-    client = _client(args, control=False)
     try:
-        result = client.call(tuple(path.split(".")), tuple(call_args), kwargs)
-    except CoreUnavailable as exc:
-        raise CtlError(f"the AIGIS core is not running: {exc}", EXIT_NOT_RUNNING) from None
-    except Exception as exc:
-        raise CtlError(f"aigis.{path}: {type(exc).__name__}: {exc}") from None
-    finally:
-        client.close()
-    pprint.pprint(result)
+        print(_control(args, "call", path, list(args.args), wait=True))
+    except CtlError as exc:
+        if exc.code != EXIT_ERROR:
+            raise
+        raise CtlError(f"aigis.{path}: {exc.error}: {exc}" if exc.error else str(exc)) from None
     return EXIT_OK
 
 
@@ -342,7 +321,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
     from aigis._rpc.proxy import make_proxy_module
 
-    proxy = make_proxy_module(_client(args, control=False))
+    proxy = make_proxy_module(_client(args))
     sys.modules["aigis"] = proxy
     code.interact(
         banner=f"AIGIS {__version__} shell: `aigis` is connected to the core "

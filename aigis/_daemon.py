@@ -20,9 +20,11 @@ from typing import Any
 
 import aigis
 from aigis._config import Config, PluginEntry, load_config
-from aigis._control import Control
+from aigis._control import Control, ControlServer
+from aigis._ctlwire import control_key_path
 from aigis._errors import AigisError, ConfigError, NotSupervised, PluginError
 from aigis._instance import InstanceLock
+from aigis._keys import load_or_create_key
 from aigis._launch import process_spec
 from aigis._loader import Loader, Plugin
 from aigis._log import about, setup_logging
@@ -73,6 +75,8 @@ class Daemon:
         self.reloader: threading.Thread | None = None
         self.started_at = time.time()
         self.servers: list[CoreServer] = []
+        self.control: ControlServer | None = None
+        self.loading: tuple[int, int, str] | None = None  # (3, 12, name) while start-up loads
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -99,10 +103,12 @@ class Daemon:
         try:
             self.start_server("control")
             loaded = []
-            for entry in self.config.plugins:
+            for index, entry in enumerate(self.config.plugins, 1):
                 if self._startup_signals():
                     break
+                self.loading = (index, len(self.config.plugins), entry.name)
                 loaded.append(self.load_plugin(entry))
+            self.loading = None
             # Plugins' socket only once every skill is registered: a plugin reconnecting to a
             # restarted core never sees a half-loaded namespace.
             self.start_server("plugins")
@@ -152,20 +158,20 @@ class Daemon:
 
     def start_server(self, which: str) -> None:
         """``plugins``: the namespace on the Unix socket (and TCP when configured);
-        ``control``: the operators' socket for aigisctl, never on TCP."""
+        ``control``: the operators' JSON socket for aigisctl, never on TCP."""
         settings = self.config.settings
-        settings.runtime_dir.mkdir(parents=True, exist_ok=True)
-        authkey = load_or_create_authkey(settings.authkey_file)
+        settings.runtime_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         if which == "plugins":
+            authkey = load_or_create_authkey(settings.authkey_file)
             server = CoreServer(
                 self.namespace.resolve, unix_path=settings.socket, tcp=settings.tcp, authkey=authkey
             )
+            server.start()
+            self.servers.append(server)
         else:
-            server = CoreServer(
-                Control(self).resolve, unix_path=settings.control_socket, tcp=None, authkey=authkey
-            )
-        server.start()
-        self.servers.append(server)
+            key = load_or_create_key(control_key_path(settings.state_dir), "control key")
+            self.control = ControlServer(Control(self), settings.control_socket, key)
+            self.control.start()
 
     def _startup_signals(self) -> bool:
         """Between plugin loads: act on SIGTERM at once, keep SIGHUP for after start-up."""
@@ -253,6 +259,8 @@ class Daemon:
         self._quietly("closing the supervisor", self.supervisor.close)
         for server in self.servers:
             self._quietly("closing a socket", server.stop)  # idempotent for the one stopped
+        if self.control is not None:
+            self._quietly("closing the control socket", self.control.stop)
         log.info("stopped: AIGIS")
 
     def _core_restarting(self) -> bool:
@@ -455,7 +463,15 @@ class Daemon:
     def status_rows(self, names: list[str] | None = None) -> list[Row]:
         """Status of ``names`` (all when None), in load order; unknown names raise."""
         # No lock: a snapshot of the dict is enough, and status must answer during a reload.
-        current = dict(self.plugins)
+        current: dict[str, Plugin] = dict(self.plugins)
+        loading = self.loading
+        if loading is not None:  # start-up: plugins not loaded yet are shown as starting
+            index, total, busy = loading
+            for entry in self.config.plugins:
+                if entry.name not in current:
+                    reason = f"loading ({index}/{total})" if entry.name == busy else "waiting"
+                    root = self.loader.root_of(entry.name)
+                    current[entry.name] = Plugin(entry, root, reason=reason)
         wanted = list(current) if not names else list(names)
         for name in wanted:
             if name not in current:

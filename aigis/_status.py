@@ -69,6 +69,8 @@ def plugin_row(plugin: PluginFacts, proc: Status | None, now: float | None = Non
     """
     now = time.time() if now is None else now
     state, reason = State(plugin.state), plugin.reason
+    if state is State.NEW:  # listed, being loaded or waiting for its turn (start-up)
+        state = State.STARTING
     pid, restarts, last_exit = None, 0, None
     since: float | None = plugin.loaded_at or None
     uptime = None

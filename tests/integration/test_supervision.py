@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from aigis._config import load_config
-from aigis._rpc.client import CoreClient, read_authkey
+from aigis._ctlclient import request
+from aigis._ctlwire import control_key_path
 from tests.integration.daemon import DaemonProcess
 
 pytestmark = pytest.mark.integration
@@ -241,18 +242,17 @@ def test_flooding_plugin_loses_no_line_and_status_stays_fast(tmp_path, make_plug
         '[external]\nflood = "src/flood"\n', settings="log_max_bytes = 100000000"
     )
     settings = load_config(config).settings
-    client = CoreClient(settings.control_socket, read_authkey(settings.authkey_file))
+    key = control_key_path(settings.state_dir)
     slowest = 0.0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         started = time.monotonic()
-        rows = client.call(("status",), ([],))
+        rows = request(settings.control_socket, key, "status", [[]])
         slowest = max(slowest, time.monotonic() - started)
         if rows[0]["state"] == "exited":
             break
     else:
         raise AssertionError("the flooder did not finish within 120 s")
-    client.close()
     log = tmp_path / "state" / "log" / "flood.log"
     wait_until(lambda: log.read_bytes().count(b"\n") >= lines, timeout=30, what="log drained")
     assert log.read_bytes().count(b"\n") == lines

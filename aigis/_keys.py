@@ -1,0 +1,70 @@
+"""Key files: random secrets created once with an explicit mode, read with errors naming the file.
+
+The core holds several keys (the operators' control key, the plugins' authkey); each lives in
+its own file so that file permissions decide who holds which capability.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from aigis._errors import AigisError
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+KEY_MODE = 0o640  # the core's group (aigis under systemd) may read it; nobody else
+
+
+def read_key(path: Path, what: str, hint: str = "") -> bytes:
+    """The key in ``path``; AigisError naming the file (and ``hint``: how to point elsewhere)."""
+    try:
+        key = Path(path).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        suffix = f" ({hint})" if hint else ""
+        raise AigisError(f"cannot read the {what} file {path}: {reason}{suffix}") from None
+    if not key:
+        raise AigisError(f"the {what} file {path} is empty")
+    return key
+
+
+def load_or_create_key(path: Path, what: str, mode: int = KEY_MODE) -> bytes:
+    """The key in ``path``, created once (random bytes, ``mode``) if it does not exist."""
+    path = Path(path)
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        key = _create(path, what, mode)
+    except OSError as exc:
+        raise AigisError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    if not key:
+        raise AigisError(f"the {what} file {path} is empty")
+    return key
+
+
+def _create(path: Path, what: str, mode: int) -> bytes:
+    key = os.urandom(KEY_BYTES)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, key)
+            os.fchmod(fd, mode)  # explicit: the umask must not decide who can read it
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # link() is atomic and fails if another process created the key first: readers never
+        # see a half-written file, and two processes starting at once agree on one key
+        os.link(tmp, path)
+    except FileExistsError:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AigisError(f"cannot create the {what} file {path}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("created: %s file %s (mode %04o)", what, path, mode)
+    return key
