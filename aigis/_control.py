@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aigis import _ctlwire as wire
 from aigis._errors import AigisError, PluginError
+from aigis._redact import redact
 from aigis._rpc.wire import refusal
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -307,10 +308,8 @@ class ControlServer:
         sock.settimeout(None)
         try:
             reply = {"ok": True, "value": self.control.run(op, args)}
-        except PluginError as exc:
-            reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
         except Exception as exc:  # the operation's own error: its type and message, one line
-            reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+            reply = {"ok": False, "error": type(exc).__name__, "message": redact(str(exc))}
         _send(sock, reply)
 
 

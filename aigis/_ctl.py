@@ -141,15 +141,16 @@ def _control(args: argparse.Namespace, operation: str, *call_args: Any, wait: bo
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate without starting anything; one line per problem."""
     from aigis._check import check_config
+    from aigis._redact import redact
 
     report = check_config(Path(args.config))
     for line in report.errors:
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {redact(line)}", file=sys.stderr)
     for line in report.warnings:
-        print(f"warning: {line}", file=sys.stderr)
+        print(f"warning: {redact(line)}", file=sys.stderr)
     if not args.quiet:
         for line in report.notes:
-            print(line)
+            print(redact(line))
     if report.errors:
         print(f"{args.config}: {len(report.errors)} problem(s)", file=sys.stderr)
         return EXIT_ERROR

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from aigis._redact import redact
+
 PLUGIN_LOGGER = "aigis.plugin"
 
 
@@ -43,9 +45,14 @@ _SYSLOG_PRIORITY = {
 
 
 class _PluginField(logging.Filter):
-    """Adds ``record.plugin`` (from ``extra=`` or the logger name) and ``record.priority``."""
+    """Adds ``record.plugin`` (from ``extra=`` or the logger name) and ``record.priority``, and
+    masks credentials in the message (a git URL with a token must never reach a log)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
         if not hasattr(record, "plugin"):
             prefix = PLUGIN_LOGGER + "."
             record.plugin = record.name[len(prefix) :] if record.name.startswith(prefix) else ""

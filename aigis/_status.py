@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+from aigis._redact import redact
 from aigis._states import UP, Kind, State
 from aigis._supervise.base import Status
 from aigis._supervise.units import plugin_of_unit
@@ -91,11 +92,11 @@ def plugin_row(plugin: PluginFacts, proc: Status | None, now: float | None = Non
         uptime=uptime,
         since=since,
         host=plugin.host,
-        source=plugin.source,
+        source=redact(plugin.source),
         ref=plugin.ref,
         commit=plugin.commit,
         last_exit=last_exit,
-        reason=reason,
+        reason=redact(reason),
     )
 
 

@@ -186,3 +186,25 @@ def test_requests_over_the_size_limit_are_dropped(core, tmp_path):
         sock.sendall(struct.pack("!I", wire.MAX_REQUEST + 1))
         assert sock.recv(100) == b""
     assert ctl(config, "status").returncode == 0
+
+
+def test_a_token_in_a_git_url_is_shown_nowhere(tmp_path, daemons):
+    token = "s3cr3tT0KEN"
+    with socket.socket() as closed:  # a port nobody listens on: the clone fails at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    config = tmp_path / "aigis.toml"
+    config.write_text(
+        '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nsupervisor = "embedded"\n'
+        f'[external]\nfetched = "https://deploy:{token}@127.0.0.1:{port}/x.git?private_token={token}"\n'
+    )
+    daemon = DaemonProcess(config)
+    daemons.append(daemon)
+    daemon.wait_for("ready:")
+    shown = ctl(config, "status", "--json").stdout + ctl(config, "status").stdout
+    checked = ctl(config, "check")
+    reloaded = ctl(config, "start", "fetched")
+    assert "deploy:***@127.0.0.1" in shown
+    for text in (daemon.log, shown, checked.stdout + checked.stderr, reloaded.stderr):
+        assert token not in text
+    assert 'failed: plugin "fetched"' in daemon.log
