@@ -43,6 +43,12 @@ log = logging.getLogger("aigis.core")
 DEFAULT_CONFIG = "/etc/aigis/aigis.toml"
 PUBLIC_API = ("AigisError", "CoreUnavailable", "RemoteError")
 TICK = 0.2  # main-loop period: supervisor poll, watchdog
+STARTUP_GRACE = 5.0  # after SIGTERM, how long a plugin load in progress may take to finish
+
+
+class StartupAbandoned(BaseException):
+    """A start-up load still running STARTUP_GRACE seconds after SIGTERM (not an Exception, so
+    plugin code's ``except Exception`` cannot swallow it)."""
 
 
 class Daemon:
@@ -107,8 +113,19 @@ class Daemon:
                 if self._startup_signals():
                     break
                 self.loading = (index, len(self.config.plugins), entry.name)
-                loaded.append(self.load_plugin(entry))
-            self.loading = None
+                try:
+                    loaded.append(self.load_plugin(entry))
+                except StartupAbandoned:
+                    log.warning(
+                        'abandoned: plugin "%s" still loading %gs after the stop request',
+                        entry.name,
+                        STARTUP_GRACE,
+                        **about(entry.name),
+                    )
+                    break
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)  # no alarm outside a load
+                    self.loading = None
             # Plugins' socket only once every skill is registered: a plugin reconnecting to a
             # restarted core never sees a half-loaded namespace.
             self.start_server("plugins")
@@ -185,15 +202,24 @@ class Daemon:
         return self.stopping
 
     def install_signals(self) -> None:
-        """Handlers only enqueue the signal number."""
+        """Handlers only enqueue the signal number (SIGALRM: see ``_on_alarm``)."""
         for signum in self.SIGNALS:
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGALRM, self._on_alarm)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        """Enqueue; a stop request also cancels a requirements command that is running."""
+        """Enqueue; a stop request also cancels a requirements command that is running and,
+        during a start-up load, gives that load STARTUP_GRACE seconds before abandoning it."""
         self.signals.put(signum)
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.cancel.set()
+            if self.loading is not None:
+                signal.setitimer(signal.ITIMER_REAL, STARTUP_GRACE)
+
+    def _on_alarm(self, _signum: int, _frame: object) -> None:
+        """Runs in the main thread, inside whatever a stuck start-up load is doing: unwind it."""
+        if self.loading is not None and self.cancel.is_set():
+            raise StartupAbandoned(self.loading[2])
 
     def dispatch(self, signum: int) -> None:
         """Call ``handle_<signame>``."""

@@ -152,3 +152,36 @@ def test_a_socket_bound_but_not_yet_listening_is_not_taken_for_stale(tmp_path):
     assert second.returncode == 1, second.stderr
     assert "another AIGIS core is running" in second.stderr
     assert (tmp_path / "run" / "control.sock").stat().st_ino == inode
+
+
+@pytest.mark.parametrize(
+    "stuck",
+    ["import threading\nthreading.Event().wait()\n", "import time\ntime.sleep(10**6)\n"],
+    ids=["event-wait", "sleep"],
+)
+def test_sigterm_during_a_stuck_load_abandons_it_and_stops_cleanly(
+    tmp_path, make_plugin, daemons, stuck
+):
+    order = tmp_path / "order"
+    make_plugin("first", CORE_CFG, core=cleanup_core(order, "first"))
+    make_plugin("stuck", CORE_CFG, core=stuck + "SKILLS = []\n")
+    make_plugin("never", CORE_CFG, core=cleanup_core(order, "never"))
+    config = tmp_path / "aigis.toml"
+    config.write_text(
+        '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\n[core]\n'
+        'first = "src/first"\nstuck = "src/stuck"\nnever = "src/never"\n'
+    )
+    daemon = DaemonProcess(config)
+    daemons.append(daemon)
+    daemon.wait_for('loaded: plugin "first"')
+    ctl = [sys.executable, "-m", "aigis._ctl", "-c", str(config), "status", "stuck"]
+    deadline = time.monotonic() + 30
+    while "loading (2/3)" not in subprocess.run(ctl, capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "status never said the stuck plugin was loading"
+        time.sleep(0.05)
+    assert daemon.signal(signal.SIGTERM, timeout=60) == 0
+    log = daemon.log
+    assert 'abandoned: plugin "stuck" still loading 5s after the stop request' in log
+    assert order.read_text().split() == ["first"]  # loaded ones are cleaned up, once
+    assert 'loaded: plugin "never"' not in log
+    assert "stopped: AIGIS" in log and "Traceback" not in log
