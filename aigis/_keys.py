@@ -18,19 +18,6 @@ KEY_BYTES = 32
 KEY_MODE = 0o640  # the core's group (aigis under systemd) may read it; nobody else
 
 
-def read_key(path: Path, what: str, hint: str = "") -> bytes:
-    """The key in ``path``; AigisError naming the file (and ``hint``: how to point elsewhere)."""
-    try:
-        key = Path(path).read_bytes()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        suffix = f" ({hint})" if hint else ""
-        raise AigisError(f"cannot read the {what} file {path}: {reason}{suffix}") from None
-    if not key:
-        raise AigisError(f"the {what} file {path} is empty")
-    return key
-
-
 def load_or_create_key(path: Path, what: str, mode: int = KEY_MODE) -> bytes:
     """The key in ``path``, created once (random bytes, ``mode``) if it does not exist."""
     path = Path(path)

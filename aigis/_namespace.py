@@ -94,15 +94,6 @@ class Namespace:
         owners = dict(self._owner)  # RPC threads read while a reload writes
         return [owners[p] for p in sorted(owners)]
 
-    def owner_of(self, path: str) -> str | None:
-        """The plugin owning ``path`` or an ancestor/descendant of it, if any."""
-        if path in self._owner:
-            return self._owner[path].plugin
-        for other, skill in list(self._owner.items()):
-            if other.startswith(path + ".") or path.startswith(other + "."):
-                return skill.plugin
-        return None
-
     def plan(
         self,
         plugin: str,
