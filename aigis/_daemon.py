@@ -69,6 +69,7 @@ class Daemon:
             config.path.parent,
             skip_requirements=skip_requirements,
             cancel=self.cancel,
+            progress=self._on_progress,
         )
         self.supervisor = supervisor
         self.plugins: dict[str, Plugin] = {}
@@ -83,6 +84,7 @@ class Daemon:
         self.servers: list[CoreServer] = []
         self.control: ControlServer | None = None
         self.loading: tuple[int, int, str] | None = None  # (3, 12, name) while start-up loads
+        self.step: tuple[str, float] = ("", 0.0)  # what the load in progress does, since when
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -113,6 +115,7 @@ class Daemon:
                 if self._startup_signals():
                     break
                 self.loading = (index, len(self.config.plugins), entry.name)
+                self.step = ("", 0.0)
                 try:
                     loaded.append(self.load_plugin(entry))
                 except StartupAbandoned:
@@ -189,6 +192,23 @@ class Daemon:
             key = load_or_create_key(control_key_path(settings.state_dir), "control key")
             self.control = ControlServer(Control(self), settings.control_socket, key)
             self.control.start()
+
+    def _on_progress(self, name: str, step: str) -> None:
+        """A load moved on to ``step``: systemd's STATUS= line and ``aigisctl status`` say so."""
+        self.step = (step, time.monotonic())
+        loading = self.loading
+        if loading is not None and loading[2] == name:
+            self.notifier.status(f'loading {loading[0]}/{loading[1]}: plugin "{name}": {step}')
+
+    def loading_reason(self) -> str:
+        """``loading (3/12): running requirements (41 s)`` for the plugin being loaded."""
+        loading, (step, since) = self.loading, self.step
+        if loading is None:
+            return ""
+        reason = f"loading ({loading[0]}/{loading[1]})"
+        if step:
+            reason += f": {step} ({time.monotonic() - since:.0f} s)"
+        return reason
 
     def _startup_signals(self) -> bool:
         """Between plugin loads: act on SIGTERM at once, keep SIGHUP for after start-up."""
@@ -492,10 +512,10 @@ class Daemon:
         current: dict[str, Plugin] = dict(self.plugins)
         loading = self.loading
         if loading is not None:  # start-up: plugins not loaded yet are shown as starting
-            index, total, busy = loading
+            busy = loading[2]
             for entry in self.config.plugins:
                 if entry.name not in current:
-                    reason = f"loading ({index}/{total})" if entry.name == busy else "waiting"
+                    reason = self.loading_reason() if entry.name == busy else "waiting"
                     root = self.loader.root_of(entry.name)
                     current[entry.name] = Plugin(entry, root, reason=reason)
         wanted = list(current) if not names else list(names)

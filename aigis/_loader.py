@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class Loader:
         base_dir: Path,
         skip_requirements: bool = False,
         cancel: threading.Event | None = None,
+        progress: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.namespace = namespace
@@ -88,6 +90,8 @@ class Loader:
         self.skip_requirements = skip_requirements or settings.requirements == "skip"
         # Set when AIGIS is asked to stop: a running requirements command is killed.
         self.cancel = cancel
+        # Told (plugin, step) as each step of a load begins: start-up can take minutes.
+        self._progress = progress or (lambda _name, _step: None)
 
     def root_of(self, name: str) -> Path:
         """``<state>/ext/<name>``."""
@@ -134,10 +138,12 @@ class Loader:
         """fetch -> manifest -> system requirements -> requirements -> secrets."""
         entry = plugin.entry
         self.settings.plugins_dir.mkdir(parents=True, exist_ok=True)
+        self._progress(entry.name, "fetching")
         fetched = _sources.fetch(
             entry.name, entry.source, plugin.root, ref=entry.ref, base_dir=self.base_dir
         )
         plugin.commit = fetched.commit
+        self._progress(entry.name, "reading its manifest")
         manifest = load_manifest(plugin.root, entry.name)
         plugin.manifest = manifest
         for warning in manifest.warnings:
@@ -175,6 +181,7 @@ class Loader:
                     **about(entry.name),
                 )
         else:
+            self._progress(entry.name, "running requirements")
             install(
                 entry.name,
                 manifest.requirements_command,
@@ -186,6 +193,7 @@ class Loader:
                 cancel=self.cancel,
             )
         if manifest.secrets:
+            self._progress(entry.name, "copying secrets")
             count = copy_secrets(
                 entry.name, manifest.secrets, self.settings.secrets_dir, plugin.root
             )
@@ -194,6 +202,7 @@ class Loader:
     def _load_core(self, plugin: Plugin) -> None:
         """Import AIGIS.core and register its SKILLS (all or nothing)."""
         assert plugin.manifest is not None
+        self._progress(plugin.name, "importing AIGIS.core")
         core = import_core(plugin.name, plugin.root / CORE_FILE, plugin.manifest.entrypoint)
         plugin.skills = self.namespace.register(
             plugin.name, core.module, core.skills, core.origin, plugin_logger(plugin.name)

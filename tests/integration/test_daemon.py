@@ -176,7 +176,9 @@ def test_sigterm_during_a_stuck_load_abandons_it_and_stops_cleanly(
     daemon.wait_for('loaded: plugin "first"')
     ctl = [sys.executable, "-m", "aigis._ctl", "-c", str(config), "status", "stuck"]
     deadline = time.monotonic() + 30
-    while "loading (2/3)" not in subprocess.run(ctl, capture_output=True, text=True).stdout:
+    while (
+        "loading (2/3): importing" not in subprocess.run(ctl, capture_output=True, text=True).stdout
+    ):
         assert time.monotonic() < deadline, "status never said the stuck plugin was loading"
         time.sleep(0.05)
     assert daemon.signal(signal.SIGTERM, timeout=60) == 0
