@@ -176,7 +176,7 @@ def _duration(seconds: float | None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     """A table (or JSON) of plugins; exit 3 when a named plugin is not running. When the core is
     down, say so and show what systemd knows of the plugin units."""
-    from aigis._status import is_up
+    from aigis._states import UP
 
     try:
         rows = _control(args, "status", args.names)
@@ -193,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_status(rows, args.json)
         return exc.code
     _print_status(rows, args.json)
-    if args.names and not all(is_up(row) for row in rows):
+    if args.names and not all(row["state"] in UP for row in rows):
         return EXIT_NOT_RUNNING
     return EXIT_OK
 

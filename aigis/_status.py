@@ -7,7 +7,7 @@ import time
 from typing import Any, Protocol
 
 from aigis._redact import redact
-from aigis._states import UP, Kind, State
+from aigis._states import Kind, State
 from aigis._supervise.base import Status
 from aigis._supervise.units import plugin_of_unit
 from aigis._supervise.unitstate import UnitState, describe
@@ -123,11 +123,6 @@ def unit_row(unit: UnitState, now: float | None = None) -> Row:
         last_exit=view.last_exit,
         reason=reason,
     )
-
-
-def is_up(row: Row) -> bool:
-    """Whether a row counts as running for exit code 3 (LSB ``not running``)."""
-    return row["state"] in UP
 
 
 def summary(rows: list[Row]) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from aigis._states import Kind, State
-from aigis._status import STATUS_FIELDS, is_up, plugin_row, summary, unit_row
+from aigis._states import UP, Kind, State
+from aigis._status import STATUS_FIELDS, plugin_row, summary, unit_row
 from aigis._supervise.base import Status
 from aigis._supervise.unitstate import UnitState
 
@@ -81,7 +81,7 @@ def test_a_process_row_takes_the_supervisors_view():
 
 def test_a_supervised_plugin_without_a_snapshot_is_unknown():
     row = plugin_row(FakePlugin(), None, now=200.0)
-    assert row["state"] == "unknown" and not is_up(row)
+    assert row["state"] == "unknown" and row["state"] not in UP
 
 
 def test_a_unit_row_knows_nothing_of_the_cores_own_facts():
