@@ -1,12 +1,17 @@
 """Config parsing and validation (SPEC §1)."""
 
+import re
+import tomllib
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
 
-from aigis._config import ConfigError, parse_config
+from aigis._config import ConfigError, Settings, parse_config
+from aigis._settings import BY_NAME, SETTINGS
 
 CFG = Path("/etc/aigis/aigis.toml")
+ETC_PATH = CFG
 
 
 def problems(text: str) -> list[str]:
@@ -107,7 +112,7 @@ def test_wrong_setting_type_says_expected():
     (line,) = problems('[aigis]\nrestart_delay = "1s"\n')
     assert line == (
         "/etc/aigis/aigis.toml:2: [aigis] restart_delay must be a number of "
-        "seconds >= 0, got str '1s'"
+        "seconds >= 0 and <= 604800, got str '1s'"
     )
 
 
@@ -139,3 +144,48 @@ def test_a_config_under_etc_uses_system_paths_for_any_user(monkeypatch):
         Path("/home/u/.state/aigis"),
         Path("/run/user/1000/aigis"),
     )
+
+
+# --- one table of settings -------------------------------------------------------------------
+
+ETC = Path(__file__).parents[2] / "etc" / "aigis" / "aigis.toml"
+
+
+def etc_settings_text() -> str:
+    """The packaged file's [aigis] table with every commented ``# key = value`` line enabled."""
+    lines, in_aigis = ["[aigis]"], False
+    for line in ETC.read_text().splitlines():
+        if line.startswith("["):
+            in_aigis = line.strip() == "[aigis]"
+            continue
+        match = re.match(r"#?\s*([a-z_]+)\s*=\s*(.*)$", line)
+        if in_aigis and match and match.group(1) in BY_NAME:
+            value = re.sub(r"\s+#.*$", "", match.group(2))
+            lines.append(f"{match.group(1)} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+def test_packaged_config_lists_every_setting_with_its_real_default(monkeypatch):
+    for var in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY"):
+        monkeypatch.delenv(var, raising=False)
+    listed = tomllib.loads(etc_settings_text())["aigis"]
+    assert list(listed) == [s.name for s in SETTINGS]  # every one, in the table's order
+    for setting in SETTINGS:
+        if setting.default is not None:
+            assert listed[setting.name] == setting.default, setting.name
+    # Computed defaults too: enabling every line changes nothing for the packaged path.
+    enabled = parse_config(etc_settings_text(), ETC_PATH).settings
+    assert enabled == parse_config("", ETC_PATH).settings
+
+
+def test_settings_dataclass_defaults_come_from_the_table():
+    for item in fields(Settings):
+        if item.default is not MISSING:
+            assert item.default == BY_NAME[item.name].default, item.name
+    assert parse_config("", CFG).settings.log_backups == 3
+
+
+def test_every_declared_default_passes_its_own_validation():
+    for setting in SETTINGS:
+        if setting.default is not None:
+            assert setting.valid(setting.default), setting.name

@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).parents[2] / "aigis"
 
-LEAVES = {"aigis._errors", "aigis._version"}
+LEAVES = {"aigis._errors", "aigis._version", "aigis._settings", "aigis._quote"}
 PURE = {
     "aigis._config", "aigis._manifest", "aigis._namespace", "aigis._reload", "aigis._units",
     "aigis._supervise.base", "aigis._supervise.policy", "aigis._supervise.unitstate",
