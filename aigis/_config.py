@@ -148,8 +148,18 @@ def _key_index(text: str) -> dict[tuple[str | None, str], int]:
             continue
         match = _KEY.match(line)
         if match:
-            index.setdefault((current, match.group(1).strip("\"'")), number)
+            index.setdefault((current, _key_text(match.group(1))), number)
     return index
+
+
+def _key_text(raw: str) -> str:
+    """A key as TOML reads it: quotes removed, escapes (``"\\u001b"``) decoded."""
+    if raw.startswith('"') and "\\" in raw:
+        try:
+            return next(iter(tomllib.loads(f"{raw} = 0")))
+        except (tomllib.TOMLDecodeError, RecursionError):
+            pass
+    return raw.strip("\"'")
 
 
 def _duplicate_names(text: str) -> list[tuple[str, str, int, int]]:
