@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aigis import _sources
 from aigis._config import Config, load_config
-from aigis._errors import AigisError, ConfigError, ManifestError, PluginError
-from aigis._manifest import CORE_FILE, load_manifest
+from aigis._errors import AigisError, ConfigError, PluginError
+from aigis._manifest import MANIFEST
+from aigis._plugindir import validate_plugin
 from aigis._requirements import check_system
 from aigis._secrets import plan_secrets
 
@@ -48,37 +48,13 @@ def _check_plugin(config: Config, name: str, source: str, table: str, report: Re
     else:
         report.notes.append(f"{prefix}: not fetched yet from {source}; manifest not checked")
         return
-    try:
-        manifest = load_manifest(root, name)
-    except ManifestError as exc:
-        report.errors.extend(f"{prefix}: {problem}" for problem in exc.problems)
+    checked = validate_plugin(root, name, table)
+    report.errors.extend(f"{prefix}: {problem}" for problem in checked.errors)
+    report.warnings.extend(f"{prefix}: {w}" for w in checked.warnings)
+    manifest = checked.manifest
+    if manifest is None:
         return
-    report.warnings.extend(f"{prefix}: {w}" for w in manifest.warnings)
-    if manifest.plugin_type != table:
-        report.warnings.append(
-            f"{prefix}: listed under [{table}] but PLUGIN_TYPE is "
-            f'"{manifest.plugin_type}" ({root / "AIGIS" / "AIGIS.config"})'
-        )
-    origin = root / "AIGIS" / "AIGIS.config"
-    if not manifest.entrypoint.is_dir():
-        report.errors.append(
-            f"{prefix}: {origin}: ENTRYPOINT {manifest.entrypoint} is not a directory"
-        )
-    core_file = root / CORE_FILE
-    if core_file.is_file():
-        try:
-            ast.parse(core_file.read_text(encoding="utf-8"), filename=str(core_file))
-        except SyntaxError as exc:
-            report.errors.append(f"{prefix}: {core_file}:{exc.lineno}: syntax error: {exc.msg}")
-        except (OSError, UnicodeDecodeError) as exc:
-            report.errors.append(f"{prefix}: {core_file}: cannot read: {exc}")
-    elif manifest.plugin_type == "core":
-        report.errors.append(f"{prefix}: core plugins need {core_file}")
-    if manifest.plugin_type != "core" and not manifest.is_local:
-        report.errors.append(
-            f'{prefix}: {origin}: HOST "{manifest.host}" is not this machine; '
-            "remote hosts are not supported yet"
-        )
+    origin = root / MANIFEST
     for step in (
         lambda: check_system(name, manifest.system_requirements, str(origin)),
         lambda: plan_secrets(name, manifest.secrets, config.settings.secrets_dir, root),

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aigis import _settings
 from aigis._errors import ConfigError
+from aigis._quote import escape, shown
+from aigis._settings import REQUIREMENT_POLICIES, SUPERVISORS
+
+__all__ = ["REQUIREMENT_POLICIES", "SUPERVISORS", "Config", "PluginEntry", "Settings"]
 
 PLUGIN_TABLES = ("core", "internal", "external")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-SUPERVISORS = ("auto", "systemd", "embedded")
 RESERVED_NAME = "aigis"  # owner of the built-in skills (aigis.AIGISReload)
-REQUIREMENT_POLICIES = ("run", "skip")
 
 
 @dataclass(frozen=True)
@@ -41,14 +45,14 @@ class Settings:
     socket: Path
     tcp: tuple[str, int] | None
     authkey_file: Path
-    supervisor: str = "auto"
-    requirements: str = "run"
-    requirements_timeout: float = 900.0
-    restart_delay: float = 1.0
-    restart_delay_max: float = 60.0
-    stop_timeout: float = 10.0
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backups: int = 3
+    supervisor: str = _settings.default("supervisor")  # type: ignore[assignment]
+    requirements: str = _settings.default("requirements")  # type: ignore[assignment]
+    requirements_timeout: float = _settings.REQUIREMENTS_TIMEOUT
+    restart_delay: float = _settings.RESTART_DELAY
+    restart_delay_max: float = _settings.RESTART_DELAY_MAX
+    stop_timeout: float = _settings.STOP_TIMEOUT
+    log_max_bytes: int = _settings.LOG_MAX_BYTES
+    log_backups: int = _settings.LOG_BACKUPS
 
     @property
     def plugins_dir(self) -> Path:
@@ -106,53 +110,56 @@ def _default_runtime_dir(state_dir: str, system: bool) -> str:
     return os.path.join(state_dir, "run")
 
 
-# key -> (expected type(s), description for error messages)
-_SETTING_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "state_dir": ((str,), "a path"),
-    "secrets_dir": ((str,), "a path"),
-    "runtime_dir": ((str,), "a path"),
-    "socket": ((str,), "a path"),
-    "tcp": ((str,), 'an address "host:port" or "" to disable'),
-    "authkey_file": ((str,), "a path"),
-    "supervisor": ((str,), "one of " + ", ".join(SUPERVISORS)),
-    "requirements": ((str,), "one of " + ", ".join(REQUIREMENT_POLICIES)),
-    "requirements_timeout": ((int, float), "a number of seconds > 0"),
-    "restart_delay": ((int, float), "a number of seconds >= 0"),
-    "restart_delay_max": ((int, float), "a number of seconds >= 0"),
-    "stop_timeout": ((int, float), "a number of seconds > 0"),
-    "log_max_bytes": ((int,), "a number of bytes > 0"),
-    "log_backups": ((int,), "a count >= 0"),
-}
-
-
 class _Problems:
     """Collects one line per problem, each naming the file and, when known, the line."""
 
     def __init__(self, path: Path, text: str) -> None:
         self.path = path
-        self.lines = text.splitlines()
+        self.index = _key_index(text)
         self.items: list[str] = []
 
     def line_of(self, table: str | None, key: str) -> int | None:
-        """The line where ``key`` is assigned inside ``[table]`` (None: the top level)."""
-        current: str | None = None
-        key_re = re.compile(r'\s*(?:"%s"|\'%s\'|%s)\s*=' % ((re.escape(key),) * 3))
-        for number, line in enumerate(self.lines, 1):
-            header = re.match(r"\s*\[\s*([^\]]+?)\s*\]", line)
-            if header and not line.lstrip().startswith("[["):
-                current = header.group(1).strip("\"'")
-                if table is not None and current == table and key == "":
-                    return number
-                continue
-            if current == table and key_re.match(line):
-                return number
-        return None
+        """The line where ``key`` is first assigned inside ``[table]`` (None: the top level,
+        where an unknown ``[key]`` header counts too)."""
+        line = self.index.get((table, key))
+        return self.index.get((key, "")) if line is None and table is None else line
 
     def add(self, table: str | None, key: str, message: str) -> None:
         """Record a problem about ``key`` in ``[table]``."""
         line = self.line_of(table, key)
         where = f"{self.path}:{line}" if line else str(self.path)
-        self.items.append(f"{where}: {message}")
+        self.items.append(escape(f"{where}: {message}"))
+
+
+_HEADER = re.compile(r"\s*\[\s*([^\]]+?)\s*\]")
+_KEY = re.compile(r"\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_.-]+)\s*=")
+
+
+def _key_index(text: str) -> dict[tuple[str | None, str], int]:
+    """First line of each ``(table, key)`` assignment, and of each ``[table]`` header under
+    ``(table, "")``; a line scan (best effort, for messages), built once per file."""
+    index: dict[tuple[str | None, str], int] = {}
+    current: str | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        if header and not line.lstrip().startswith("[["):
+            current = header.group(1).strip("\"'")
+            index.setdefault((current, ""), number)
+            continue
+        match = _KEY.match(line)
+        if match:
+            index.setdefault((current, _key_text(match.group(1))), number)
+    return index
+
+
+def _key_text(raw: str) -> str:
+    """A key as TOML reads it: quotes removed, escapes (``"\\u001b"``) decoded."""
+    if raw.startswith('"') and "\\" in raw:
+        try:
+            return next(iter(tomllib.loads(f"{raw} = 0")))
+        except (tomllib.TOMLDecodeError, RecursionError):
+            pass
+    return raw.strip("\"'")
 
 
 def _duplicate_names(text: str) -> list[tuple[str, str, int, int]]:
@@ -164,11 +171,11 @@ def _duplicate_names(text: str) -> list[tuple[str, str, int, int]]:
     found = []
     current: str | None = None
     for number, line in enumerate(text.splitlines(), 1):
-        header = re.match(r"\s*\[\s*([^\]]+?)\s*\]", line)
+        header = _HEADER.match(line)
         if header:
             current = header.group(1).strip("\"'")
             continue
-        match = re.match(r"\s*(\"[^\"]+\"|'[^']+'|[A-Za-z0-9_.-]+)\s*=", line)
+        match = _KEY.match(line)
         if match and current in PLUGIN_TABLES:
             key = match.group(1).strip("\"'")
             if (current, key) in seen:
@@ -178,38 +185,50 @@ def _duplicate_names(text: str) -> list[tuple[str, str, int, int]]:
     return found
 
 
-def parse_config(text: str, path: Path) -> Config:
-    """Validate the TOML ``text`` of the config at ``path``; ConfigError lists every problem."""
-    path = Path(path).absolute()
-    problems = _Problems(path, text)
+def _toml(text: str, path: Path) -> dict:
+    """``tomllib.loads`` with every failure turned into ConfigError lines naming the file."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         dups = _duplicate_names(text)
         if dups and "overwrite" in str(exc):
-            for name, table, first, second in dups:
-                problems.items.append(
-                    f'{path}:{second}: [{table}] duplicate plugin name "{name}" '
-                    f"(first at line {first})"
-                )
+            raise ConfigError(
+                [
+                    escape(
+                        f'{path}:{second}: [{table}] duplicate plugin name "{name}" '
+                        f"(first at line {first})"
+                    )
+                    for name, table, first, second in dups
+                ]
+            ) from None
+        where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", str(exc))
+        if where:
+            message = str(exc)[: where.start()]
+            line = (
+                f"{path}:{where.group(1)}: TOML syntax error: {message} (column {where.group(2)})"
+            )
         else:
-            where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", str(exc))
-            if where:
-                message = str(exc)[: where.start()]
-                problems.items.append(
-                    f"{path}:{where.group(1)}: TOML syntax error: {message} "
-                    f"(column {where.group(2)})"
-                )
-            else:
-                problems.items.append(f"{path}: TOML syntax error: {exc}")
-        raise ConfigError(problems.items) from None
+            line = f"{path}: TOML syntax error: {exc}"
+        raise ConfigError([escape(line)]) from None
+    except (RecursionError, MemoryError) as exc:
+        raise ConfigError(
+            [f"{escape(str(path))}: TOML too deeply nested or too large ({type(exc).__name__})"]
+        ) from None
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate the TOML ``text`` of the config at ``path``; ConfigError lists every problem."""
+    path = Path(path).absolute()
+    data = _toml(text, path)
+    problems = _Problems(path, text)
 
     for key, value in data.items():
         if key not in (*PLUGIN_TABLES, "aigis"):
             problems.add(
                 None,
                 key,
-                f'unknown table or key "{key}"; expected [aigis], [core], [internal] or [external]',
+                f'unknown table or key "{escape(key, 80)}"; '
+                "expected [aigis], [core], [internal] or [external]",
             )
         elif not isinstance(value, dict):
             problems.add(None, key, f'"{key}" must be a table [{key}], got {type(value).__name__}')
@@ -246,6 +265,7 @@ def parse_config(text: str, path: Path) -> Config:
 def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> PluginEntry | None:
     """One ``name = source`` or ``name = {source = ..., ref = ...}`` line."""
     ok = True
+    quoted = escape(name, 80)
     if name == RESERVED_NAME:
         problems.add(
             table,
@@ -258,7 +278,7 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
         problems.add(
             table,
             name,
-            f'[{table}] invalid plugin name "{name}": expected a letter '
+            f'[{table}] invalid plugin name "{quoted}": expected a letter '
             "or digit, then up to 63 of letters, digits, '_', '.', '-'",
         )
         ok = False
@@ -270,8 +290,8 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
             problems.add(
                 table,
                 name,
-                f'[{table}] plugin "{name}": unknown key(s) '
-                f"{', '.join(unknown)}; expected source and optional ref",
+                f'[{table}] plugin "{quoted}": unknown key(s) '
+                f"{escape(', '.join(unknown), 120)}; expected source and optional ref",
             )
             ok = False
         source, ref = value.get("source"), value.get("ref")
@@ -279,14 +299,15 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
             problems.add(
                 table,
                 name,
-                f'[{table}] plugin "{name}": "source" must be a string (a git URL or a local path)',
+                f'[{table}] plugin "{quoted}": "source" must be a string '
+                "(a git URL or a local path)",
             )
             ok = False
         if ref is not None and not (isinstance(ref, str) and ref):
             problems.add(
                 table,
                 name,
-                f'[{table}] plugin "{name}": "ref" must be a non-empty '
+                f'[{table}] plugin "{quoted}": "ref" must be a non-empty '
                 "string (branch, tag or commit)",
             )
             ok = False
@@ -294,89 +315,82 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
         problems.add(
             table,
             name,
-            f'[{table}] plugin "{name}": expected a source string or '
+            f'[{table}] plugin "{quoted}": expected a source string or '
             f"{{ source = ..., ref = ... }}, got {type(value).__name__}",
         )
         return None
+    for key, text in (("source", source), ("ref", ref)):
+        if ok and isinstance(text, str) and "\0" in text:
+            problems.add(table, name, f'[{table}] plugin "{quoted}": {key} contains a NUL byte')
+            ok = False
     if ok and not source.strip():
-        problems.add(table, name, f'[{table}] plugin "{name}": source is empty')
+        problems.add(table, name, f'[{table}] plugin "{quoted}": source is empty')
         ok = False
     return PluginEntry(name=name, table=table, source=source, ref=ref) if ok else None
 
 
-def _parse_settings(problems: _Problems, table: dict, config_path: Path) -> Settings | None:
+def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Settings | None:
     """The ``[aigis]`` table with defaults; relative paths resolve against the config's dir."""
     base = config_path.parent
-    values: dict[str, object] = {}
-    for key, value in table.items():
-        if key not in _SETTING_TYPES:
+    for key, value in values.items():
+        setting = _settings.BY_NAME.get(key)
+        if setting is None:
             problems.add(
                 "aigis",
                 key,
-                f'[aigis] unknown setting "{key}"; known: ' + ", ".join(_SETTING_TYPES),
+                f'[aigis] unknown setting "{escape(key, 80)}"; known: '
+                + ", ".join(s.name for s in _settings.SETTINGS),
             )
-            continue
-        types, expected = _SETTING_TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        elif not setting.valid(value):
             problems.add(
                 "aigis",
                 key,
-                f"[aigis] {key} must be {expected}, got {type(value).__name__} {value!r}",
+                f"[aigis] {key} must be {setting.expected}, "
+                f"got {type(value).__name__} {shown(value)}",
             )
-            continue
-        values[key] = value
+    tcp = _parse_tcp(problems, values["tcp"]) if values.get("tcp") else None
+    if problems.items:
+        return None
 
-    def path_of(key: str, default: str) -> Path:
-        raw = str(values.get(key, default))
+    def get(key: str, computed: object = None) -> object:
+        default = _settings.default(key)
+        return values.get(key, computed if default is None else default)
+
+    def path_of(key: str, computed: str | None = None) -> Path:
+        raw = str(get(key, computed))
         return (base / os.path.expanduser(raw)).absolute()
 
     system = _system_wide(config_path)
     state_dir = path_of("state_dir", _default_state_dir(system))
     runtime_dir = path_of("runtime_dir", _default_runtime_dir(str(state_dir), system))
-    tcp = None
-    raw_tcp = values.get("tcp", "")
-    if raw_tcp:
-        tcp = _parse_tcp(problems, str(raw_tcp))
-    for key in ("supervisor", "requirements"):
-        allowed = SUPERVISORS if key == "supervisor" else REQUIREMENT_POLICIES
-        if key in values and values[key] not in allowed:
-            problems.add(
-                "aigis",
-                key,
-                f"[aigis] {key} must be one of {', '.join(allowed)}, got {values[key]!r}",
-            )
-    for key in ("requirements_timeout", "stop_timeout", "log_max_bytes"):
-        if key in values and values[key] <= 0:  # type: ignore[operator]
-            problems.add("aigis", key, f"[aigis] {key} must be > 0, got {values[key]!r}")
-    for key in ("restart_delay", "restart_delay_max", "log_backups"):
-        if key in values and values[key] < 0:  # type: ignore[operator]
-            problems.add("aigis", key, f"[aigis] {key} must be >= 0, got {values[key]!r}")
-    if problems.items:
-        return None
     return Settings(
         state_dir=state_dir,
-        secrets_dir=path_of("secrets_dir", "secrets"),
+        secrets_dir=path_of("secrets_dir"),
         runtime_dir=runtime_dir,
         socket=path_of("socket", str(runtime_dir / "aigis.sock")),
         tcp=tcp,
         authkey_file=path_of("authkey_file", str(state_dir / "authkey")),
-        supervisor=str(values.get("supervisor", "auto")),
-        requirements=str(values.get("requirements", "run")),
-        requirements_timeout=float(values.get("requirements_timeout", 900.0)),  # type: ignore[arg-type]
-        restart_delay=float(values.get("restart_delay", 1.0)),  # type: ignore[arg-type]
-        restart_delay_max=float(values.get("restart_delay_max", 60.0)),  # type: ignore[arg-type]
-        stop_timeout=float(values.get("stop_timeout", 10.0)),  # type: ignore[arg-type]
-        log_max_bytes=int(values.get("log_max_bytes", 10 * 1024 * 1024)),  # type: ignore[call-overload]
-        log_backups=int(values.get("log_backups", 3)),  # type: ignore[call-overload]
+        supervisor=str(get("supervisor")),
+        requirements=str(get("requirements")),
+        requirements_timeout=float(get("requirements_timeout")),  # type: ignore[arg-type]
+        restart_delay=float(get("restart_delay")),  # type: ignore[arg-type]
+        restart_delay_max=float(get("restart_delay_max")),  # type: ignore[arg-type]
+        stop_timeout=float(get("stop_timeout")),  # type: ignore[arg-type]
+        log_max_bytes=int(get("log_max_bytes")),  # type: ignore[call-overload]
+        log_backups=int(get("log_backups")),  # type: ignore[call-overload]
     )
 
 
-def _parse_tcp(problems: _Problems, raw: str) -> tuple[str, int] | None:
-    """``host:port`` or ``[v6]:port``."""
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", raw)
+def _parse_tcp(problems: _Problems, raw: object) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` (an invalid type was already reported)."""
+    if not isinstance(raw, str) or "\0" in raw:
+        return None
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", raw)
     if not match:
         problems.add(
-            "aigis", "tcp", f'[aigis] tcp must be "host:port" (e.g. "127.0.0.1:7878"), got {raw!r}'
+            "aigis",
+            "tcp",
+            f'[aigis] tcp must be "host:port" (e.g. "127.0.0.1:7878"), got {shown(raw)}',
         )
         return None
     host = match.group(1) or match.group(3)
@@ -388,12 +402,24 @@ def _parse_tcp(problems: _Problems, raw: str) -> tuple[str, int] | None:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the config file at ``path``."""
+    """Read and validate the config file at ``path`` (a regular file, size-capped)."""
     path = Path(path).absolute()
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError([f"{path}: config file not found"]) from None
+        raise ConfigError([f"{escape(str(path))}: config file not found"]) from None
+    except (OSError, ValueError) as exc:  # ValueError: NUL in the path
+        raise ConfigError([escape(f"{path}: cannot read config file: {exc}")]) from None
+    try:
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise ConfigError([escape(f"{path}: config file is not a regular file")])
+            data = file.read(_settings.MAX_CONFIG_FILE + 1)
+        if len(data) > _settings.MAX_CONFIG_FILE:
+            raise ConfigError(
+                [escape(f"{path}: config file is larger than {_settings.MAX_CONFIG_FILE} bytes")]
+            )
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read config file: {exc}"]) from None
+        raise ConfigError([escape(f"{path}: cannot read config file: {exc}")]) from None
     return parse_config(text, path)

@@ -15,10 +15,11 @@ from pathlib import Path
 from aigis import _sources
 from aigis._config import PluginEntry, Settings
 from aigis._coreplugin import CoreModule, forget_modules_under, import_core
-from aigis._errors import AigisError, PluginError, SkillError
+from aigis._errors import AigisError, ManifestError, PluginError, SkillError
 from aigis._log import about, plugin_logger
-from aigis._manifest import CORE_FILE, Manifest, load_manifest
+from aigis._manifest import CORE_FILE, Manifest
 from aigis._namespace import Namespace, Skill
+from aigis._plugindir import validate_plugin
 from aigis._requirements import check_system, install
 from aigis._secrets import copy_secrets
 from aigis._states import PROCESS_KINDS, Kind, State
@@ -144,32 +145,13 @@ class Loader:
         )
         plugin.commit = fetched.commit
         self._progress(entry.name, "reading its manifest")
-        manifest = load_manifest(plugin.root, entry.name)
-        plugin.manifest = manifest
-        for warning in manifest.warnings:
+        checked = validate_plugin(plugin.root, entry.name, entry.table)
+        plugin.manifest = manifest = checked.manifest
+        for warning in checked.warnings:
             log.warning('manifest: plugin "%s": %s', entry.name, warning, **about(entry.name))
-        if manifest.plugin_type != entry.table:
-            log.warning(
-                'manifest: plugin "%s" is listed under [%s] but its PLUGIN_TYPE is '
-                '"%s"; loading it as %s',
-                entry.name,
-                entry.table,
-                manifest.plugin_type,
-                manifest.plugin_type,
-                **about(entry.name),
-            )
-        if manifest.plugin_type != Kind.CORE and not manifest.is_local:
-            raise PluginError(
-                entry.name,
-                f'HOST "{manifest.host}" is not this machine; remote '
-                'hosts are not supported yet (set HOST = "localhost")',
-            )
-        if not manifest.entrypoint.is_dir():
-            raise PluginError(
-                entry.name,
-                f"ENTRYPOINT {manifest.entrypoint} is not a directory "
-                f"({plugin.root / 'AIGIS' / 'AIGIS.config'})",
-            )
+        if checked.errors:
+            raise ManifestError(entry.name, checked.errors)
+        assert manifest is not None
         check_system(
             entry.name, manifest.system_requirements, str(plugin.root / "AIGIS" / "AIGIS.config")
         )

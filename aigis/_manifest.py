@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aigis._errors import ManifestError
+from aigis._quote import escape, shown
 
 MANIFEST = Path("AIGIS") / "AIGIS.config"
 CORE_FILE = Path("AIGIS") / "AIGIS.core"
@@ -66,13 +67,22 @@ def substitute_root(value: str, root: Path) -> str:
     return value.replace(ROOT_TOKEN, str(root).rstrip("/") or "/")
 
 
-def read_literals(text: str, filename: str) -> tuple[dict[str, object], list[str]]:
-    """Parse ``NAME = literal`` statements; return (values, problems naming file:line)."""
-    problems: list[str] = []
+def _parse(text: str, filename: str) -> tuple[ast.Module | None, list[str]]:
+    """``ast.parse`` with every failure as one problem naming the file (and line when known)."""
     try:
-        tree = ast.parse(text, filename=filename)
+        return ast.parse(text, filename=filename), []
     except SyntaxError as exc:
-        return {}, [f"{filename}:{exc.lineno}: syntax error: {exc.msg}"]
+        where = f"{filename}:{exc.lineno}" if exc.lineno else filename
+        return None, [escape(f"{where}: syntax error: {exc.msg}")]
+    except (RecursionError, MemoryError) as exc:
+        return None, [
+            escape(f"{filename}: too deeply nested or too large to parse ({type(exc).__name__})")
+        ]
+
+
+def _literals(text: str, filename: str, tree: ast.Module) -> tuple[dict[str, object], list[str]]:
+    """The ``NAME = literal`` statements of ``tree``; problems name file:line."""
+    problems: list[str] = []
     values: dict[str, object] = {}
     for index, node in enumerate(tree.body):
         where = f"{filename}:{node.lineno}"
@@ -88,9 +98,11 @@ def read_literals(text: str, filename: str) -> tuple[dict[str, object], list[str
             and len(node.targets) == 1
             and isinstance(node.targets[0], ast.Name)
         ):
+            got = ast.get_source_segment(text, node) or type(node).__name__
             problems.append(
-                f"{where}: only NAME = literal assignments are allowed, got "
-                f"{ast.get_source_segment(text, node) or type(node).__name__!s:.60}"
+                escape(
+                    f"{where}: only NAME = literal assignments are allowed, got {escape(got, 60)}"
+                )
             )
             continue
         name = node.targets[0].id
@@ -99,10 +111,18 @@ def read_literals(text: str, filename: str) -> tuple[dict[str, object], list[str
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             segment = ast.get_source_segment(text, node.value) or "?"
             problems.append(
-                f"{where}: {name} must be a literal (str, int, bool, None, list, "
-                f"tuple, dict), got {segment:.60}"
+                escape(
+                    f"{where}: {name} must be a literal (str, int, bool, None, list, "
+                    f"tuple, dict), got {escape(segment, 60)}"
+                )
             )
     return values, problems
+
+
+def read_literals(text: str, filename: str) -> tuple[dict[str, object], list[str]]:
+    """Parse ``NAME = literal`` statements; return (values, problems naming file:line)."""
+    tree, problems = _parse(text, filename)
+    return _literals(text, filename, tree) if tree is not None else ({}, problems)
 
 
 def _type_name(value: object) -> str:
@@ -111,17 +131,19 @@ def _type_name(value: object) -> str:
 
 def parse_manifest(text: str, filename: str, root: Path, plugin: str) -> Manifest:
     """Validate manifest ``text`` for ``plugin`` fetched at ``root``; raise ManifestError."""
-    values, problems = read_literals(text, filename)
-    lines = _key_lines(text)
+    tree, problems = _parse(text, filename)
+    if tree is None:
+        raise ManifestError(plugin, problems)
+    values, problems = _literals(text, filename, tree)
+    lines = _key_lines(tree)
 
     def bad(key: str, message: str) -> None:
         line = lines.get(key)
-        problems.append(
-            f"{filename}:{line}: {key} {message}" if line else f"{filename}: {key} {message}"
-        )
+        where = f"{filename}:{line}" if line else filename
+        problems.append(escape(f"{where}: {key} {message}"))
 
     warnings = [
-        f"{filename}:{lines.get(k, '?')}: unknown key {k} (ignored)"
+        escape(f"{filename}:{lines[k]}: unknown key {k} (ignored)")
         for k in values
         if k not in _KNOWN
     ]
@@ -145,7 +167,7 @@ def parse_manifest(text: str, filename: str, root: Path, plugin: str) -> Manifes
     if plugin_type is None:
         bad("PLUGIN_TYPE", "is required (core, internal or external)")
     elif plugin_type not in PLUGIN_TYPES:
-        bad("PLUGIN_TYPE", f"must be one of core, internal, external, got {plugin_type!r}")
+        bad("PLUGIN_TYPE", f"must be one of core, internal, external, got {shown(plugin_type)}")
         plugin_type = None
 
     entrypoint = optional_str("ENTRYPOINT")
@@ -172,7 +194,7 @@ def parse_manifest(text: str, filename: str, root: Path, plugin: str) -> Manifes
             bad(
                 "LAUNCH",
                 "is required for external plugins: a non-empty list of strings, got "
-                + ("nothing" if raw_launch is None else repr(raw_launch)[:60]),
+                + ("nothing" if raw_launch is None else shown(raw_launch)),
             )
         else:
             launch = tuple(substitute_root(a, root) for a in raw_launch)
@@ -182,21 +204,21 @@ def parse_manifest(text: str, filename: str, root: Path, plugin: str) -> Manifes
     if restart is not None and (
         isinstance(restart, bool) or not isinstance(restart, int) or restart < 0
     ):
-        bad("RESTART", f"must be an integer >= 0, got {restart!r}")
+        bad("RESTART", f"must be an integer >= 0, got {shown(restart)}")
         restart = None
 
     secrets = values.get("SECRETS") or {}
     if not isinstance(secrets, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in secrets.items()
     ):
-        bad("SECRETS", f'must be a dict of "file": "destination" strings, got {secrets!r:.60}')
+        bad("SECRETS", f'must be a dict of "file": "destination" strings, got {shown(secrets)}')
         secrets = {}
 
     system_reqs = values.get("SYSTEM_REQUIREMENTS") or []
     if not isinstance(system_reqs, (list, tuple)) or not all(
         isinstance(r, str) for r in system_reqs
     ):
-        bad("SYSTEM_REQUIREMENTS", f"must be a list of strings, got {system_reqs!r:.60}")
+        bad("SYSTEM_REQUIREMENTS", f"must be a list of strings, got {shown(system_reqs)}")
         system_reqs = []
 
     req_command = optional_str("REQUIREMENTS_COMMAND")
@@ -222,12 +244,8 @@ def parse_manifest(text: str, filename: str, root: Path, plugin: str) -> Manifes
     )
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Line of each top-level assignment, for error messages (best effort)."""
-    try:
-        tree = ast.parse(text)
-    except SyntaxError:
-        return {}
+def _key_lines(tree: ast.Module) -> dict[str, int]:
+    """Line of each top-level assignment, for error messages."""
     return {
         node.targets[0].id: node.lineno
         for node in tree.body
@@ -237,15 +255,36 @@ def _key_lines(text: str) -> dict[str, int]:
     }
 
 
-def load_manifest(root: Path, plugin: str) -> Manifest:
-    """Read ``<root>/AIGIS/AIGIS.config`` for ``plugin``."""
-    path = root / MANIFEST
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(
-            plugin, [f"{path}: manifest not found (every plugin needs AIGIS/AIGIS.config)"]
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(plugin, [f"{path}: cannot read manifest: {exc}"]) from None
-    return parse_manifest(text, str(path), root, plugin)
+def plugin_problems(
+    manifest: Manifest,
+    table: str,
+    origin: str,
+    *,
+    entrypoint_is_dir: bool,
+    core_file: str,
+    core_text: str | None,
+    core_problem: str | None = None,
+) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about a parsed manifest in its setting: the config table it is
+    listed under, whether ENTRYPOINT is a directory, and AIGIS.core's text (None: absent)."""
+    warnings = list(manifest.warnings)
+    errors: list[str] = []
+    kind = manifest.plugin_type
+    if kind != table:
+        warnings.append(
+            f'{origin}: listed under [{table}] but PLUGIN_TYPE is "{kind}"; loaded as {kind}'
+        )
+    if kind != "core" and not manifest.is_local:
+        errors.append(
+            f'{origin}: HOST "{escape(manifest.host, 80)}" is not this machine; remote hosts '
+            'are not supported yet (set HOST = "localhost")'
+        )
+    if not entrypoint_is_dir:
+        errors.append(escape(f"{origin}: ENTRYPOINT {manifest.entrypoint} is not a directory"))
+    if core_problem is not None:
+        errors.append(core_problem)
+    elif core_text is not None:
+        errors.extend(_parse(core_text, core_file)[1])
+    elif kind == "core":
+        errors.append(f"core plugins need {core_file}")
+    return errors, warnings

@@ -1,12 +1,17 @@
 """Config parsing and validation (SPEC §1)."""
 
+import re
+import tomllib
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
 
-from aigis._config import ConfigError, parse_config
+from aigis._config import ConfigError, Settings, load_config, parse_config
+from aigis._settings import BY_NAME, SETTINGS
 
 CFG = Path("/etc/aigis/aigis.toml")
+ETC_PATH = CFG
 
 
 def problems(text: str) -> list[str]:
@@ -107,7 +112,7 @@ def test_wrong_setting_type_says_expected():
     (line,) = problems('[aigis]\nrestart_delay = "1s"\n')
     assert line == (
         "/etc/aigis/aigis.toml:2: [aigis] restart_delay must be a number of "
-        "seconds >= 0, got str '1s'"
+        "seconds >= 0 and <= 604800, got str '1s'"
     )
 
 
@@ -139,3 +144,132 @@ def test_a_config_under_etc_uses_system_paths_for_any_user(monkeypatch):
         Path("/home/u/.state/aigis"),
         Path("/run/user/1000/aigis"),
     )
+
+
+# --- one table of settings -------------------------------------------------------------------
+
+ETC = Path(__file__).parents[2] / "etc" / "aigis" / "aigis.toml"
+
+
+def etc_settings_text() -> str:
+    """The packaged file's [aigis] table with every commented ``# key = value`` line enabled."""
+    lines, in_aigis = ["[aigis]"], False
+    for line in ETC.read_text().splitlines():
+        if line.startswith("["):
+            in_aigis = line.strip() == "[aigis]"
+            continue
+        match = re.match(r"#?\s*([a-z_]+)\s*=\s*(.*)$", line)
+        if in_aigis and match and match.group(1) in BY_NAME:
+            value = re.sub(r"\s+#.*$", "", match.group(2))
+            lines.append(f"{match.group(1)} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+def test_packaged_config_lists_every_setting_with_its_real_default(monkeypatch):
+    for var in ("STATE_DIRECTORY", "RUNTIME_DIRECTORY"):
+        monkeypatch.delenv(var, raising=False)
+    listed = tomllib.loads(etc_settings_text())["aigis"]
+    assert list(listed) == [s.name for s in SETTINGS]  # every one, in the table's order
+    for setting in SETTINGS:
+        if setting.default is not None:
+            assert listed[setting.name] == setting.default, setting.name
+    # Computed defaults too: enabling every line changes nothing for the packaged path.
+    enabled = parse_config(etc_settings_text(), ETC_PATH).settings
+    assert enabled == parse_config("", ETC_PATH).settings
+
+
+def test_settings_dataclass_defaults_come_from_the_table():
+    for item in fields(Settings):
+        if item.default is not MISSING:
+            assert item.default == BY_NAME[item.name].default, item.name
+    assert parse_config("", CFG).settings.log_backups == 3
+
+
+def test_every_declared_default_passes_its_own_validation():
+    for setting in SETTINGS:
+        if setting.default is not None:
+            assert setting.valid(setting.default), setting.name
+
+
+# --- hardening: values that used to pass and then hang or crash the daemon -------------------
+
+
+@pytest.mark.parametrize("key", ["stop_timeout", "restart_delay", "restart_delay_max"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_infinite_seconds_are_rejected(key, value):
+    (line,) = problems(f"[aigis]\n{key} = {value}\n")
+    assert line.startswith(f"/etc/aigis/aigis.toml:2: [aigis] {key} must be a number of seconds")
+    assert line.endswith(f"got float {value}")
+
+
+def test_nan_requirements_timeout_is_rejected():
+    (line,) = problems("[aigis]\nrequirements_timeout = nan\n")
+    assert line == (
+        "/etc/aigis/aigis.toml:2: [aigis] requirements_timeout must be a number of "
+        "seconds > 0 and <= 604800, got float nan"
+    )
+
+
+def test_absurdly_long_delay_is_rejected():
+    assert "<= 604800, got float 1e+300" in problems("[aigis]\nstop_timeout = 1e300\n")[0]
+
+
+@pytest.mark.parametrize(
+    "key", ["state_dir", "secrets_dir", "runtime_dir", "socket", "authkey_file"]
+)
+def test_nul_in_a_path_setting_is_rejected(key):
+    (line,) = problems(f'[aigis]\n{key} = "/run/a\\u0000b"\n')
+    assert line == (
+        f"/etc/aigis/aigis.toml:2: [aigis] {key} must be a path (a non-empty string "
+        "without NUL), got str '/run/a\\x00b'"
+    )
+
+
+def test_nul_in_a_plugin_source_is_rejected():
+    (line,) = problems('[core]\nx = "/srv/a\\u0000b"\n')
+    assert line == '/etc/aigis/aigis.toml:2: [core] plugin "x": source contains a NUL byte'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "[" * 100_000 + "]" * 100_000,
+        "a = " + "{b=" * 10_000 + "1" + "}" * 10_000,
+    ],
+)
+def test_deeply_nested_toml_is_one_line_naming_the_file(text):
+    assert problems(text) == [
+        "/etc/aigis/aigis.toml: TOML too deeply nested or too large (RecursionError)"
+    ]
+
+
+def test_control_characters_in_keys_are_escaped():
+    lines = problems('[aigis]\n"evil\\u001b[2J\\n" = 1\n[core]\n"\\u001b]0;x\\u0007" = "/a"\n')
+    assert lines[0].startswith("/etc/aigis/aigis.toml:4: [core] invalid plugin name ")
+    assert '"\\x1b]0;x\\x07"' in lines[0]
+    assert lines[1].startswith(
+        '/etc/aigis/aigis.toml:2: [aigis] unknown setting "evil\\x1b[2J\\n"; known: state_dir'
+    )
+    assert all(line.isprintable() for line in lines)
+
+
+def test_long_values_are_cut_in_messages():
+    lines = problems(f'[aigis]\nsupervisor = "{"x" * 10_000_000}"\n[core]\n"{"y" * 50_000}" = 1\n')
+    assert len(lines) == 3
+    assert all(len(line) < 400 for line in lines), [len(line) for line in lines]
+    assert "supervisor must be one of auto, systemd, embedded, got str 'xxx" in lines[2]
+
+
+def test_huge_port_number_is_an_error_not_a_crash():
+    assert 'tcp must be "host:port"' in problems(f'[aigis]\ntcp = "h:{"9" * 5000}"\n')[0]
+
+
+def test_config_file_that_is_a_device_or_too_big_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config("/dev/zero")
+    assert info.value.problems == ["/dev/zero: config file is not a regular file"]
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * (1024 * 1024) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(big)
+    assert info.value.problems == [f"{big}: config file is larger than 1048576 bytes"]

@@ -12,7 +12,10 @@ import pytest
 
 PACKAGE = Path(__file__).parents[2] / "aigis"
 
-LEAVES = {"aigis._errors", "aigis._version", "aigis._states", "aigis._redact"}
+LEAVES = {
+    "aigis._errors", "aigis._version", "aigis._states", "aigis._redact", "aigis._settings",
+    "aigis._quote",
+}  # fmt: skip
 PURE = {
     "aigis._config", "aigis._manifest", "aigis._namespace", "aigis._reload",
     "aigis._supervise.units",
