@@ -51,6 +51,7 @@ class Settings:
     restart_delay: float = _settings.RESTART_DELAY
     restart_delay_max: float = _settings.RESTART_DELAY_MAX
     stop_timeout: float = _settings.STOP_TIMEOUT
+    load_timeout: float = _settings.LOAD_TIMEOUT
     log_max_bytes: int = _settings.LOG_MAX_BYTES
     log_backups: int = _settings.LOG_BACKUPS
 
@@ -376,6 +377,7 @@ def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Set
         restart_delay=float(get("restart_delay")),  # type: ignore[arg-type]
         restart_delay_max=float(get("restart_delay_max")),  # type: ignore[arg-type]
         stop_timeout=float(get("stop_timeout")),  # type: ignore[arg-type]
+        load_timeout=float(get("load_timeout")),  # type: ignore[arg-type]
         log_max_bytes=int(get("log_max_bytes")),  # type: ignore[call-overload]
         log_backups=int(get("log_backups")),  # type: ignore[call-overload]
     )

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aigis._settings import DEFAULT_CONFIG_PATH
 from aigis._version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_NOT_ANSWERING = 0, 1, 2, 3, 4
-DEFAULT_CONFIG = "/etc/aigis/aigis.toml"
 
 
 class CtlError(Exception):
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-c",
         "--config",
-        default=os.environ.get("AIGIS_CONFIG", DEFAULT_CONFIG),
+        default=os.environ.get("AIGIS_CONFIG", DEFAULT_CONFIG_PATH),
         help="config file of the core to talk to (default: $AIGIS_CONFIG or %(default)s)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

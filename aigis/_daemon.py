@@ -32,6 +32,7 @@ from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
 from aigis._reload import diff
 from aigis._rpc.server import CoreServer, load_or_create_authkey
+from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API
 from aigis._states import Kind, State
 from aigis._status import Row, plugin_row, summary
 from aigis._supervise import pick_supervisor
@@ -40,10 +41,12 @@ from aigis._version import __version__
 
 log = logging.getLogger("aigis.core")
 
-DEFAULT_CONFIG = "/etc/aigis/aigis.toml"
-PUBLIC_API = ("AigisError", "CoreUnavailable", "RemoteError")
 TICK = 0.2  # main-loop period: supervisor poll, watchdog
 STARTUP_GRACE = 5.0  # after SIGTERM, how long a plugin load in progress may take to finish
+
+
+class LoadTimedOut(BaseException):
+    """A start-up load ran past ``load_timeout`` (a BaseException for the same reason)."""
 
 
 class StartupAbandoned(BaseException):
@@ -116,8 +119,13 @@ class Daemon:
                     break
                 self.loading = (index, len(self.config.plugins), entry.name)
                 self.step = ("", 0.0)
+                if self.config.settings.load_timeout > 0:
+                    signal.setitimer(signal.ITIMER_REAL, self.config.settings.load_timeout)
                 try:
                     loaded.append(self.load_plugin(entry))
+                except LoadTimedOut:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    loaded.append(self._timed_out(entry))
                 except StartupAbandoned:
                     log.warning(
                         'abandoned: plugin "%s" still loading %gs after the stop request',
@@ -193,6 +201,19 @@ class Daemon:
             self.control = ControlServer(Control(self), settings.control_socket, key)
             self.control.start()
 
+    def _timed_out(self, entry: PluginEntry) -> Plugin:
+        """The plugin whose load ran past ``load_timeout``: failed, with the step it was in."""
+        step = self.step[0]
+        reason = f"load timed out after {self.config.settings.load_timeout:g} s" + (
+            f" while {step}" if step else ""
+        )
+        plugin = Plugin(entry, self.loader.root_of(entry.name), state=State.FAILED, reason=reason)
+        with self.lock:
+            self.loader.forget(plugin)
+            self.plugins[entry.name] = plugin
+        log.error('failed: plugin "%s": %s', entry.name, reason, **about(entry.name))
+        return plugin
+
     def _on_progress(self, name: str, step: str) -> None:
         """A load moved on to ``step``: systemd's STATUS= line and ``aigisctl status`` say so."""
         self.step = (step, time.monotonic())
@@ -238,8 +259,11 @@ class Daemon:
 
     def _on_alarm(self, _signum: int, _frame: object) -> None:
         """Runs in the main thread, inside whatever a stuck start-up load is doing: unwind it."""
-        if self.loading is not None and self.cancel.is_set():
+        if self.loading is None:
+            return
+        if self.cancel.is_set():
             raise StartupAbandoned(self.loading[2])
+        raise LoadTimedOut(self.loading[2])
 
     def dispatch(self, signum: int) -> None:
         """Call ``handle_<signame>``."""
@@ -579,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-c",
         "--config",
-        default=os.environ.get("AIGIS_CONFIG", DEFAULT_CONFIG),
+        default=os.environ.get("AIGIS_CONFIG", DEFAULT_CONFIG_PATH),
         help="config file (default: $AIGIS_CONFIG or %(default)s)",
     )
     parser.add_argument(

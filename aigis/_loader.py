@@ -191,6 +191,11 @@ class Loader:
         )
         plugin.core = core
 
+    def forget(self, plugin: Plugin) -> None:
+        """Undo whatever an interrupted load left: its skills and its imported modules."""
+        self.namespace.remove(plugin.name)
+        forget_modules_under(plugin.root)
+
     def unload(self, plugin: Plugin) -> None:
         """Run the plugin's cleanup once (errors logged) and remove its skills."""
         self.namespace.remove(plugin.name)

@@ -145,6 +145,10 @@ def _run_shell(
                     raise Cancelled(output) from None
                 exc.output = output
                 raise
+            except BaseException:  # e.g. the load timed out: never leave the command running
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                raise
 
 
 def _log_output(logger: logging.Logger, output: bytes) -> str:

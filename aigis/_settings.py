@@ -125,6 +125,14 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=MAX_SECONDS,
     ),
     Setting(
+        "load_timeout",
+        "seconds",
+        0.0,
+        "a plugin still loading at start-up after this long (fetch, requirements, import) "
+        "fails, and the others load; 0: no limit",
+        maximum=MAX_SECONDS,
+    ),
+    Setting(
         "log_max_bytes",
         "count",
         10 * 1024 * 1024,
@@ -151,6 +159,7 @@ RESTART_DELAY: float = default("restart_delay")  # type: ignore[assignment]
 RESTART_DELAY_MAX: float = default("restart_delay_max")  # type: ignore[assignment]
 STOP_TIMEOUT: float = default("stop_timeout")  # type: ignore[assignment]
 REQUIREMENTS_TIMEOUT: float = default("requirements_timeout")  # type: ignore[assignment]
+LOAD_TIMEOUT: float = default("load_timeout")  # type: ignore[assignment]
 LOG_MAX_BYTES: int = default("log_max_bytes")  # type: ignore[assignment]
 LOG_BACKUPS: int = default("log_backups")  # type: ignore[assignment]
 

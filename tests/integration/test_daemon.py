@@ -187,3 +187,22 @@ def test_sigterm_during_a_stuck_load_abandons_it_and_stops_cleanly(
     assert order.read_text().split() == ["first"]  # loaded ones are cleaned up, once
     assert 'loaded: plugin "never"' not in log
     assert "stopped: AIGIS" in log and "Traceback" not in log
+
+
+def test_a_load_past_load_timeout_fails_that_plugin_and_the_others_load(
+    tmp_path, make_plugin, daemons
+):
+    make_plugin("stuck", CORE_CFG, core="import time\ntime.sleep(10**6)\nSKILLS = []\n")
+    make_plugin("fine", CORE_CFG, core="def ok():\n    return 1\nSKILLS = ['ok']\n")
+    config = tmp_path / "aigis.toml"
+    config.write_text(
+        '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nload_timeout = 1\n[core]\n'
+        'stuck = "src/stuck"\nfine = "src/fine"\n'
+    )
+    daemon = DaemonProcess(config)
+    daemons.append(daemon)
+    log = daemon.wait_for("ready:", timeout=60)
+    assert 'failed: plugin "stuck": load timed out after 1 s while importing AIGIS.core' in log
+    assert 'loaded: plugin "fine"' in log and "ready: 1 failed, 1 loaded" in log
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert "Traceback" not in daemon.log
