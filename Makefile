@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := git libsystemd-dev pkg-config gcc python3-dev python3-venv iproute2 util-linux \
 	openssh-server openssh-client
 
-.PHONY: demo test venv dev-venv system-packages lint format bench check clean
+.PHONY: demo test venv dev-venv system-packages lint format bench fuzz check clean
 
 # Run AIGIS with the example plugins on the embedded supervisor (Ctrl-C stops it).
 demo: venv
@@ -47,6 +47,10 @@ lint: dev-venv
 
 format: dev-venv
 	$(VENV)/bin/ruff format aigis tests packaging $(wildcard benchmarks)
+
+# The fuzz targets of the suite (config, manifest, wire) with many more generated inputs.
+fuzz: dev-venv
+	AIGIS_FUZZ_EXAMPLES=$${AIGIS_FUZZ_EXAMPLES:-5000} $(VENV)/bin/pytest -q -k fuzz tests
 
 bench: dev-venv
 	$(PY) benchmarks/bench_proxy.py
