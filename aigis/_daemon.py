@@ -30,6 +30,7 @@ from aigis._loader import Loader, Plugin
 from aigis._log import about, setup_logging
 from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
+from aigis._paths import make_dir
 from aigis._reload import diff
 from aigis._rpc.server import CoreServer, load_or_create_authkey
 from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API
@@ -188,7 +189,7 @@ class Daemon:
         """``plugins``: the namespace on the Unix socket (and TCP when configured);
         ``control``: the operators' JSON socket for aigisctl, never on TCP."""
         settings = self.config.settings
-        settings.runtime_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        make_dir(settings.runtime_dir)
         if which == "plugins":
             authkey = load_or_create_authkey(settings.authkey_file)
             server = CoreServer(

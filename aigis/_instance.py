@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 from aigis._errors import AigisError
+from aigis._paths import make_dir
 
 LOCK_NAME = "aigis.lock"
-DIR_MODE = 0o750
 
 
 class InstanceLock:
@@ -24,7 +24,7 @@ class InstanceLock:
     def acquire(self) -> None:
         """Take the lock or raise AigisError naming the core that holds it."""
         try:
-            self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            make_dir(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as exc:
             raise AigisError(f"cannot open the lock file {self.path}: {exc.strerror}") from None

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from aigis._errors import AigisError
+from aigis._paths import make_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _create(path: Path, what: str, mode: int) -> bytes:
     key = os.urandom(KEY_BYTES)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        make_dir(path.parent)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, key)

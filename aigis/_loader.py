@@ -19,6 +19,7 @@ from aigis._errors import AigisError, ManifestError, PluginError, SkillError
 from aigis._log import about, plugin_logger
 from aigis._manifest import CORE_FILE, Manifest
 from aigis._namespace import Namespace, Skill
+from aigis._paths import make_dir
 from aigis._plugindir import validate_plugin
 from aigis._requirements import check_system, install
 from aigis._secrets import copy_secrets
@@ -138,7 +139,7 @@ class Loader:
     def _prepare(self, plugin: Plugin) -> None:
         """fetch -> manifest -> system requirements -> requirements -> secrets."""
         entry = plugin.entry
-        self.settings.plugins_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.settings.plugins_dir)
         self._progress(entry.name, "fetching")
         fetched = _sources.fetch(
             entry.name, entry.source, plugin.root, ref=entry.ref, base_dir=self.base_dir

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from aigis._errors import RequirementsError
+from aigis._paths import make_dir
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def install(
             f"requirements command failed (exit {returncode}): "
             f"{shell}" + (f"; last output: {last}" if last else ""),
         )
-    marker.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(marker.parent)
     marker.write_text(stamp + "\n")
     logger.info("installed: requirements")
     return True
