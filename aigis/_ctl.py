@@ -256,8 +256,29 @@ cmd_start = cmd_stop = cmd_restart = _verb
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Ask the core to re-read its config."""
-    print(f"reloaded: {_control(args, 'reload', wait=True)}")
+    """Ask the core to re-read its config; while it works, say on stderr what it is doing."""
+    import threading
+
+    done = threading.Event()
+
+    def watch() -> None:
+        shown = None
+        while not done.wait(1.0):
+            try:
+                activity = _control(args, "ping").get("activity")
+            except CtlError:
+                return
+            step = activity.rpartition(" (")[0] if activity else None
+            if step and step != shown:
+                print(f"reloading: {activity}", file=sys.stderr, flush=True)
+                shown = step
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        print(f"reloaded: {_control(args, 'reload', wait=True)}")
+    finally:
+        done.set()
     return EXIT_OK
 
 

@@ -89,6 +89,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.loading: tuple[int, int, str] | None = None  # (3, 12, name) while start-up loads
         self.step: tuple[str, float] = ("", 0.0)  # what the load in progress does, since when
+        self.activity: str | None = None  # the same as one line, while a load runs
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -137,7 +138,7 @@ class Daemon:
                     break
                 finally:
                     signal.setitimer(signal.ITIMER_REAL, 0)  # no alarm outside a load
-                    self.loading = None
+                    self.loading = self.activity = None
             # Plugins' socket only once every skill is registered: a plugin reconnecting to a
             # restarted core never sees a half-loaded namespace.
             self.start_server("plugins")
@@ -216,11 +217,21 @@ class Daemon:
         return plugin
 
     def _on_progress(self, name: str, step: str) -> None:
-        """A load moved on to ``step``: systemd's STATUS= line and ``aigisctl status`` say so."""
+        """A load moved on to ``step``: systemd's STATUS= line, ``aigisctl status`` and
+        ``aigisctl reload`` (through ``describe``) say so."""
         self.step = (step, time.monotonic())
+        self.activity = f'plugin "{name}": {step}'
         loading = self.loading
         if loading is not None and loading[2] == name:
-            self.notifier.status(f'loading {loading[0]}/{loading[1]}: plugin "{name}": {step}')
+            self.activity = f"loading {loading[0]}/{loading[1]}: {self.activity}"
+            self.notifier.status(self.activity)
+
+    def current_activity(self) -> str | None:
+        """What a start-up or reload is doing now, with how long it has been at it."""
+        activity = self.activity
+        if activity is None:
+            return None
+        return f"{activity} ({time.monotonic() - self.step[1]:.0f} s)"
 
     def loading_reason(self) -> str:
         """``loading (3/12): running requirements (41 s)`` for the plugin being loaded."""
@@ -488,6 +499,7 @@ class Daemon:
                 log.info("reloaded: %s", line)
                 return line
             finally:
+                self.activity = None
                 self.notifier.ready(self.summary())
 
     @staticmethod
@@ -584,6 +596,7 @@ class Daemon:
             "supervisor": self.supervisor.name,
             "started_at": self.started_at,
             "summary": self.summary(),
+            "activity": self.current_activity(),
         }
 
     def summary(self) -> str:

@@ -211,3 +211,14 @@ def test_a_token_in_a_git_url_is_shown_nowhere(tmp_path, daemons):
     for text in (daemon.log, shown, checked.stdout + checked.stderr, reloaded.stderr):
         assert token not in text
     assert 'failed: plugin "fetched"' in daemon.log
+
+
+def test_reload_says_what_it_is_doing_while_it_waits(core, tmp_path, make_plugin):
+    config, _ = core
+    slow = CORE + 'REQUIREMENTS_COMMAND = "sleep 4 #"\n'
+    make_plugin("slow", slow, core="SKILLS = []\n")
+    config.write_text(config.read_text() + 'slow = "src/slow"\n')
+    proc = ctl(config, "reload", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "reloaded: 1 added (slow), 1 unchanged"
+    assert re.search(r'reloading: plugin "slow": running requirements \(\d+ s\)', proc.stderr)
