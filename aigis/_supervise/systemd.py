@@ -79,6 +79,7 @@ class SystemdSupervisor:
         self._busy = threading.RLock()  # one batch or job-waiting operation at a time
         self._dirty = False  # drop-ins changed on disk since the last daemon-reload
         self._pending: dict[str, str] = {}  # name -> "start" | "restart", after the reload
+        self._unchecked: dict[str, bool] = {}  # added, state not read yet -> drop-in rewritten
         self._halting = False
         self._next_poll = 0.0
         self._changed_at = 0.0  # monotonic time of the last add() or remove()
@@ -86,7 +87,8 @@ class SystemdSupervisor:
 
     # -- the Supervisor protocol ---------------------------------------------------------------
     def add(self, spec: ProcessSpec) -> None:
-        """Write the drop-in; start the unit with the next batch, or adopt it if it runs as is."""
+        """Write the drop-in; the next batch (``flush``) reads the unit's state and adopts it if
+        it runs as is, else starts or restarts it (one batch of bus calls for many adds)."""
         unit = unit_name(spec.name)
         text = render_dropin(absolute_program(spec), self.version)
         path = dropin_path(self.root, unit)
@@ -95,27 +97,19 @@ class SystemdSupervisor:
                 raise PluginError(spec.name, "not started: all plugins are being stopped")
             if spec.name in self._plugins:
                 raise PluginError(spec.name, "already supervised (remove it before adding again)")
-        state = self._state(spec.name, unit)
         try:
             current = path.read_text()
         except FileNotFoundError:
             current = None
         except OSError as exc:
             raise PluginError(spec.name, f"cannot read {path}: {exc}") from None
-        running = state.active_state in _UP
         if current != text:
             write_dropin(spec.name, path, text)
         with self._lock:
             self._plugins[spec.name] = _Plugin(spec, unit, since=time.time())
             self._changed_at = time.monotonic()
-            if current != text or state.need_reload:
-                self._dirty = True
-            adopt = current == text and running and not state.need_reload
-            if not adopt:
-                self._pending[spec.name] = "restart" if running else "start"
-        if adopt:
-            self._call(spec.name, self._systemd.pin, unit)
-            log.info('adopted: "%s" %s pid %s', spec.name, unit, state.main_pid, **about(spec.name))
+            self._dirty = self._dirty or current != text
+            self._unchecked[spec.name] = current != text
 
     def start(self, name: str) -> Status:
         """Start a plugin that is not running, with a fresh restart count; blocks."""
@@ -144,6 +138,7 @@ class SystemdSupervisor:
             with self._lock:
                 plugin = self._get(name)
                 self._pending.pop(name, None)  # no flush: removals stay batched in one reload
+                self._unchecked.pop(name, None)
             state = self._state(name, plugin.unit)
             if state.active_state in ("inactive", "failed") and not state.job_id:
                 return self._status(plugin, state)  # exited, failed or stopped: nothing to do
@@ -161,6 +156,7 @@ class SystemdSupervisor:
             with self._lock:
                 plugin = self._plugins.pop(name)
                 self._pending.pop(name, None)
+                self._unchecked.pop(name, None)
             # Best effort from here: the plugin is already forgotten, so a bus error must not
             # leave a name that can be neither removed nor added again.
             for step in (self._systemd.reset_failed, self._systemd.unpin):
@@ -234,6 +230,7 @@ class SystemdSupervisor:
             with self._lock:
                 self._halting = True
                 self._pending.clear()
+                self._unchecked.clear()
                 named = [n for step in steps for n in step if n in self._plugins]
                 rest = [n for n in reversed(self._plugins) if n not in named]
             self.flush()  # e.g. the drop-ins removed just before
@@ -298,9 +295,11 @@ class SystemdSupervisor:
 
     # -- batches and jobs ----------------------------------------------------------------------
     def flush(self, wait: bool = True) -> None:
-        """One daemon-reload for every drop-in written since the last, then the pending starts;
-        ``wait``: until their jobs finish (bounded by START_WAIT)."""
+        """For the plugins added since the last batch, one read of their units' states (adopt
+        what runs as is); one daemon-reload for every drop-in written; then every pending job
+        queued in one pipelined batch. ``wait``: until the jobs finish (bounded by START_WAIT)."""
         with self._busy:
+            adopt = self._check_added()
             with self._lock:
                 dirty, self._dirty = self._dirty, False
                 pending, self._pending = self._pending, {}
@@ -313,35 +312,71 @@ class SystemdSupervisor:
                         self._pending = {**pending, **self._pending}
                     raise AigisError(f"systemd daemon-reload failed: {exc}") from None
                 log.debug("reloaded: systemd (%d pending starts)", len(pending))
+            if adopt:
+                self._run_jobs(dict.fromkeys(adopt, "pin"), 0.0)
             if pending:
                 self._run_jobs(pending, START_WAIT if wait else 0.0)
 
-    def _run_jobs(self, jobs: dict[str, str], wait: float) -> None:
-        """Queue ``{name: start|restart|stop}`` jobs at once, then wait (bounded) for all."""
-        queued = {}
-        for name, how in jobs.items():
+    def _check_added(self) -> list[str]:
+        """Read the states of the units added since the last batch, before any daemon-reload:
+        a unit running with the same drop-in is adopted (returned), others start or restart."""
+        with self._lock:
+            unchecked, self._unchecked = self._unchecked, {}
+            plugins = {n: self._plugins[n] for n in unchecked if n in self._plugins}
+        if not plugins:
+            return []
+        try:
+            # One cheap call for all; the full state only of units that run (adoption).
+            brief = self._systemd.brief([p.unit for p in plugins.values()])
+            up = [n for n, p in plugins.items() if brief.get(p.unit, ("",))[0] in _UP]
+            states = dict(zip(up, self._systemd.states([plugins[n].unit for n in up])))
+        except BUS_ERRORS as exc:
             with self._lock:
-                plugin = self._plugins.get(name)
-            if plugin is None:
-                continue
-            try:
-                if how != "stop":
-                    self._systemd.pin(plugin.unit)
-                    self._systemd.reset_failed(plugin.unit)  # a failed unit would not start
-                getattr(self._systemd, how)(plugin.unit)
-            except BUS_ERRORS as exc:
+                self._unchecked = {**unchecked, **self._unchecked}
+            raise AigisError(f"cannot read plugin units from systemd: {exc}") from None
+        adopt = []
+        with self._lock:
+            for name, plugin in plugins.items():
+                state = states.get(name)
+                running = state is not None and state.active_state in _UP
+                if state is not None and running and not unchecked[name] and not state.need_reload:
+                    adopt.append(name)
+                    log.info(
+                        'adopted: "%s" %s pid %s', name, plugin.unit, state.main_pid, **about(name)
+                    )
+                else:
+                    self._pending[name] = "restart" if running else "start"
+                    self._dirty = self._dirty or (state is not None and state.need_reload)
+        return adopt
+
+    def _run_jobs(self, jobs: dict[str, str], wait: float) -> None:
+        """Queue ``{name: start|restart|stop|pin}`` at once (one pipelined batch of bus calls),
+        then wait (bounded) for the jobs to finish."""
+        with self._lock:
+            plugins = {n: self._plugins[n] for n in jobs if n in self._plugins}
+        errors: dict[str, Exception | None]
+        try:
+            errors = dict(self._systemd.jobs([(p.unit, jobs[n]) for n, p in plugins.items()]))
+        except BUS_ERRORS as exc:
+            errors = {p.unit: exc for p in plugins.values()}
+        queued = []
+        for name, plugin in plugins.items():
+            how, error = jobs[name], errors.get(plugin.unit)
+            if error is not None:
                 with self._lock:
-                    plugin.error = f"could not {how}: {exc}"
-                log.error('failed: "%s" could not %s: %s', name, how, exc, **about(name))
+                    plugin.error = f"could not {how}: {error}"
+                log.error('failed: "%s" could not %s: %s', name, how, error, **about(name))
+                continue
+            if how == "pin":
                 continue
             with self._lock:
                 plugin.error = None
                 plugin.since = time.time()
-            queued[name] = plugin
+            queued.append(plugin.unit)
             if how != "stop":
                 log.info('started: "%s" %s (%s)', name, plugin.unit, how, **about(name))
         deadline, step = time.monotonic() + wait, STEP_MIN
-        units = [p.unit for p in queued.values()] if wait > 0 else []
+        units = queued if wait > 0 else []
         while units:
             try:
                 brief = self._systemd.brief(units)
@@ -372,13 +407,6 @@ class SystemdSupervisor:
         if plugin is None:
             raise NotSupervised(name)
         return plugin
-
-    def _call(self, name: str, method, *args: str) -> None:
-        """A systemd call about one plugin; failures become PluginError naming it."""
-        try:
-            method(*args)
-        except BUS_ERRORS as exc:
-            raise PluginError(name, f"systemd: {exc}") from None
 
     def _state(self, name: str, unit: str) -> UnitState:
         try:

@@ -84,9 +84,11 @@ class FakeSystemd:
         return self.units.get(unit, replace(BASE, unit=unit))
 
     def states(self, units):
+        self.calls.append(("states", len(units)))
         return [self.state(u) for u in units]
 
     def brief(self, units):
+        self.calls.append(("brief", len(units)))
         return {u: (self.state(u).active_state, self.state(u).sub_state, 0) for u in units}
 
     def _job(self, kind: str, unit: str) -> None:
@@ -114,6 +116,18 @@ class FakeSystemd:
 
     def list_units(self, pattern: str) -> list[str]:
         return sorted(u for u in self.units if u.startswith("aigis-plugin@"))
+
+    def jobs(self, jobs):
+        """The batch, recorded call by call as the real one sends them."""
+        self.calls.append(("jobs", len(jobs)))
+        for unit, how in jobs:
+            if how != "stop":
+                self.pin(unit)
+            if how in ("start", "restart"):
+                self.reset_failed(unit)
+            if how != "pin":
+                getattr(self, how)(unit)
+        return {unit: None for unit, _ in jobs}
 
 
 def make(tmp_path: Path) -> tuple[SystemdSupervisor, FakeSystemd]:
@@ -147,7 +161,7 @@ def test_a_running_unit_with_the_same_dropin_is_adopted_not_restarted(tmp_path: 
     fake.units[unit] = replace(BASE, unit=unit, active_state="active", sub_state="running")
     sup.add(spec("kept", tmp_path))
     sup.status()
-    assert fake.calls == [("pin", unit)]
+    assert [c for c in fake.calls if c[0] not in ("brief", "states", "jobs")] == [("pin", unit)]
 
 
 def test_a_running_unit_with_another_dropin_is_rewritten_and_restarted(tmp_path: Path) -> None:
@@ -208,3 +222,17 @@ def test_program_is_resolved_to_an_absolute_path(tmp_path: Path) -> None:
     assert resolve_program(spec("x", tmp_path, "./run.sh")) == str(tmp_path / "run.sh")
     with pytest.raises(PluginError, match='plugin "x": cannot find "no-such-program-here"'):
         resolve_program(spec("x", tmp_path, "no-such-program-here"))
+
+
+def test_many_adds_cost_one_state_read_one_reload_and_one_batch_of_jobs(tmp_path: Path) -> None:
+    sup, fake = make(tmp_path)
+    running = "aigis-plugin@p7.service"
+    fake.units[running] = replace(BASE, unit=running, active_state="active", sub_state="running")
+    for i in range(50):
+        sup.add(spec(f"p{i}", tmp_path))
+    assert fake.calls == []  # add only writes drop-ins
+    sup.flush(wait=False)
+    batches = [c for c in fake.calls if c[0] in ("brief", "states", "reload", "jobs")]
+    # one brief read of all, the full state of the one running (rewritten: restarted)
+    assert batches == [("brief", 50), ("states", 1), ("reload",), ("jobs", 50)]
+    assert ("restart", running) in fake.calls
