@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pygit2
 
@@ -46,6 +46,7 @@ _ORIGIN = "refs/remotes/origin/"
 _HEX = re.compile(r"[0-9a-fA-F]{4,64}")
 _SSH_SCHEMES = ("ssh://", "ssh+git://", "git+ssh://")
 _SSH_KEY_ENV = "AIGIS_GIT_SSH_KEY"
+_CREDENTIALS_ENV = "AIGIS_GIT_CREDENTIALS"  # a git-credential-store file, for the core only
 _DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 
 
@@ -157,7 +158,66 @@ def _is_ssh(url: str) -> bool:
 
 def _callbacks(url: str) -> dict[str, pygit2.RemoteCallbacks]:
     """Return callbacks= for one network operation on url (fresh: it counts attempts)."""
-    return {"callbacks": _SshCallbacks(url)} if _is_ssh(url) else {}
+    return {"callbacks": _SshCallbacks(url) if _is_ssh(url) else _HttpsCallbacks(url)}
+
+
+def stored_credentials(url: str, lines: list[str]) -> tuple[str, str] | None:
+    """(user, password) for ``url`` from git-credential-store lines (``https://USER:TOKEN@HOST``,
+    optionally with a port and a path prefix): the longest matching path wins. Pure."""
+    try:
+        target = urlsplit(url)
+        target_port = target.port
+    except ValueError:
+        return None
+    best: tuple[int, str, str] | None = None
+    for line in lines:
+        try:
+            entry = urlsplit(line.strip())
+            entry_port = entry.port
+        except ValueError:
+            continue
+        if entry.scheme != target.scheme or entry.password is None:
+            continue
+        if (entry.hostname, entry_port) != (target.hostname, target_port):
+            continue
+        prefix = entry.path.rstrip("/")
+        if prefix and not (target.path == prefix or target.path.startswith(prefix + "/")):
+            continue
+        if best is None or len(prefix) > best[0]:
+            best = (len(prefix), unquote(entry.username or ""), unquote(entry.password))
+    return (best[1], best[2]) if best else None
+
+
+class _HttpsCallbacks(pygit2.RemoteCallbacks):
+    """Credentials for an https:// URL from the file named by $AIGIS_GIT_CREDENTIALS, offered
+    once (libgit2 asks again after every rejection, forever). Credentials never appear in URLs,
+    logs or messages this way."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._url = url
+        self._offered = False
+
+    def credentials(self, url: str, username_from_url: str | None, allowed_types: int):
+        """The stored user and token for this URL; a GitError naming the host otherwise."""
+        host = urlsplit(self._url).netloc.rpartition("@")[2]
+        path = os.environ.get(_CREDENTIALS_ENV, "")
+        if self._offered:
+            raise pygit2.GitError(f"{host} refused the credentials from {path}")
+        if not path:
+            raise pygit2.GitError(
+                f"{host} asks for credentials: set ${_CREDENTIALS_ENV} to a file of lines "
+                "https://USER:TOKEN@HOST (never put the token in the source URL)"
+            )
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise pygit2.GitError(f"cannot read ${_CREDENTIALS_ENV} file {path}: {exc}") from None
+        found = stored_credentials(url, lines)
+        if found is None:
+            raise pygit2.GitError(f"{host} asks for credentials; none for it in {path}")
+        self._offered = True
+        return pygit2.UserPass(*found)
 
 
 def is_local_source(source: str, base_dir: Path) -> bool:
