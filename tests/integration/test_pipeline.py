@@ -343,3 +343,93 @@ def test_type_mismatch_warning_is_worded_the_same_by_check_and_loader(
     assert f'manifest: plugin "p": {expected}' in caplog.messages
     assert main(["check", "-c", str(tmp_path / "aigis.toml")]) == 0
     assert f'warning: plugin "p": {expected}' in capsys.readouterr().err
+
+
+# --- core plugins share one interpreter: same-named top-level modules -------------------------
+
+
+def test_second_core_plugin_with_a_same_named_module_fails_naming_both(
+    tmp_path, make_plugin, loaded
+):
+    for name in ("one", "two"):
+        make_plugin(
+            name,
+            CORE_CFG,
+            core=f"import helper\ndef {name}():\n    return helper.WHO\nSKILLS = ['{name}']\n",
+            files={"helper.py": f"WHO = {name!r}\n"},
+        )
+    loader, entries = loader_for(tmp_path, '[core]\none = "src/one"\ntwo = "src/two"\n')
+    plugins = load_all(loader, entries, loaded)
+    assert plugins["one"].state == "loaded"
+    assert aigis.one() == "one"
+    # It used to load, and two() silently ran plugin "one"'s helper.
+    assert plugins["two"].state == "failed"
+    assert plugins["two"].reason == (
+        f'module "helper" is already imported from plugin "one" '
+        f'({tmp_path}/state/ext/one/helper.py) and plugin "two" ships its own '
+        f"({tmp_path}/state/ext/two/helper.py); core plugins share one interpreter, "
+        "so top-level module names must differ: rename one of them"
+    )
+    assert not hasattr(aigis, "two")
+    # Once "one" is unloaded, "two" loads and runs its own helper.
+    loader.unload(plugins["one"])
+    plugin = loader.load(entries[1])
+    loaded.append((loader, plugin))
+    assert plugin.state == "loaded", plugin.reason
+    assert aigis.two() == "two"
+
+
+def test_same_named_packages_are_detected_too(tmp_path, make_plugin, loaded):
+    for name in ("one", "two"):
+        make_plugin(
+            name,
+            CORE_CFG,
+            core="from util.text import WHO\nSKILLS = []\n",
+            files={"util/__init__.py": "", "util/text.py": f"WHO = {name!r}\n"},
+        )
+    loader, entries = loader_for(tmp_path, '[core]\none = "src/one"\ntwo = "src/two"\n')
+    plugins = load_all(loader, entries, loaded)
+    assert plugins["one"].state == "loaded"
+    assert plugins["two"].state == "failed"
+    assert plugins["two"].reason.startswith('module "util" is already imported from plugin "one"')
+
+
+def test_plugins_with_distinct_helpers_and_stdlib_names_still_load(tmp_path, make_plugin, loaded):
+    make_plugin(
+        "one",
+        CORE_CFG,
+        core="import helper_one\nimport json\nSKILLS = []\n",
+        files={"helper_one.py": "X = 1\n"},
+    )
+    make_plugin(
+        "two",
+        CORE_CFG,
+        core="import helper_two\nimport json\nSKILLS = []\n",
+        files={"helper_two.py": "X = 2\n", "setup.py": "", "main.py": ""},
+    )
+    make_plugin("three", CORE_CFG, core="SKILLS = []\n", files={"setup.py": "", "main.py": ""})
+    loader, entries = loader_for(
+        tmp_path, '[core]\none = "src/one"\ntwo = "src/two"\nthree = "src/three"\n'
+    )
+    plugins = load_all(loader, entries, loaded)
+    assert {p.state for p in plugins.values()} == {"loaded"}, [p.reason for p in plugins.values()]
+
+
+def test_a_failed_import_leaves_no_module_behind_for_the_next_plugin(tmp_path, make_plugin, loaded):
+    make_plugin(
+        "broken",
+        CORE_CFG,
+        core="import helper\nraise RuntimeError('boom')\n",
+        files={"helper.py": "WHO = 'broken'\n"},
+    )
+    make_plugin(
+        "fine",
+        CORE_CFG,
+        core="import helper\ndef who():\n    return helper.WHO\nSKILLS = ['who']\n",
+        files={"helper.py": "WHO = 'fine'\n"},
+    )
+    loader, entries = loader_for(tmp_path, '[core]\nbroken = "src/broken"\nfine = "src/fine"\n')
+    plugins = load_all(loader, entries, loaded)
+    assert plugins["broken"].state == "failed"
+    assert plugins["fine"].state == "loaded", plugins["fine"].reason
+    assert aigis.who() == "fine"

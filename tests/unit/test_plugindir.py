@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from aigis._coreplugin import import_core
 from aigis._ctl import main
+from aigis._errors import SkillError
 from aigis._plugindir import read_plugin_file, validate_plugin
 
 GOOD = 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n'
@@ -98,3 +100,12 @@ def test_binary_manifest_is_an_error_naming_the_byte(plugin, tmp_path, capsys):
     assert check_errors(capsys, tmp_path) == [
         f'error: plugin "p": {manifest}: not UTF-8 text (invalid start byte at byte 15)'
     ]
+
+
+def test_import_core_reads_the_core_file_bounded_too(plugin):
+    core = plugin / "AIGIS" / "AIGIS.core"
+    core.unlink()
+    core.symlink_to("/dev/zero")
+    with pytest.raises(SkillError) as info:
+        import_core("p", core, plugin)
+    assert info.value.reason == f"{core}: leads to /dev/zero, outside the plugin directory"
