@@ -181,3 +181,8 @@ def test_long_values_are_cut():
 def test_huge_integer_is_an_error_not_a_crash():
     line = problems(f'PLUGIN_TYPE = "core"\nENTRYPOINT = "{{root}}"\nRESTART = {"9" * 5000}\n')[0]
     assert line.startswith(f"{F}:3: syntax error: Exceeds the limit (4300 digits)")
+
+
+def test_lone_surrogate_is_an_error_not_a_crash():
+    # Found by tests/unit/test_fuzz.py: ast.parse raised UnicodeEncodeError.
+    assert problems("PLUGIN_TYPE = \ud800") == [f"{F}: not valid text: surrogates not allowed"]
