@@ -79,7 +79,7 @@ def _parse(text: str, filename: str) -> tuple[ast.Module | None, list[str]]:
         return None, [
             escape(f"{filename}: too deeply nested or too large to parse ({type(exc).__name__})")
         ]
-    except UnicodeError as exc:  # a lone surrogate: only a str from elsewhere than a file has one
+    except UnicodeEncodeError as exc:  # a lone surrogate: only a str not read from a file has one
         return None, [escape(f"{filename}: not valid text: {exc.reason}")]
 
 
