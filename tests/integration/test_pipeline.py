@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -433,3 +435,28 @@ def test_a_failed_import_leaves_no_module_behind_for_the_next_plugin(tmp_path, m
     assert plugins["broken"].state == "failed"
     assert plugins["fine"].state == "loaded", plugins["fine"].reason
     assert aigis.who() == "fine"
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("a = " + "[" * 100_000 + "]" * 100_000, "TOML too deeply nested or too large"),
+        ('[aigis]\nstate_dir = "/tmp/a\\u0000b"', "[aigis] state_dir must be a path"),
+        ("[aigis]\nstop_timeout = nan", "[aigis] stop_timeout must be a number of seconds"),
+    ],
+    ids=["nested", "nul", "nan"],
+)
+def test_the_daemon_refuses_a_bad_config_in_one_line(tmp_path, setting, expected):
+    config = tmp_path / "aigis.toml"
+    config.write_text(setting + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "aigis", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"aigis: {config}") and expected in line
