@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from aigis._errors import SkillError
 from aigis._plugindir import UnreadableFile, read_plugin_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -200,4 +203,28 @@ def import_core(plugin: str, path: Path, entrypoint: Path) -> CoreModule:
         raise SkillError(
             plugin, f"SKILLS could not be read: {type(exc).__name__}: {exc} ({path})"
         ) from None
+    _warn_shadowed(plugin, real_entry, set(sys.modules) - before)
     return CoreModule(module=module, skills=names, cleanup=cleanup, origin=str(path))
+
+
+def _warn_shadowed(plugin: str, entrypoint: str, imported: set[str]) -> None:
+    """Warn when ``plugin`` just imported a top-level module that an earlier plugin also
+    ships: should that plugin import it later (inside a function), it would get this one."""
+    mine = set()
+    for name in imported:
+        module = sys.modules.get(name) if "." not in name else None
+        location = _location(module) if module is not None else None
+        if location and location.startswith(entrypoint.rstrip("/") + "/"):
+            mine.add(name)
+    for other, entry in list(_ENTRYPOINTS.items()):
+        if other == plugin or not mine:
+            continue
+        for name in sorted(mine & set(_top_level_modules(Path(entry)))):
+            log.warning(
+                'shadowed: module "%s" of plugin "%s" is now plugin "%s"\'s: core plugins share '
+                'one interpreter, and an import of it by plugin "%s" gets this one',
+                name,
+                other,
+                plugin,
+                other,
+            )

@@ -460,3 +460,29 @@ def test_the_daemon_refuses_a_bad_config_in_one_line(tmp_path, setting, expected
     assert "Traceback" not in done.stderr
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"aigis: {config}") and expected in line
+
+
+def test_a_module_another_plugin_imports_lazily_is_reported_as_shadowed(
+    tmp_path, make_plugin, loaded, caplog
+):
+    # "one" imports its helper only when called; "two" imports its own at load time first.
+    make_plugin(
+        "one",
+        CORE_CFG,
+        core="def one():\n    import helper\n    return helper.WHO\nSKILLS = ['one']\n",
+        files={"helper.py": "WHO = 'one'\n"},
+    )
+    make_plugin(
+        "two",
+        CORE_CFG,
+        core="import helper\nSKILLS = []\n",
+        files={"helper.py": "WHO = 'two'\n"},
+    )
+    loader, entries = loader_for(tmp_path, '[core]\none = "src/one"\ntwo = "src/two"\n')
+    with caplog.at_level(logging.WARNING):
+        plugins = load_all(loader, entries, loaded)
+    assert {p.state for p in plugins.values()} == {"loaded"}
+    assert (
+        'shadowed: module "helper" of plugin "one" is now plugin "two"\'s: core plugins share '
+        'one interpreter, and an import of it by plugin "one" gets this one'
+    ) in caplog.messages
