@@ -10,6 +10,7 @@ from aigis._config import Config, load_config
 from aigis._errors import AigisError, ConfigError, PluginError
 from aigis._manifest import MANIFEST
 from aigis._plugindir import validate_plugin
+from aigis._quote import escape
 from aigis._requirements import check_system
 from aigis._secrets import plan_secrets
 
@@ -46,7 +47,9 @@ def _check_plugin(config: Config, name: str, source: str, table: str, report: Re
     elif _sources.is_local_source(source, base):
         root = (base / Path(source).expanduser()).resolve()
     else:
-        report.notes.append(f"{prefix}: not fetched yet from {source}; manifest not checked")
+        report.notes.append(
+            escape(f"{prefix}: not fetched yet from {source}; manifest not checked")
+        )
         return
     checked = validate_plugin(root, name, table)
     report.errors.extend(f"{prefix}: {problem}" for problem in checked.errors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,12 +79,34 @@ def _parse(text: str, filename: str) -> tuple[ast.Module | None, list[str]]:
         return None, [
             escape(f"{filename}: too deeply nested or too large to parse ({type(exc).__name__})")
         ]
+    except UnicodeEncodeError as exc:  # a lone surrogate: only a str not read from a file has one
+        return None, [escape(f"{filename}: not valid text: {exc.reason}")]
+
+
+_NEWLINE = re.compile(r"\r\n?|\n")  # Python's own line ends (not str.splitlines's \f, \x1c...)
+
+
+def _segment(lines: list[str], node: ast.AST, limit: int = 60) -> str:
+    """The start of ``node``'s source, for a message. (``ast.get_source_segment`` takes
+    quadratic time on long lines.)"""
+    lineno, col = getattr(node, "lineno", 0), getattr(node, "col_offset", 0)
+    end_lineno, end_col = getattr(node, "end_lineno", None), getattr(node, "end_col_offset", None)
+    if not 0 < lineno <= len(lines):
+        return ""
+    raw = lines[lineno - 1].encode("utf-8", "surrogatepass")  # offsets count UTF-8 bytes
+    if end_lineno == lineno and end_col is not None:
+        raw = raw[:end_col]
+    text = raw[col : col + 4 * limit + 4].decode("utf-8", "replace")
+    if end_lineno != lineno:
+        text += " ..."
+    return escape(text, limit)
 
 
 def _literals(text: str, filename: str, tree: ast.Module) -> tuple[dict[str, object], list[str]]:
     """The ``NAME = literal`` statements of ``tree``; problems name file:line."""
     problems: list[str] = []
     values: dict[str, object] = {}
+    lines = _NEWLINE.split(text)
     for index, node in enumerate(tree.body):
         where = f"{filename}:{node.lineno}"
         if (
@@ -98,7 +121,7 @@ def _literals(text: str, filename: str, tree: ast.Module) -> tuple[dict[str, obj
             and len(node.targets) == 1
             and isinstance(node.targets[0], ast.Name)
         ):
-            got = ast.get_source_segment(text, node) or type(node).__name__
+            got = _segment(lines, node) or type(node).__name__
             problems.append(
                 escape(
                     f"{where}: only NAME = literal assignments are allowed, got {escape(got, 60)}"
@@ -109,7 +132,7 @@ def _literals(text: str, filename: str, tree: ast.Module) -> tuple[dict[str, obj
         try:
             values[name] = ast.literal_eval(node.value)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            segment = ast.get_source_segment(text, node.value) or "?"
+            segment = _segment(lines, node.value) or "?"
             problems.append(
                 escape(
                     f"{where}: {name} must be a literal (str, int, bool, None, list, "

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from urllib.parse import unquote, urlsplit
 import pygit2
 
 from aigis._errors import SourceError
+from aigis._quote import escape
+from aigis._settings import LOCAL_COPY_MAX_BYTES, LOCAL_COPY_MAX_FILES
 
 try:  # pygit2 >= 1.14
     from pygit2.enums import FetchPrune, MergeAnalysis, RepositoryOpenFlag
@@ -255,11 +258,111 @@ def _copy(name: str, src: Path, dest: Path) -> Fetched:
         raise SourceError(name, f"local source {src} is not a directory")
     try:
         with _staging(dest) as tmp:
-            shutil.copytree(src, tmp, symlinks=False)
-    except OSError as exc:  # shutil.Error (one per unreadable file or broken link) is an OSError
-        raise SourceError(name, f"copy of {src} failed: {exc}") from exc
+            _LocalCopy(src).copy(tmp)
+    except (OSError, _Refused) as exc:
+        raise SourceError(name, escape(f"copy of {src} failed: {exc}")) from None
     log.info('copied: plugin "%s" from %s', name, src)
     return Fetched("local", dest, None, True)
+
+
+class _Refused(Exception):
+    """The local source holds something AIGIS will not copy; the message says what."""
+
+
+_SPECIAL = {
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+class _LocalCopy:
+    """Copies a local source, following links inside it (SPEC §2: links are followed).
+
+    Bounded: a link may not lead outside the source, a directory may not contain itself (a
+    loop), only regular files and directories are copied (a device or FIFO would be read
+    forever), and the total size and number of entries are capped.
+    """
+
+    def __init__(self, src: Path) -> None:
+        self.src = src
+        self.top = os.path.realpath(src)
+        self.bytes_left = LOCAL_COPY_MAX_BYTES
+        self.entries_left = LOCAL_COPY_MAX_FILES
+
+    def copy(self, dest: Path) -> None:
+        """Copy the source to ``dest`` (which must not exist)."""
+        top = os.stat(self.top)
+        self._directory(self.top, str(self.src), str(dest), {(top.st_dev, top.st_ino): self.src})
+
+    def _count(self, size: int) -> None:
+        self.entries_left -= 1
+        self.bytes_left -= size
+        if self.entries_left < 0:
+            raise _Refused(
+                f"more than {LOCAL_COPY_MAX_FILES} files and directories, the limit for a "
+                "local source (LOCAL_COPY_MAX_FILES)"
+            )
+        if self.bytes_left < 0:
+            raise self._too_big()
+
+    @staticmethod
+    def _too_big() -> _Refused:
+        return _Refused(
+            f"larger than {LOCAL_COPY_MAX_BYTES} bytes, the limit for a local source "
+            "(LOCAL_COPY_MAX_BYTES)"
+        )
+
+    def _directory(self, real: str, shown: str, dest: str, ancestors: dict) -> None:
+        os.mkdir(dest)
+        with os.scandir(real) as scan:
+            names = sorted(entry.name for entry in scan)
+        for name in names:
+            path, where, target = (
+                os.path.join(real, name),
+                os.path.join(shown, name),
+                os.path.join(dest, name),
+            )
+            if os.path.islink(path):
+                path = os.path.realpath(path)
+                if path != self.top and not path.startswith(self.top.rstrip("/") + "/"):
+                    raise _Refused(f"{where} leads to {path}, outside the source")
+            info = os.stat(path)  # FileNotFoundError for a dangling link
+            kind = stat.S_IFMT(info.st_mode)
+            if kind == stat.S_IFDIR:
+                key = (info.st_dev, info.st_ino)
+                if key in ancestors:
+                    raise _Refused(
+                        f"{where} is a directory loop (it leads back to {ancestors[key]})"
+                    )
+                self._count(0)
+                self._directory(path, where, target, {**ancestors, key: where})
+            elif kind == stat.S_IFREG:
+                self._count(info.st_size)
+                self._file(path, where, target)
+            else:
+                raise _Refused(
+                    f"{where} is {_SPECIAL.get(kind, 'not a regular file')}; "
+                    "only files and directories are copied"
+                )
+        shutil.copystat(real, dest)
+
+    def _file(self, path: str, shown: str, dest: str) -> None:
+        # O_NONBLOCK: should a FIFO replace the file since the stat, open must not wait for it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as source:
+            if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+                raise _Refused(f"{shown} changed while it was copied")
+            with open(dest, "wb") as out:
+                # A file growing while it is copied still counts against the cap.
+                budget = self.bytes_left + os.fstat(source.fileno()).st_size
+                while chunk := source.read(min(1 << 20, budget + 1)):
+                    budget -= len(chunk)
+                    if budget < 0:
+                        raise self._too_big()
+                    out.write(chunk)
+        shutil.copystat(path, dest)
 
 
 @contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -343,3 +345,144 @@ def test_type_mismatch_warning_is_worded_the_same_by_check_and_loader(
     assert f'manifest: plugin "p": {expected}' in caplog.messages
     assert main(["check", "-c", str(tmp_path / "aigis.toml")]) == 0
     assert f'warning: plugin "p": {expected}' in capsys.readouterr().err
+
+
+# --- core plugins share one interpreter: same-named top-level modules -------------------------
+
+
+def test_second_core_plugin_with_a_same_named_module_fails_naming_both(
+    tmp_path, make_plugin, loaded
+):
+    for name in ("one", "two"):
+        make_plugin(
+            name,
+            CORE_CFG,
+            core=f"import helper\ndef {name}():\n    return helper.WHO\nSKILLS = ['{name}']\n",
+            files={"helper.py": f"WHO = {name!r}\n"},
+        )
+    loader, entries = loader_for(tmp_path, '[core]\none = "src/one"\ntwo = "src/two"\n')
+    plugins = load_all(loader, entries, loaded)
+    assert plugins["one"].state == "loaded"
+    assert aigis.one() == "one"
+    # It used to load, and two() silently ran plugin "one"'s helper.
+    assert plugins["two"].state == "failed"
+    assert plugins["two"].reason == (
+        f'module "helper" is already imported from plugin "one" '
+        f'({tmp_path}/state/ext/one/helper.py) and plugin "two" ships its own '
+        f"({tmp_path}/state/ext/two/helper.py); core plugins share one interpreter, "
+        "so top-level module names must differ: rename one of them"
+    )
+    assert not hasattr(aigis, "two")
+    # Once "one" is unloaded, "two" loads and runs its own helper.
+    loader.unload(plugins["one"])
+    plugin = loader.load(entries[1])
+    loaded.append((loader, plugin))
+    assert plugin.state == "loaded", plugin.reason
+    assert aigis.two() == "two"
+
+
+def test_same_named_packages_are_detected_too(tmp_path, make_plugin, loaded):
+    for name in ("one", "two"):
+        make_plugin(
+            name,
+            CORE_CFG,
+            core="from util.text import WHO\nSKILLS = []\n",
+            files={"util/__init__.py": "", "util/text.py": f"WHO = {name!r}\n"},
+        )
+    loader, entries = loader_for(tmp_path, '[core]\none = "src/one"\ntwo = "src/two"\n')
+    plugins = load_all(loader, entries, loaded)
+    assert plugins["one"].state == "loaded"
+    assert plugins["two"].state == "failed"
+    assert plugins["two"].reason.startswith('module "util" is already imported from plugin "one"')
+
+
+def test_plugins_with_distinct_helpers_and_stdlib_names_still_load(tmp_path, make_plugin, loaded):
+    make_plugin(
+        "one",
+        CORE_CFG,
+        core="import helper_one\nimport json\nSKILLS = []\n",
+        files={"helper_one.py": "X = 1\n"},
+    )
+    make_plugin(
+        "two",
+        CORE_CFG,
+        core="import helper_two\nimport json\nSKILLS = []\n",
+        files={"helper_two.py": "X = 2\n", "setup.py": "", "main.py": ""},
+    )
+    make_plugin("three", CORE_CFG, core="SKILLS = []\n", files={"setup.py": "", "main.py": ""})
+    loader, entries = loader_for(
+        tmp_path, '[core]\none = "src/one"\ntwo = "src/two"\nthree = "src/three"\n'
+    )
+    plugins = load_all(loader, entries, loaded)
+    assert {p.state for p in plugins.values()} == {"loaded"}, [p.reason for p in plugins.values()]
+
+
+def test_a_failed_import_leaves_no_module_behind_for_the_next_plugin(tmp_path, make_plugin, loaded):
+    make_plugin(
+        "broken",
+        CORE_CFG,
+        core="import helper\nraise RuntimeError('boom')\n",
+        files={"helper.py": "WHO = 'broken'\n"},
+    )
+    make_plugin(
+        "fine",
+        CORE_CFG,
+        core="import helper\ndef who():\n    return helper.WHO\nSKILLS = ['who']\n",
+        files={"helper.py": "WHO = 'fine'\n"},
+    )
+    loader, entries = loader_for(tmp_path, '[core]\nbroken = "src/broken"\nfine = "src/fine"\n')
+    plugins = load_all(loader, entries, loaded)
+    assert plugins["broken"].state == "failed"
+    assert plugins["fine"].state == "loaded", plugins["fine"].reason
+    assert aigis.who() == "fine"
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("a = " + "[" * 100_000 + "]" * 100_000, "TOML too deeply nested or too large"),
+        ('[aigis]\nstate_dir = "/tmp/a\\u0000b"', "[aigis] state_dir must be a path"),
+        ("[aigis]\nstop_timeout = nan", "[aigis] stop_timeout must be a number of seconds"),
+    ],
+    ids=["nested", "nul", "nan"],
+)
+def test_the_daemon_refuses_a_bad_config_in_one_line(tmp_path, setting, expected):
+    config = tmp_path / "aigis.toml"
+    config.write_text(setting + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "aigis", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"aigis: {config}") and expected in line
+
+
+def test_a_module_another_plugin_imports_lazily_is_reported_as_shadowed(
+    tmp_path, make_plugin, loaded, caplog
+):
+    # "one" imports its helper only when called; "two" imports its own at load time first.
+    make_plugin(
+        "one",
+        CORE_CFG,
+        core="def one():\n    import helper\n    return helper.WHO\nSKILLS = ['one']\n",
+        files={"helper.py": "WHO = 'one'\n"},
+    )
+    make_plugin(
+        "two",
+        CORE_CFG,
+        core="import helper\nSKILLS = []\n",
+        files={"helper.py": "WHO = 'two'\n"},
+    )
+    loader, entries = loader_for(tmp_path, '[core]\none = "src/one"\ntwo = "src/two"\n')
+    with caplog.at_level(logging.WARNING):
+        plugins = load_all(loader, entries, loaded)
+    assert {p.state for p in plugins.values()} == {"loaded"}
+    assert (
+        'shadowed: module "helper" of plugin "one" is now plugin "two"\'s: core plugins share '
+        'one interpreter, and an import of it by plugin "one" gets this one'
+    ) in caplog.messages

@@ -104,3 +104,25 @@ def test_missing_config_file(tmp_path, capsys):
 
 def test_no_command_is_usage_error(capsys):
     assert main([]) == 2
+
+
+@pytest.mark.parametrize("command", [["check"], ["status"], ["skills"]])
+def test_deeply_nested_config_is_one_line_for_every_command(tmp_path, capsys, command):
+    config = tmp_path / "aigis.toml"
+    config.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    code = main([*command, "-c", str(config)])
+    out = capsys.readouterr()
+    assert code == 1
+    assert "Traceback" not in out.out + out.err
+    lines = [line for line in out.err.splitlines() if "problem(s)" not in line]  # check's tally
+    assert len(lines) == 1
+    assert lines[0].endswith(f" {config}: TOML too deeply nested or too large (RecursionError)")
+
+
+def test_nan_stop_timeout_fails_check(tmp_path, capsys):
+    code, errors, _ = run_check(capsys, write_config(tmp_path, "stop_timeout = nan\n"))
+    assert code == 1
+    assert errors == [
+        f"error: {tmp_path}/aigis.toml:3: [aigis] stop_timeout must be a number of seconds "
+        "> 0 and <= 604800, got float nan"
+    ]

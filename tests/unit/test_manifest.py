@@ -133,3 +133,56 @@ def test_unknown_key_is_a_warning():
 def test_read_literals_allows_comments_docstring_and_containers():
     values, problems_ = read_literals('"""d"""\n# c\nA = {"k": [1, (2, None)], "b": True}\n', "f")
     assert problems_ == [] and values == {"A": {"k": [1, (2, None)], "b": True}}
+
+
+# --- hardening: every bad manifest is a ManifestError line, never a traceback or "None" -------
+
+
+def test_nul_byte_is_reported_without_a_line_not_at_line_none():
+    assert problems('PLUGIN_TYPE = "core"\x00\n') == [
+        f"{F}: syntax error: source code string cannot contain null bytes"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("X = " + "-" * 100_000 + "1\n", "MemoryError"),
+        ("X = " + "1+" * 100_000 + "1\n", "RecursionError"),
+    ],
+)
+def test_deeply_nested_expressions_are_one_line(text, kind):
+    assert problems(text) == [f"{F}: too deeply nested or too large to parse ({kind})"]
+
+
+def test_control_characters_are_escaped():
+    lines = problems('PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\nprint("\x1b[2J\x07")\n')
+    assert lines == [
+        f'{F}:3: only NAME = literal assignments are allowed, got print("\\x1b[2J\\x07")'
+    ]
+    lines = problems('PLUGIN_TYPE = "\x1b]0;owned\x07"\nENTRYPOINT = "{root}"\n')
+    assert lines == [
+        f"{F}:1: PLUGIN_TYPE must be one of core, internal, external, got '\\x1b]0;owned\\x07'"
+    ]
+
+
+def test_long_values_are_cut():
+    lines = problems(
+        f'PLUGIN_TYPE = "core"\nENTRYPOINT = "{{root}}"\nRESTART = "{"9" * 10_000_000}"\n'
+        f'SECRETS = {{"a": {list(range(100_000))}}}\nX = f({"1," * 100_000})\n'
+    )
+    assert len(lines) == 3
+    assert all(len(line) < 300 for line in lines), [len(line) for line in lines]
+    assert lines[0].startswith(f"{F}:5: X must be a literal")
+    assert lines[1].startswith(f"{F}:3: RESTART must be an integer >= 0, got '9999")
+    assert lines[2].startswith(f'{F}:4: SECRETS must be a dict of "file": "destination" strings')
+
+
+def test_huge_integer_is_an_error_not_a_crash():
+    line = problems(f'PLUGIN_TYPE = "core"\nENTRYPOINT = "{{root}}"\nRESTART = {"9" * 5000}\n')[0]
+    assert line.startswith(f"{F}:3: syntax error: Exceeds the limit (4300 digits)")
+
+
+def test_lone_surrogate_is_an_error_not_a_crash():
+    # Found by tests/unit/test_fuzz.py: ast.parse raised UnicodeEncodeError.
+    assert problems("PLUGIN_TYPE = \ud800") == [f"{F}: not valid text: surrogates not allowed"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import stat
 from pathlib import Path
 
 import pygit2
 import pytest
 
+from aigis import _sources
 from aigis._errors import SourceError
 from aigis._sources import Fetched, fetch, is_local_source
 
@@ -69,16 +72,16 @@ def dest(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
-    """A local plugin with a nested file and a symlink to a file outside it."""
-    (tmp_path / "outside.txt").write_text("linked")
+    """A local plugin with a nested file and a symlink to another file inside it."""
     src = tmp_path / "plugins" / "plug"
     (src / "AIGIS").mkdir(parents=True)
     (src / "AIGIS" / "AIGIS.config").write_text('PLUGIN_TYPE = "core"\n')
-    (src / "link.txt").symlink_to(tmp_path / "outside.txt")
+    (src / "AIGIS" / "target.txt").write_text("linked")
+    (src / "link.txt").symlink_to("AIGIS/target.txt")
     return src
 
 
-def test_local_copy_follows_symlinks(src: Path, dest: Path, caplog) -> None:
+def test_local_copy_follows_symlinks_inside_the_source(src: Path, dest: Path, caplog) -> None:
     caplog.set_level(logging.INFO, LOGGER)
     assert is_local_source(str(src), Path("/nonexistent"))
     got = fetch("plug", str(src), dest, base_dir=Path("/nonexistent"))
@@ -133,6 +136,83 @@ def test_local_source_that_is_a_file_is_an_error(tmp_path: Path, dest: Path) -> 
     with pytest.raises(SourceError, match="is not a directory"):
         fetch("plug", "plug.txt", dest, base_dir=tmp_path)
     assert not dest.exists()
+
+
+def copy_error(src: Path, dest: Path) -> str:
+    with pytest.raises(SourceError) as err:
+        fetch("plug", str(src), dest, base_dir=src)
+    assert not dest.exists() and os.listdir(dest.parent) == []  # nothing half-copied is left
+    assert str(err.value).startswith(f'plugin "plug": copy of {src} failed: ')
+    return str(err.value).removeprefix(f'plugin "plug": copy of {src} failed: ')
+
+
+def test_local_copy_refuses_links_leading_outside_the_source(
+    src: Path, dest: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "secret").write_text("root's")
+    (src / "AIGIS" / "leak").symlink_to(tmp_path / "secret")
+    assert copy_error(src, dest) == (
+        f"{src}/AIGIS/leak leads to {tmp_path}/secret, outside the source"
+    )
+
+
+def test_local_copy_refuses_a_link_to_dev_zero(src: Path, dest: Path) -> None:
+    (src / "zero").symlink_to("/dev/zero")
+    assert copy_error(src, dest) == f"{src}/zero leads to /dev/zero, outside the source"
+
+
+def test_local_copy_with_links_to_itself_ends_with_an_error(src: Path, dest: Path) -> None:
+    # Two links to "." used to make copytree copy forever (2**depth directories).
+    (src / "a").symlink_to(".")
+    (src / "b").symlink_to(".")
+    assert copy_error(src, dest) == f"{src}/a is a directory loop (it leads back to {src})"
+
+
+def test_local_copy_refuses_fifos_and_sockets(src: Path, dest: Path, monkeypatch) -> None:
+    os.mkfifo(src / "AIGIS" / "pipe")
+    assert (
+        copy_error(src, dest)
+        == f"{src}/AIGIS/pipe is a FIFO; only files and directories are copied"
+    )
+    (src / "AIGIS" / "pipe").unlink()
+    monkeypatch.chdir(src)  # a short relative path: socket paths are limited to 107 bytes
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("s.sock")
+        assert copy_error(src, dest) == (
+            f"{src}/s.sock is a socket; only files and directories are copied"
+        )
+
+
+def test_local_copy_has_a_total_size_cap(src: Path, dest: Path, monkeypatch) -> None:
+    monkeypatch.setattr(_sources, "LOCAL_COPY_MAX_BYTES", 1000)
+    (src / "big").write_bytes(b"x" * 990)
+    assert copy_error(src, dest) == (
+        "larger than 1000 bytes, the limit for a local source (LOCAL_COPY_MAX_BYTES)"
+    )
+
+
+def test_local_copy_has_a_file_count_cap(src: Path, dest: Path, monkeypatch) -> None:
+    monkeypatch.setattr(_sources, "LOCAL_COPY_MAX_FILES", 10)
+    for index in range(10):
+        (src / f"f{index}").write_text("")
+    assert copy_error(src, dest) == (
+        "more than 10 files and directories, the limit for a local source (LOCAL_COPY_MAX_FILES)"
+    )
+
+
+def test_local_copy_keeps_modes_times_and_repeated_links(src: Path, dest: Path) -> None:
+    (src / "bin").mkdir()
+    (src / "bin" / "run").write_text("#!/bin/sh\n")
+    os.chmod(src / "bin" / "run", 0o750)
+    os.utime(src / "bin" / "run", (1_000_000, 1_000_000))
+    (src / "one").symlink_to("bin")
+    (src / "two").symlink_to("bin")  # the same directory twice is no loop
+    fetch("plug", str(src), dest, base_dir=src)
+    for name in ("bin", "one", "two"):
+        copied = dest / name / "run"
+        assert not (dest / name).is_symlink()
+        assert stat.S_IMODE(copied.stat().st_mode) == 0o750
+        assert copied.stat().st_mtime == 1_000_000
 
 
 def test_ref_on_local_source_is_ignored_with_warning(src: Path, dest: Path, caplog) -> None:
