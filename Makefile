@@ -48,8 +48,10 @@ lint: dev-venv
 format: dev-venv
 	$(VENV)/bin/ruff format aigis tests packaging $(wildcard benchmarks)
 
+# AIGIS vs supervisord and circus (installed in benchmarks/.venv-peers), then the proxy benchmark.
+# Options: make bench BENCH_ARGS="--n 10,100 --rounds 3 --systemd"
 bench: dev-venv
-	$(PY) benchmarks/bench_proxy.py
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 check: venv
 	$(VENV)/bin/aigisctl check -c examples/aigis.toml
