@@ -13,7 +13,7 @@ import signal
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,30 +49,20 @@ def plugin_index(proc: Proc, sleep: str) -> int | None:
     return int(proc.argv[1]) - SLEEP_BASE
 
 
-class Run:
-    """A launched tool: its process, its plugin children, and cleanup that leaves nothing."""
+class Watch:
+    """The plugin processes below ``root`` (a supervisor, or a systemd box's PID 1), as the
+    process table shows them; ``up`` says whether the watched thing still runs."""
 
-    def __init__(self, tool: Tool, workdir: Path, env: dict[str, str], sleep: str) -> None:
-        self.tool, self.sleep = tool, sleep
+    def __init__(self, name: str, root: int, sleep: str, up: Callable[[], bool]) -> None:
+        self.name, self.root, self.sleep, self.up = name, root, sleep, up
         self.table = ProcessTable()
         self.seen: dict[int, Proc] = {}  # every descendant ever seen, for cleanup
-        self._log = open(workdir / f"{tool.name}.out", "wb")  # noqa: SIM115 - closed in close()
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            tool.launch,
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
     def plugins(self) -> dict[int, Proc]:
         """Scan; the running plugin processes by plugin index."""
         self.table.scan()
         found, pending = {}, set()
-        for proc in self.table.descendants(self.proc.pid):
+        for proc in self.table.descendants(self.root):
             self.seen[proc.pid] = proc
             index = plugin_index(proc, self.sleep)
             if index is None:
@@ -87,22 +77,46 @@ class Run:
         start = time.monotonic()
         while not done(self.plugins()):
             if time.monotonic() - start > timeout:
-                raise TimeoutError(f"{self.tool.name}: {what} not within {timeout:.0f} s")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.tool.name}: exited ({self.proc.returncode}) {what}")
+                raise TimeoutError(f"{self.name}: {what} not within {timeout:.0f} s")
+            if not self.up():
+                raise RuntimeError(f"{self.name}: exited while waiting for {what}")
             time.sleep(POLL)
         return time.monotonic() - start
 
-    def ctl(self, argv: tuple[str, ...]) -> float:
-        """Run a control command; its wall time. Raises when it fails."""
-        start = time.monotonic()
-        done = subprocess.run(argv, capture_output=True, timeout=CTL_TIMEOUT)
-        wall = time.monotonic() - start
-        if done.returncode != 0:
-            err = (done.stderr or done.stdout).decode(errors="replace").strip()[-300:]
-            command = " ".join(argv[-2:])
-            raise RuntimeError(f"{self.tool.name}: {command} -> {done.returncode}: {err}")
-        return wall
+
+def ctl(name: str, argv: Sequence[str]) -> float:
+    """Run a control command; its wall time. Raises RuntimeError naming the tool when it fails."""
+    start = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, timeout=CTL_TIMEOUT)
+    wall = time.monotonic() - start
+    if done.returncode != 0:
+        err = (done.stderr or done.stdout).decode(errors="replace").strip()[-300:]
+        command = " ".join(argv[-2:])
+        raise RuntimeError(f"{name}: {command} -> {done.returncode}: {err}")
+    return wall
+
+
+class Run(Watch):
+    """A launched tool: its process, its plugin children, and cleanup that leaves nothing."""
+
+    def __init__(self, tool: Tool, workdir: Path, env: dict[str, str], sleep: str) -> None:
+        self.tool = tool
+        self._log = open(workdir / f"{tool.name}.out", "wb")  # noqa: SIM115 - closed in close()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            tool.launch,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        super().__init__(tool.name, self.proc.pid, sleep, lambda: self.proc.poll() is None)
+
+    def ctl(self, argv: Sequence[str]) -> float:
+        """Run one of the tool's control commands; its wall time."""
+        return ctl(self.name, argv)
 
     def close(self) -> None:
         """Kill the tool's process group and every descendant it ever had; reap it."""
@@ -150,7 +164,7 @@ def measure(
             for _ in range(statuses):
                 result.status_s.append(run.ctl(tool.status))
             _sample_footprint(run, result)
-            result.restart_s = _restarts(run, restarts if n else 0, n, settle)
+            result.restart_s = restarts_after_kill(run, restarts if n else 0, n, settle)
             result.restart_one_s = _restart_ones(run, min(restart_ones, n), settle)
             # stop from a steady state: the tool answers, and has had a moment to finish
             # bookkeeping after the restarts (circus refuses a stop while a command runs)
@@ -182,7 +196,7 @@ def _sample_footprint(run: Run, result: Result) -> None:
             result.rss_mib, result.threads = fp.rss_mib, fp.threads
 
 
-def _restarts(run: Run, count: int, n: int, timeout: float) -> list[float]:
+def restarts_after_kill(run: Watch, count: int, n: int, timeout: float) -> list[float]:
     """``count`` times: kill -9 plugin i (0, 1, ... n-1, 0, ...), time until its new process runs;
     seconds each. Every tool is set to restart at once (see tools.py), so this is all overhead."""
     samples = []
@@ -208,6 +222,15 @@ def _restart_ones(run: Run, count: int, timeout: float) -> list[float]:
     return samples
 
 
+def until_gone(name: str, children: list[Proc], deadline: float) -> None:
+    """Poll until every one of ``children`` is gone; TimeoutError at ``deadline``."""
+    while children:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: {len(children)} plugins still running after the stop")
+        time.sleep(POLL * 4)
+        children = [c for c in children if alive(c)]
+
+
 def _stop(run: Run, result: Result, n: int, timeout: float) -> None:
     """SIGTERM the tool; time until every plugin process is gone, then until the tool exited."""
     children = list(run.plugins().values())
@@ -216,11 +239,7 @@ def _stop(run: Run, result: Result, n: int, timeout: float) -> None:
     start = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)
     deadline = start + timeout
-    while any(alive(c) for c in children):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{run.tool.name}: plugins running {timeout:.0f} s after SIGTERM")
-        time.sleep(POLL * 4)
-        children = [c for c in children if alive(c)]
+    until_gone(run.name, children, deadline)
     if n:
         result.stop_s = time.monotonic() - start
     try:
