@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks.fleet.measure import Result, Watch, restarts_after_kill, until_gone
+from benchmarks.fleet.measure import (
+    Result,
+    Watch,
+    coarse_poll,
+    restarts_after_kill,
+    until_gone,
+)
 from benchmarks.fleet.proctable import footprint
 from benchmarks.fleet.tools import aigis_manifest, plugin_name
 
@@ -101,7 +107,7 @@ def _measure(box: Box, n: int, venv: Path, sleep: str, result: Result) -> None:
 
     start = time.monotonic()
     run("systemctl", "start", "aigis", timeout=settle)  # Type=notify: returns after READY=1
-    watch.wait(lambda p: len(p) == n, settle, f"all {n} running")
+    watch.wait(lambda p: len(p) == n, settle, f"all {n} running", coarse_poll(n))
     result.start_s = time.monotonic() - start
     result.status_s = [max(0.0, timed(*ctl, "status", "--json") - nsenter) for _ in range(5)]
     core = [p for p in watch.table.descendants(pid) if str(config) in p.argv and "-m" in p.argv]
