@@ -175,12 +175,15 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def measure_table(measure: Measure, results: Sequence[Result], tools: Sequence[str]) -> str:
-    """One measure: a row per N, the figure per tool, AIGIS / each peer, the goal and verdict."""
+    """One measure: a row per N that has figures, the figure per tool, AIGIS / each peer, the
+    goal and whether AIGIS meets it."""
     grid = grid_of(measure, results)
     peers = [t for t in tools if t != SUBJECT]
     header = ["N", *tools, *(f"{SUBJECT}/{p}" for p in peers), "goal", "met"]
     rows = []
     for n, row in grid.items():
+        if all(v is None for v in row.values()):
+            continue
         goal, met = measure.goal(n, grid)
         rows.append(
             [
