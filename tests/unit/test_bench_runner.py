@@ -116,6 +116,8 @@ def test_measure_table_has_figures_ratios_and_the_goal_verdict():
     assert row_1000 == ["1000", "4.00", "15.00", "13.00", "0.27x", "0.31x", row_1000[6], "yes"]
     slow = report.measure_table(start, _results(6.0), ["AIGIS", "supervisord", "circus"])
     assert slow.splitlines()[5].rstrip(" |").endswith("**no**")
+    idle = [Result("AIGIS", 0, rss_mib=30.0), *_results(4.0)]  # N=0 has no launch figure
+    assert report.measure_table(start, idle, ["AIGIS"]).count("\n| ") == 4  # header, rule, 2 N
 
 
 def test_per_plugin_cost_goal_compares_n_1000_with_n_100():
