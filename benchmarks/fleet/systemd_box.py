@@ -110,6 +110,7 @@ def _measure(box: Box, n: int, venv: Path, sleep: str, result: Result) -> None:
     watch.wait(lambda p: len(p) == n, settle, f"all {n} running", coarse_poll(n))
     result.start_s = time.monotonic() - start
     result.status_s = [max(0.0, timed(*ctl, "status", "--json") - nsenter) for _ in range(5)]
+    watch.table.scan()  # plugins() forgot the non-plugin processes (the core among them)
     core = [p for p in watch.table.descendants(pid) if str(config) in p.argv and "-m" in p.argv]
     if core and (fp := footprint(core[0].pid)) is not None:
         result.rss_mib, result.threads = fp.rss_mib, fp.threads
