@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.fleet.proctable import Proc, ProcessTable, alive, footprint, kill_all
-from benchmarks.fleet.tools import SLEEP_BASE, Tool
+from benchmarks.fleet.tools import SLEEP_BASE, Tool, plugin_name
 
 POLL = 0.005  # seconds between process-table scans while timing
 
@@ -45,6 +44,7 @@ class Result:
     status_s: list[float] = field(default_factory=list)
     restart_s: list[float] = field(default_factory=list)
     restart_one_s: list[float] = field(default_factory=list)
+    reload_one_s: float | None = None
     stop_s: float | None = None
     exit_s: float | None = None
     errors: list[str] = field(default_factory=list)
@@ -97,6 +97,15 @@ class Watch:
                 raise RuntimeError(f"{self.name}: exited while waiting for {what}")
             time.sleep(interval)
         return time.monotonic() - start
+
+    def wait_all(self, n: int, timeout: float) -> float:
+        """Poll until all ``n`` plugins run; a timeout names the missing ones."""
+        try:
+            return self.wait(lambda p: len(p) == n, timeout, f"all {n} running", coarse_poll(n))
+        except TimeoutError as exc:
+            missing = sorted(set(range(n)) - set(self.plugins()))
+            names = ", ".join(plugin_name(i) for i in missing[:5])
+            raise TimeoutError(f"{exc} ({len(missing)} missing: {names})") from None
 
 
 def ctl(name: str, argv: Sequence[str]) -> float:
@@ -173,7 +182,7 @@ def measure(
     with launched(tool, workdir, env, sleep) as run:
         try:
             if n:
-                run.wait(lambda p: len(p) == n, settle, f"all {n} running", coarse_poll(n))
+                run.wait_all(n, settle)
                 result.start_s = time.monotonic() - run.started
             else:  # idle: up once its control command answers
                 _until_ctl_answers(run, settle)
@@ -182,6 +191,11 @@ def measure(
             _sample_footprint(run, result)
             result.restart_s = restarts_after_kill(run, restarts if n else 0, n, settle)
             result.restart_one_s = _restart_ones(run, min(restart_ones, n), settle)
+            if n:
+                reload = run.tool.reload
+                result.reload_one_s = reload_one(
+                    run, n, run.tool.change_one, lambda: run.ctl(reload), settle
+                )
             # stop from a steady state: the tool answers, and has had a moment to finish
             # bookkeeping after the restarts (circus refuses a stop while a command runs)
             run.ctl(tool.status)
@@ -212,17 +226,17 @@ def _sample_footprint(run: Run, result: Result) -> None:
             result.rss_mib, result.threads = fp.rss_mib, fp.threads
 
 
-def restarts_after_kill(run: Watch, count: int, n: int, timeout: float) -> list[float]:
+def restarts_after_kill(watch: Watch, count: int, n: int, timeout: float) -> list[float]:
     """``count`` times: kill -9 plugin i (0, 1, ... n-1, 0, ...), time until its new process runs;
     seconds each. Every tool is set to restart at once (see tools.py), so this is all overhead."""
     samples = []
     for i in (k % n for k in range(count)):
-        old = run.plugins()[i]
-        os.kill(old.pid, signal.SIGKILL)
+        old = watch.plugins()[i]
         start = time.monotonic()
-        run.wait(lambda p, i=i, old=old: i in p and p[i].pid != old.pid, timeout, f"restart of {i}")
+        os.kill(old.pid, signal.SIGKILL)
+        watch.wait(lambda p, i=i, old=old: i in p and p[i].pid != old.pid, timeout, f"restart {i}")
         samples.append(time.monotonic() - start)
-        run.wait(lambda p, old=old: not alive(old), timeout, "old process reaped")
+        watch.wait(lambda p, old=old: not alive(old), timeout, "old process reaped")
     return samples
 
 
@@ -232,10 +246,34 @@ def _restart_ones(run: Run, count: int, timeout: float) -> list[float]:
     for i in range(count):
         old = run.plugins()[i]
         start = time.monotonic()
-        run.ctl((*run.tool.restart_one, f"p{i:04d}"))
+        run.ctl((*run.tool.restart_one, plugin_name(i)))
         run.wait(lambda p, i=i, old=old: i in p and p[i].pid != old.pid, timeout, f"restart {i}")
         samples.append(time.monotonic() - start)
     return samples
+
+
+def reload_one(
+    watch: Watch, n: int, change: Callable[[], object], reload: Callable[[], object], timeout: float
+) -> float:
+    """``change`` plugin 0 in the config, ``reload``, time until plugin 0's new process runs;
+    a reload that also restarted any other plugin is an error."""
+    before = watch.plugins()
+    if len(before) != n:
+        raise RuntimeError(f"{watch.name}: {len(before)} of {n} running before the reload")
+    change()
+    start = time.monotonic()
+    reload()
+    watch.wait(lambda p: 0 in p and p[0].pid != before[0].pid, timeout, "reload of plugin 0")
+    took = time.monotonic() - start
+    after = watch.plugins()
+
+    def key(proc: Proc | None) -> tuple[int, int] | None:
+        return None if proc is None else (proc.pid, proc.start)
+
+    touched = [plugin_name(i) for i in range(1, n) if key(after.get(i)) != key(before[i])]
+    if touched:
+        raise RuntimeError(f"{watch.name}: reloading p0000 also restarted {touched[:5]}")
+    return took
 
 
 def until_gone(name: str, children: list[Proc], deadline: float) -> None:
@@ -267,8 +305,3 @@ def _stop(run: Run, result: Result, n: int, timeout: float) -> None:
         result.exit_s = time.monotonic() - start
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"{run.tool.name}: did not exit {timeout:.0f} s after SIGTERM") from None
-
-
-def median(values: list[float]) -> float | None:
-    """The median, or None for no values."""
-    return statistics.median(values) if values else None

@@ -132,6 +132,13 @@ MEASURES: tuple[Measure, ...] = (
         lambda r: _ms(r.restart_one_s),
         digits=0,
     ),
+    Measure(
+        "reload_one",
+        "config reload with one plugin changed among N -> its new process running",
+        "ms",
+        lambda r: None if r.reload_one_s is None else 1000 * r.reload_one_s,
+        digits=0,
+    ),
 )
 
 

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 from benchmarks.fleet.measure import (
     Result,
     Watch,
-    coarse_poll,
+    reload_one,
     restarts_after_kill,
     until_gone,
 )
 from benchmarks.fleet.proctable import footprint
-from benchmarks.fleet.tools import aigis_manifest, plugin_name
+from benchmarks.fleet.tools import aigis_config, aigis_manifest, plugin_name
 
 if TYPE_CHECKING:
     from tests.systemd.box import Box
@@ -58,11 +58,18 @@ def measure_systemd(ns: list[int], venv: Path, sleep: str, base: Path) -> list[R
     return results
 
 
+def _config_text(n: int, changed: int | None = None) -> str:
+    """The embedded benchmark's config with the systemd backend and the packaged state dir."""
+    text = aigis_config(n, changed)
+    for line in ('state_dir = "state"\n', 'runtime_dir = "run"\n', 'supervisor = "embedded"\n'):
+        text = text.replace(line, "")
+    return text.replace("[aigis]\n", '[aigis]\nsupervisor = "systemd"\n')
+
+
 def _install(box: Box, workdir: Path, n: int, venv: Path, sleep: str) -> Path:
     """aigis.service and its template, a drop-in running this tree's venv, and a config of ``n``
     external plugins, pre-fetched into the state directory; the config's path."""
     config = workdir / "aigis" / "aigis.toml"
-    lines = ["[aigis]", 'supervisor = "systemd"', "restart_delay = 0", "", "[external]"]
     for i in range(n):
         source = workdir / "aigis" / "plugins" / plugin_name(i) / "AIGIS"
         source.mkdir(parents=True)
@@ -70,8 +77,7 @@ def _install(box: Box, workdir: Path, n: int, venv: Path, sleep: str) -> Path:
         box.write(
             f"/var/lib/aigis/ext/{plugin_name(i)}/AIGIS/AIGIS.config", aigis_manifest(i, sleep)
         )
-        lines.append(f'{plugin_name(i)} = "plugins/{plugin_name(i)}"')
-    config.write_text("\n".join(lines) + "\n")
+    config.write_text(_config_text(n))
     for unit in ("aigis.service", "aigis-plugin@.service"):
         box.write(f"/etc/systemd/system/{unit}", (UNITS / unit).read_text())
     box.run("groupadd", "--system", "aigis")
@@ -107,7 +113,7 @@ def _measure(box: Box, n: int, venv: Path, sleep: str, result: Result) -> None:
 
     start = time.monotonic()
     run("systemctl", "start", "aigis", timeout=settle)  # Type=notify: returns after READY=1
-    watch.wait(lambda p: len(p) == n, settle, f"all {n} running", coarse_poll(n))
+    watch.wait_all(n, settle)
     result.start_s = time.monotonic() - start
     result.status_s = [max(0.0, timed(*ctl, "status", "--json") - nsenter) for _ in range(5)]
     watch.table.scan()  # plugins() forgot the non-plugin processes (the core among them)
@@ -121,6 +127,17 @@ def _measure(box: Box, n: int, venv: Path, sleep: str, result: Result) -> None:
         run(*ctl, "restart", plugin_name(i), timeout=settle)
         watch.wait(lambda p, i=i, old=old: i in p and p[i].pid != old.pid, settle, "restart")
         result.restart_one_s.append(time.monotonic() - begin - nsenter)
+    change = _config_text(n, changed=0)
+    result.reload_one_s = (
+        reload_one(
+            watch,
+            n,
+            lambda: config.write_text(change),
+            lambda: run(*ctl, "reload", timeout=settle),
+            settle,
+        )
+        - nsenter
+    )
     children = list(watch.plugins().values())
     start = time.monotonic()
     run("systemctl", "stop", "--no-block", "aigis", timeout=settle)

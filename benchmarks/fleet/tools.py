@@ -4,6 +4,7 @@ knows how to launch itself and which control commands to time."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,9 @@ def aigis_manifest(i: int, sleep: str) -> str:
     )
 
 
-def aigis_config(n: int) -> str:
-    """``aigis.toml`` for ``n`` plugins under ``plugins/``, embedded backend, restart delay 0."""
+def aigis_config(n: int, changed: int | None = None) -> str:
+    """``aigis.toml`` for ``n`` plugins under ``plugins/``, embedded backend, restart delay 0;
+    plugin ``changed`` gets another spelling of its source, which a reload sees as a change."""
     lines = [
         "[aigis]",
         'state_dir = "state"',
@@ -63,13 +65,19 @@ def aigis_config(n: int) -> str:
         "",
         "[external]",
     ]
-    lines += [f'{plugin_name(i)} = "plugins/{plugin_name(i)}"' for i in range(n)]
+    lines += [
+        f'{plugin_name(i)} = "{"./" if i == changed else ""}plugins/{plugin_name(i)}"'
+        for i in range(n)
+    ]
     return "\n".join(lines) + "\n"
 
 
-def supervisord_config(n: int, sleep: str, workdir: Path, minfds: int) -> str:
+def supervisord_config(
+    n: int, sleep: str, workdir: Path, minfds: int, changed: int | None = None
+) -> str:
     """``supervisord.conf``: foreground, a Unix control socket, ``n`` programs that restart at
-    once (supervisord has no restart delay setting: it restarts on its next loop tick)."""
+    once (supervisord has no restart delay setting: it restarts on its next loop tick);
+    program ``changed`` gets an extra environment variable."""
     lines = [
         "[supervisord]",
         "nodaemon = true",
@@ -96,12 +104,15 @@ def supervisord_config(n: int, sleep: str, workdir: Path, minfds: int) -> str:
             "startsecs = 0",
             f"startretries = {RESTART_BUDGET}",
         ]
+        if i == changed:
+            lines.append('environment = BENCH_CHANGED="1"')
     return "\n".join(lines) + "\n"
 
 
-def circus_config(n: int, sleep: str, workdir: Path) -> str:
+def circus_config(n: int, sleep: str, workdir: Path, changed: int | None = None) -> str:
     """``circus.ini``: IPC endpoints (no TCP port to collide on), ``n`` watchers of one process
-    each, respawned with no warmup delay on circus's next check (every ``CIRCUS_CHECK_DELAY``)."""
+    each, respawned with no warmup delay on circus's next check (every ``CIRCUS_CHECK_DELAY``);
+    watcher ``changed`` gets an extra environment variable."""
     lines = [
         "[circus]",
         f"endpoint = ipc://{workdir}/circus-ctl.sock",
@@ -120,6 +131,8 @@ def circus_config(n: int, sleep: str, workdir: Path) -> str:
             "copy_env = true",
             "max_retry = -1",
         ]
+        if i == changed:
+            lines += ["", f"[env:{plugin_name(i)}]", "BENCH_CHANGED = 1"]
     return "\n".join(lines) + "\n"
 
 
@@ -134,6 +147,8 @@ class Tool:
     launch: tuple[str, ...]
     status: tuple[str, ...]
     restart_one: tuple[str, ...]  # followed by the plugin name
+    reload: tuple[str, ...]  # re-read the config, apply only what changed
+    change_one: Callable[[], None]  # rewrite the config with plugin 0 changed
     restart_delay: str  # the configured delay, as the table reports it
 
 
@@ -153,6 +168,8 @@ def write_aigis(workdir: Path, n: int, sleep: str, venv: Path) -> Tool:
         launch=(str(venv / "bin" / "aigis"), "-c", config, "--supervisor", "embedded"),
         status=(*ctl, "status", "--json"),
         restart_one=(*ctl, "restart"),
+        reload=(*ctl, "reload"),
+        change_one=lambda: (workdir / "aigis.toml").write_text(aigis_config(n, changed=0)),
         restart_delay="0 (restart_delay = 0)",
     )
 
@@ -168,6 +185,8 @@ def write_supervisord(workdir: Path, n: int, sleep: str, peers: Path, minfds: in
         launch=(str(peers / "bin" / "supervisord"), "-c", str(config)),
         status=(*ctl, "status"),
         restart_one=(*ctl, "restart"),
+        reload=(*ctl, "update"),
+        change_one=lambda: config.write_text(supervisord_config(n, sleep, workdir, minfds, 0)),
         restart_delay="not settable (restarts on its next ~1 s tick)",
     )
 
@@ -183,5 +202,7 @@ def write_circus(workdir: Path, n: int, sleep: str, peers: Path) -> Tool:
         launch=(str(peers / "bin" / "circusd"), str(config)),
         status=(*ctl, "status"),
         restart_one=(*ctl, "restart"),
+        reload=(*ctl, "reloadconfig"),
+        change_one=lambda: config.write_text(circus_config(n, sleep, workdir, 0)),
         restart_delay=f"0 (warmup_delay = 0), check_delay = {CIRCUS_CHECK_DELAY} s",
     )

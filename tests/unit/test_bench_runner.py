@@ -11,6 +11,7 @@ import pytest
 
 from aigis._config import parse_config
 from aigis._manifest import parse_manifest
+from aigis._reload import diff
 from benchmarks.fleet import report
 from benchmarks.fleet.measure import Result, plugin_index
 from benchmarks.fleet.proctable import Proc
@@ -38,6 +39,30 @@ def test_aigis_config_is_valid_with_n_external_plugins_embedded_and_no_restart_d
     assert config.settings.supervisor == "embedded"
     assert config.settings.restart_delay == 0
     assert config.settings.state_dir == Path("/bench/state")
+
+
+def test_aigis_config_with_one_plugin_changed_reloads_that_plugin_only():
+    plan = diff(parse_config(aigis_config(3), CFG), parse_config(aigis_config(3, changed=1), CFG))
+    assert [e.name for e in plan.changed] == ["p0001"]
+    assert (plan.added, plan.removed, plan.settings_changed) == ((), (), ())
+
+
+def test_peer_configs_with_one_plugin_changed_differ_in_that_section_only(tmp_path):
+    for render in (
+        lambda changed: supervisord_config(3, SLEEP, tmp_path, 4096, changed),
+        lambda changed: circus_config(3, SLEEP, tmp_path, changed),
+    ):
+        before, after = configparser.ConfigParser(), configparser.ConfigParser()
+        before.read_string(render(None))
+        after.read_string(render(2))
+        differing = [
+            name
+            for name in set(before.sections()) | set(after.sections())
+            if not before.has_section(name)
+            or not after.has_section(name)
+            or dict(before[name]) != dict(after[name])
+        ]
+        assert differing in (["program:p0002"], ["env:p0002"]), differing
 
 
 def test_aigis_manifest_is_an_external_plugin_running_its_own_sleep_and_restarting():
