@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_context(args, versions, nofile)
     results: list[Result] = []
     settings: dict[str, str] = {}
+    interrupted = False
     try:
         for rnd in range(args.rounds):
             for k, n in enumerate(args.n):
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
             results += measure_systemd([n for n in args.n if n], venv, sleep, base)
     except KeyboardInterrupt:
+        interrupted = True
         print("interrupted: cleaning up, then printing what was measured", file=sys.stderr)
     finally:
         leftovers = _sweep(token)
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     _print_tables(results, tools, settings)
     if leftovers:
         print(f"\nleftover processes after the run (killed): {leftovers}", file=sys.stderr)
+    if interrupted:
+        return 130
     if not args.no_proxy:
         _run_proxy_bench(venv)
     return 1 if leftovers else 0
