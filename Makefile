@@ -52,8 +52,10 @@ format: dev-venv
 fuzz: dev-venv
 	AIGIS_FUZZ_EXAMPLES=$${AIGIS_FUZZ_EXAMPLES:-5000} $(VENV)/bin/pytest -q -k fuzz tests
 
+# AIGIS vs supervisord and circus (installed in benchmarks/.venv-peers), then the proxy benchmark.
+# Options: make bench BENCH_ARGS="--n 10,100 --rounds 3 --systemd"
 bench: dev-venv
-	$(PY) benchmarks/bench_proxy.py
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 check: venv
 	$(VENV)/bin/aigisctl check -c examples/aigis.toml
