@@ -194,6 +194,7 @@ def start_sshd(box: Box, address: str, port: int = 22) -> SshServer:
     client_pub = keygen(keys / "client", "aigis-test-client")
     host_pub = install_host_key(box, keys)
     box.write(f"{SSHD_DIR}/authorized_keys", client_pub + "\n")
+    private_root_home(box)
     box.write(
         f"{SSHD_DIR}/sshd_config",
         textwrap.dedent(
@@ -231,6 +232,23 @@ def start_sshd(box: Box, address: str, port: int = 22) -> SshServer:
     known = keys / "known_hosts"
     known.write_text(known_hosts_line(address, port, host_pub))
     return SshServer(box, address, port, keys / "client", known, host_pub)
+
+
+ROOT_HOME = "/var/lib/aigis-test-root"
+
+
+def private_root_home(box: Box) -> None:
+    """Give root a home inside the box (its /etc/passwd is an overlay): ssh sessions run the
+    login shell there, and the host's /root (its .bashrc, its pyenv shims) stays out of them."""
+    passwd = box.host_path("/etc/passwd")
+    lines = passwd.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        fields = line.split(":")
+        if fields[0] == "root":
+            fields[5] = ROOT_HOME
+            lines[i] = ":".join(fields)
+    passwd.write_text("".join(lines))
+    box.run("install", "-d", "-m", "0700", ROOT_HOME)
 
 
 def install_host_key(box: Box, keys: Path) -> str:
