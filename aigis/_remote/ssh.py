@@ -265,7 +265,8 @@ class Master:
         try:
             found = json.loads(result.stdout)
         except ValueError:
-            detail = (result.stderr or result.stdout).decode(errors="replace").strip()
+            lines = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
+            detail = lines[-1] if lines else f"exit status {result.returncode}"
             raise HostError(name, "no-python", f"{self.spec.python} failed: {detail}") from None
         version = tuple(int(x) for x in found["python"].split("."))
         if version[:2] < MIN_PYTHON:
