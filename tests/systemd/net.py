@@ -25,7 +25,7 @@ from typing import Protocol
 from .box import Box, wait_until
 from .host import BOX_ENV
 
-__all__ = ["Link", "Netns", "SshServer", "in_netns", "join", "start_sshd"]
+__all__ = ["BareHost", "Link", "Netns", "SshServer", "in_netns", "join", "start_sshd"]
 
 
 class HasNetns(Protocol):
@@ -257,3 +257,81 @@ def install_host_key(box: Box, keys: Path) -> str:
     box.write(f"{SSHD_DIR}/host_key", (keys / "host_key").read_text())
     box.host_path(f"{SSHD_DIR}/host_key").chmod(0o600)
     return pub
+
+
+class BareHost:
+    """sshd in network and mount namespaces of its own, without systemd: a host that cannot run
+    plugins. It sees the host's files except a fresh /run (so no /run/systemd/system) and an
+    /etc/passwd giving root a home in ``workdir`` and /bin/sh (the host's /root stays out)."""
+
+    def __init__(self, workdir: Path, port: int = 22) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.port = port
+        home = workdir / "home"
+        home.mkdir(mode=0o700, exist_ok=True)
+        passwd = workdir / "passwd"
+        lines = Path("/etc/passwd").read_text().splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            fields = line.split(":")
+            if fields[0] == "root":
+                fields[5], fields[6] = str(home), "/bin/sh\n"
+                lines[i] = ":".join(fields)
+        passwd.write_text("".join(lines))
+        client_pub = keygen(workdir / "client", "aigis-test-client")
+        self.host_key_pub = keygen(workdir / "host_key", "aigis-test-host")
+        (workdir / "authorized_keys").write_text(client_pub + "\n")
+        (workdir / "sshd_config").write_text(
+            textwrap.dedent(
+                f"""\
+                Port {port}
+                ListenAddress ::
+                HostKey {workdir}/host_key
+                AuthorizedKeysFile {workdir}/authorized_keys
+                StrictModes no
+                PermitRootLogin prohibit-password
+                PasswordAuthentication no
+                KbdInteractiveAuthentication no
+                UsePAM no
+                PidFile none
+                """
+            )
+        )
+        # LIBMOUNT_UTAB: mount(8) would otherwise note its mounts in the host's /run/mount.
+        script = (
+            'set -e; export LIBMOUNT_UTAB="$0/utab"; '
+            "mount -t tmpfs -o mode=0755,size=16m tmpfs /run; mkdir -m 0755 /run/sshd; "
+            'mount --bind "$0/passwd" /etc/passwd; exec /usr/sbin/sshd -D -e -f "$0/sshd_config"'
+        )
+        with open(workdir / "sshd.log", "ab") as log:
+            self._proc = subprocess.Popen(
+                ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--net", "--mount",
+                 "--propagation", "private", "--", "sh", "-c", script, str(workdir)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=BOX_ENV,
+            )  # fmt: skip
+        self.pid = self._proc.pid
+        self.client_key = workdir / "client"
+        self.known_hosts = workdir / "known_hosts"
+        self.address = ""
+
+    def serve(self, address: str) -> None:
+        """Wait until sshd listens; write known_hosts for ``address``."""
+
+        def listening() -> bool:
+            if self._proc.poll() is not None:
+                log = (self.workdir / "sshd.log").read_text(errors="replace")
+                raise RuntimeError(f"sshd exited with {self._proc.returncode}: {log}")
+            out = subprocess.run(
+                in_netns(self.pid, "ss", "-Hltn", f"( sport = :{self.port} )"),
+                capture_output=True, text=True, timeout=10, env=BOX_ENV,
+            )  # fmt: skip
+            return bool(out.stdout.strip())
+
+        wait_until(listening, 10, "sshd to listen")
+        self.address = address
+        self.known_hosts.write_text(known_hosts_line(address, self.port, self.host_key_pub))
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait(10)

@@ -23,7 +23,7 @@ from aigis._remote.ship import ship
 from aigis._remote.ssh import Master, SshSettings, master_argv, open_all
 
 from .box import Box, wait_until
-from .net import Link, Netns, SshServer, install_host_key, join, start_sshd
+from .net import BareHost, Link, Netns, SshServer, install_host_key, join, start_sshd
 
 pytestmark = pytest.mark.systemd
 
@@ -256,3 +256,23 @@ def test_master_comes_back_after_a_cut_link(lab: Lab) -> None:
     after = master.master_pid()
     assert after is not None and after != before  # a new master, not a direct connection
     wait_until(lambda: len(connections(server)) == 1, 30, "the dead connection to go away")
+
+
+def test_check_names_a_host_without_systemd(lab: Lab, tmp_path: Path) -> None:
+    bare = BareHost(tmp_path / "bare")
+    try:
+        link = join(lab.netns, bare)
+        lab.links.append(link)
+        bare.serve(link.b_addr)
+        spec = HostSpec("bare", bare.address, "root", bare.port, str(bare.client_key),
+                        python="/usr/bin/python3")  # fmt: skip
+        settings = SshSettings(lab.runtime_dir, known_hosts=bare.known_hosts, config_file="none")
+        master = Master(spec, settings, wrap=lab.netns.argv())
+        lab.masters.append(master)
+        with pytest.raises(HostError) as e:
+            master.check()
+        assert e.value.kind == "no-systemd"
+        assert str(e.value) == 'host "bare": systemd is not running (offline)'
+        master.close()
+    finally:
+        bare.close()
