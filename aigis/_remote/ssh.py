@@ -19,6 +19,7 @@ import logging
 import re
 import shlex
 import subprocess
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -197,6 +198,7 @@ class Master:
         self.settings = settings
         self.wrap = list(wrap)
         self.control_path = control_path(spec, settings)
+        self._opening = threading.Lock()
 
     def _ssh(
         self, argv: list[str], timeout: float, input: bytes | None = None
@@ -219,9 +221,16 @@ class Master:
     def open(self) -> None:
         """Ensure the master is up: a no-op when it is, else connect (bounded by the connect
         timeout) and raise HostError on failure."""
+        with self._opening:
+            self._open()
+
+    def _open(self) -> None:
         if self.master_pid() is not None:
             return
         self.settings.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A socket left by a killed master: ssh -o ControlMaster=yes would find the name taken
+        # and carry on as a plain connection ("disabling multiplexing"), never a master.
+        self.control_path.unlink(missing_ok=True)
         # -f returns when authenticated; the bound covers a server stalling after the banner.
         result = self._ssh(
             master_argv(self.spec, self.settings), timeout=2 * self.settings.connect_timeout + 10

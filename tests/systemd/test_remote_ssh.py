@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -276,3 +277,18 @@ def test_check_names_a_host_without_systemd(lab: Lab, tmp_path: Path) -> None:
         master.close()
     finally:
         bare.close()
+
+
+def test_open_replaces_a_stale_control_socket(lab: Lab) -> None:
+    server, _ = lab.remote()
+    master = lab.master(server, "web1")
+    master.open()
+    killed = master.master_pid()
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)  # the socket file stays behind, nobody listening
+    wait_until(lambda: not Path(f"/proc/{killed}").exists() or master.master_pid() is None, 10,
+               "the killed master to go")  # fmt: skip
+    assert master.control_path.exists()
+    master.open()
+    assert master.master_pid() not in (None, killed)  # a master again, not a plain connection
+    assert master.run(["echo", "ok"]).stdout == b"ok\n"
