@@ -20,16 +20,18 @@ import re
 import shlex
 import subprocess
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from aigis._remote.hosts import HostError, HostSpec
 
-__all__ = ["HostCheck", "Master", "SshSettings", "classify", "open_all"]
+__all__ = ["HostCheck", "Master", "SshSettings", "check_all", "classify", "on_each", "open_all"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIN_PYTHON = (3, 11)
 #: sun_path holds 108 bytes; ssh binds ``<ControlPath>.<16 random chars>`` first, then renames.
@@ -293,16 +295,29 @@ class Master:
             log.info("disconnected: host %s", self.spec.name)
 
 
-def open_all(masters: Iterable[Master]) -> dict[str, HostError | None]:
-    """Open every master in parallel; the error of each host that failed (None: connected)."""
+def on_each(masters: Iterable[Master], action: Callable[[Master], T]) -> dict[str, T | HostError]:
+    """``action(master)`` for every host in parallel (one thread per host, at most 16): each
+    host's result, or the HostError that host failed with. One host never holds up another."""
     masters = list(masters)
 
-    def one(master: Master) -> HostError | None:
+    def one(master: Master) -> T | HostError:
         try:
-            master.open()
+            return action(master)
         except HostError as e:
             return e
-        return None
 
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(masters)))) as pool:
         return dict(zip((m.spec.name for m in masters), pool.map(one, masters), strict=True))
+
+
+def open_all(masters: Iterable[Master]) -> dict[str, HostError | None]:
+    """Open every master in parallel; the error of each host that failed (None: connected)."""
+    return {
+        name: outcome if isinstance(outcome, HostError) else None
+        for name, outcome in on_each(masters, Master.open).items()
+    }
+
+
+def check_all(masters: Iterable[Master]) -> dict[str, HostCheck | HostError]:
+    """``aigisctl check --connect``: every host's check, in parallel."""
+    return on_each(masters, Master.check)

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from aigis._remote.hosts import HostSpec
-from aigis._remote.ssh import SshSettings, classify, command_argv, control_path, master_argv
+from aigis._remote.hosts import HostError, HostSpec
+from aigis._remote.ssh import (
+    SshSettings,
+    classify,
+    command_argv,
+    control_path,
+    master_argv,
+    on_each,
+)
 
 SPEC = HostSpec("web1", "fd00::2", "deploy", 2222, "/etc/aigis/id_web1")
 SETTINGS = SshSettings(Path("/run/aigis"), known_hosts=Path("/etc/aigis/known_hosts"))
@@ -113,3 +120,26 @@ def test_a_remote_commands_own_failure_is_not_an_ssh_failure():
     assert classify("web1", "grep: x: No such file\n", 2) is None
     assert classify("web1", "Permission denied\n", 1) is None
     assert classify("web1", "", 255) is None  # the command itself exited 255, silently
+
+
+class FakeMaster:
+    def __init__(self, name: str, error: str | None = None) -> None:
+        self.spec = HostSpec(name, name)
+        self.error = error
+
+    def open(self) -> None:
+        if self.error:
+            raise HostError(self.spec.name, "unreachable", self.error)
+
+
+def test_on_each_keeps_each_hosts_outcome_apart():
+    masters = [FakeMaster("a"), FakeMaster("b", "unreachable: no route"), FakeMaster("c")]
+    outcome = on_each(masters, lambda m: m.open() or f"opened {m.spec.name}")
+    assert outcome["a"] == "opened a" and outcome["c"] == "opened c"
+    assert str(outcome["b"]) == 'host "b": unreachable: no route'
+    assert on_each([], lambda m: 1) == {}
+
+
+def test_on_each_lets_other_errors_through():
+    with pytest.raises(ZeroDivisionError):
+        on_each([FakeMaster("a")], lambda m: 1 / 0)
