@@ -288,6 +288,24 @@ class Master:
             raise HostError(name, "no-systemd", f"systemd is not running ({state})")
         return HostCheck(name, found["python"], found["systemd"], int(found["free"]))
 
+    def forward(self, remote_socket: str, label: str) -> Path:
+        """Forward a local Unix socket to ``remote_socket`` on the host over the master (e.g. the
+        host's D-Bus system bus, for the D-Bus client of the systemd backend); returns the local
+        path. Forwards end with the master: call again after a reconnect."""
+        if not re.fullmatch(r"[a-z0-9-]{1,16}", label):
+            raise ValueError(f"forward label must be [a-z0-9-]{{1,16}}, got {label!r}")
+        local = self.control_path.with_name(f"{self.control_path.name}.{label}")
+        self.open()
+        argv = control_argv(self.spec, self.settings, "forward")
+        argv[-2:-2] = ["-o", "StreamLocalBindUnlink=yes", "-L", f"{local}:{remote_socket}"]
+        result = self._ssh(argv, timeout=10)
+        if result.returncode != 0:
+            lines = result.stderr.decode(errors="replace").strip().splitlines() or ["no output"]
+            raise HostError(
+                self.spec.name, "failed", f"cannot forward {remote_socket}: {lines[-1]}"
+            )
+        return local
+
     def close(self) -> None:
         """End the master (its multiplexed sessions end with it). Idempotent."""
         if self.control_path.exists():

@@ -22,6 +22,7 @@ import pytest
 from aigis._remote.hosts import HostError, HostSpec
 from aigis._remote.ship import ship
 from aigis._remote.ssh import Master, SshSettings, master_argv, open_all
+from aigis._supervise.dbus import Systemd
 
 from .box import Box, wait_until
 from .net import BareHost, Link, Netns, SshServer, install_host_key, join, start_sshd
@@ -292,3 +293,20 @@ def test_open_replaces_a_stale_control_socket(lab: Lab) -> None:
     master.open()
     assert master.master_pid() not in (None, killed)  # a master again, not a plain connection
     assert master.run(["echo", "ok"]).stdout == b"ok\n"
+
+
+def test_the_hosts_system_bus_is_reachable_over_the_master(lab: Lab) -> None:
+    """The systemd backend's own D-Bus client reads remote units through a forwarded socket."""
+    server, _ = lab.remote()
+    master = lab.master(server, "web1")
+    bus = master.forward("/run/dbus/system_bus_socket", "bus")
+    systemd = Systemd(bus=f"unix:path={bus}")
+    try:
+        assert systemd.version() == int(server.box.run("systemctl", "--version").stdout.split()[1])
+        (state,) = systemd.states(["aigis-test-sshd.service"])
+        assert (state.active_state, state.sub_state) == ("active", "running")
+        assert state.main_pid == int(server.box.unit_property("aigis-test-sshd.service", "MainPID"))
+    finally:
+        systemd.close()
+    assert len(connections(server)) == 1  # the bus rides on the one connection
+    assert master.forward("/run/dbus/system_bus_socket", "bus") == bus  # again: idempotent
