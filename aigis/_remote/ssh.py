@@ -181,10 +181,9 @@ import json, os, subprocess, sys
 try:
     sd = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True,
                         timeout=20).stdout.strip()
-except (OSError, subprocess.SubprocessError) as e:
+except (OSError, subprocess.SubprocessError):
     sd = ""
 booted = os.path.isdir("/run/systemd/system")
-os.makedirs("/var/lib", exist_ok=True)
 st = os.statvfs("/var/lib")
 print(json.dumps({"python": "%d.%d.%d" % sys.version_info[:3], "booted": booted,
                   "systemd": sd, "free": st.f_bavail * st.f_frsize}))

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from aigis._remote.ssh import Master, SshSettings, master_argv, open_all
 from aigis._supervise.dbus import Systemd
 
 from .box import Box, wait_until
-from .net import BareHost, Link, Netns, SshServer, install_host_key, join, start_sshd
+from .net import BareHost, Link, Netns, SshServer, in_netns, install_host_key, join, start_sshd
 
 pytestmark = pytest.mark.systemd
 
@@ -247,6 +248,11 @@ def test_master_comes_back_after_a_cut_link(lab: Lab) -> None:
     assert before is not None
     link.cut()
     try:
+        for ns, dev, addr in ((lab.netns, link.a_dev, link.a_addr), (server.box, link.b_dev,
+                                                                    link.b_addr)):  # fmt: skip
+            shown = subprocess.run(in_netns(ns.pid, "ip", "-6", "-o", "addr", "show", "dev", dev),
+                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
+            assert f"{addr}/64" in shown, f"keep_addr_on_down: {dev} lost {addr}"
         wait_until(lambda: master.master_pid() is None, 30, "the master to notice the cut link")
         with pytest.raises(HostError) as e:
             master.run(["true"], timeout=30)
