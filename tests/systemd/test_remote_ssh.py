@@ -316,3 +316,18 @@ def test_the_hosts_system_bus_is_reachable_over_the_master(lab: Lab) -> None:
         systemd.close()
     assert len(connections(server)) == 1  # the bus rides on the one connection
     assert master.forward("/run/dbus/system_bus_socket", "bus") == bus  # again: idempotent
+
+
+def test_boxes_join_each_other(lab: Lab) -> None:
+    """Box to box, as when the core itself runs in a box: ssh from inside one reaches another."""
+    core = lab.boot_box(net=True)
+    remote = lab.boot_box(net=True)
+    link = join(core, remote)
+    lab.links.append(link)
+    server = start_sshd(remote, link.b_addr)
+    ssh = ["ssh", "-F", "none", "-i", str(server.client_key), "-o", "BatchMode=yes",
+           "-o", f"UserKnownHostsFile={server.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+           "-l", "root", server.address, "--", "cat /etc/machine-id"]  # fmt: skip
+    answer = core.run(*ssh).stdout.strip()
+    assert answer == remote.host_path("/etc/machine-id").read_text().strip()
+    assert answer != core.host_path("/etc/machine-id").read_text().strip()
