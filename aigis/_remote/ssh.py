@@ -213,8 +213,9 @@ class Master:
                 timeout=timeout,
             )
         except subprocess.TimeoutExpired:
+            what = (argv[-1].splitlines() or [""])[0][:60]  # one line, whatever the command
             raise HostError(
-                self.spec.name, "timeout", f"no answer within {timeout:g}s ({argv[-1][:60]})"
+                self.spec.name, "timeout", f"no answer within {timeout:g}s ({what})"
             ) from None
         except FileNotFoundError as e:
             raise HostError(self.spec.name, "failed", f"cannot run {argv[0]}: {e}") from None
@@ -237,8 +238,10 @@ class Master:
             master_argv(self.spec, self.settings), timeout=2 * self.settings.connect_timeout + 10
         )
         if result.returncode != 0:
-            error = classify(self.spec.name, result.stderr.decode(errors="replace"), 255)
-            assert error is not None  # status 255 and text, or "ssh failed: ..."
+            stderr = result.stderr.decode(errors="replace")
+            error = classify(self.spec.name, stderr, 255) or HostError(
+                self.spec.name, "failed", f"ssh exited with status {result.returncode}"
+            )
             log.warning("refused: %s", error)
             raise error
         log.info("connected: host %s (%s port %d)", self.spec.name, self.spec.address,

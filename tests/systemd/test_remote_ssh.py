@@ -331,3 +331,17 @@ def test_boxes_join_each_other(lab: Lab) -> None:
     answer = core.run(*ssh).stdout.strip()
     assert answer == remote.host_path("/etc/machine-id").read_text().strip()
     assert answer != core.host_path("/etc/machine-id").read_text().strip()
+
+
+def test_a_command_past_its_timeout_fails_alone(lab: Lab) -> None:
+    server, _ = lab.remote()
+    master = lab.master(server, "web1")
+    master.open()
+    pid = master.master_pid()
+    with pytest.raises(HostError) as e:
+        master.run(["python3", "-c", "import time\ntime.sleep(60)"], timeout=1)
+    assert (e.value.kind, str(e.value)) == (
+        "timeout", "host \"web1\": no answer within 1s (python3 -c 'import time)"
+    )  # fmt: skip
+    assert master.master_pid() == pid  # the master outlives the abandoned command
+    assert master.run(["echo", "still here"]).stdout == b"still here\n"
