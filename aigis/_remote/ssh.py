@@ -220,6 +220,11 @@ class Master:
         except FileNotFoundError as e:
             raise HostError(self.spec.name, "failed", f"cannot run {argv[0]}: {e}") from None
 
+    def _make_control_dir(self) -> None:
+        # Whoever can connect to a master socket (or a forwarded bus) acts as us on the host.
+        self.settings.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.settings.control_dir.chmod(0o700)
+
     def open(self) -> None:
         """Ensure the master is up: a no-op when it is, else connect (bounded by the connect
         timeout) and raise HostError on failure."""
@@ -229,7 +234,7 @@ class Master:
     def _open(self) -> None:
         if self.master_pid() is not None:
             return
-        self.settings.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_control_dir()
         # A socket left by a killed master: ssh -o ControlMaster=yes would find the name taken
         # and carry on as a plain connection ("disabling multiplexing"), never a master.
         self.control_path.unlink(missing_ok=True)
@@ -260,7 +265,7 @@ class Master:
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv`` on the host; return its exit status and output. Raise HostError when
         ssh (not the command) failed, or after ``timeout`` seconds."""
-        self.settings.control_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_control_dir()
         result = self._ssh(command_argv(self.spec, self.settings, argv), timeout, input)
         error = classify(self.spec.name, result.stderr.decode(errors="replace"), result.returncode)
         if error is not None:

@@ -111,6 +111,7 @@ def test_one_master_carries_every_command(lab: Lab) -> None:
     assert master.master_pid() == pid
     assert len(connections(server)) == 1, connections(server)
     assert not server.box.host_path(marker).exists()
+    assert stat.S_IMODE(os.stat(master.settings.control_dir).st_mode) == 0o700
 
 
 def test_hosts_are_opened_in_parallel_and_fail_alone(lab: Lab) -> None:
