@@ -16,11 +16,13 @@ LEAVES = {
     "aigis._errors", "aigis._version", "aigis._states", "aigis._redact", "aigis._settings",
     "aigis._quote",
 }  # fmt: skip
+LEAVES |= {"aigis._remote.syncer"}  # runs on remote hosts: the standard library only
 PURE = {
     "aigis._config", "aigis._manifest", "aigis._namespace", "aigis._reload",
     "aigis._supervise.units",
     "aigis._supervise.base", "aigis._supervise.policy", "aigis._supervise.unitstate",
     "aigis._rpc.wire", "aigis._status", "aigis._launch",
+    "aigis._remote.hosts",
 }  # fmt: skip
 TOP = {"aigis._daemon", "aigis._ctl", "aigis._control", "aigis.__main__"}
 
@@ -56,7 +58,9 @@ def test_leaves_import_nothing_of_ours(name):
 
 @pytest.mark.parametrize("name", sorted(PURE))
 def test_pure_logic_imports_only_leaves_and_pure_logic(name):
-    allowed = LEAVES | PURE | {"aigis._supervise", "aigis._rpc"}  # package __init__ on the path
+    allowed = (
+        LEAVES | PURE | {"aigis._supervise", "aigis._rpc", "aigis._remote"}
+    )  # package __init__ on the path
     assert imports(MODULES[name]) - allowed == set()
 
 
