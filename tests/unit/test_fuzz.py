@@ -132,8 +132,14 @@ literal = st.recursive(
     ),
     max_leaves=10,
 ).map(repr)
+raw_string = nasty_text.map(  # a string literal holding raw control characters
+    lambda t: '"' + "".join(c for c in t if c not in '\\"\n\r\x00') + '"'
+)
+long_string = st.integers(1000, 20_000).map(lambda n: '"' + "z" * n + '"')
 expression = st.one_of(
     literal,
+    raw_string,
+    long_string,
     st.sampled_from(
         ['"core"', '"internal"', '"external"', '"{root}"', '["{root}/run"]', "{}", "f(1)", "x"]
     ),
