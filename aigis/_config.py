@@ -16,9 +16,6 @@ from pathlib import Path
 from aigis import _settings
 from aigis._errors import ConfigError
 from aigis._quote import escape, shown
-from aigis._settings import REQUIREMENT_POLICIES, SUPERVISORS
-
-__all__ = ["REQUIREMENT_POLICIES", "SUPERVISORS", "Config", "PluginEntry", "Settings"]
 
 PLUGIN_TABLES = ("core", "internal", "external")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -132,8 +132,15 @@ literal = st.recursive(
     ),
     max_leaves=10,
 ).map(repr)
+raw_string = nasty_text.map(  # a string literal holding raw control characters
+    lambda t: '"' + "".join(c for c in t if c not in '\\"\n\r\x00') + '"'
+)
+long_string = st.integers(1000, 20_000).map(lambda n: '"' + "z" * n + '"')
 expression = st.one_of(
     literal,
+    raw_string,
+    long_string,
+    st.one_of(raw_string, long_string).map(lambda x: f"f({x})"),  # not a literal
     st.sampled_from(
         ['"core"', '"internal"', '"external"', '"{root}"', '["{root}/run"]', "{}", "f(1)", "x"]
     ),
@@ -164,6 +171,7 @@ manifest_key = st.one_of(
 manifest_line = st.one_of(
     st.tuples(manifest_key, expression).map(lambda kv: f"{kv[0]} = {kv[1]}"),
     st.sampled_from(['"""doc"""', "# comment", "import os", "del x", "X: int = 1"]),
+    st.one_of(raw_string, long_string).map(lambda x: f"print({x})"),  # not an assignment
     nasty_text,
 )
 manifest_document = st.lists(manifest_line, max_size=10).map("\n".join)
