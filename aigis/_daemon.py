@@ -33,7 +33,7 @@ from aigis._notify import Notifier
 from aigis._paths import make_dir
 from aigis._reload import diff
 from aigis._rpc.server import CoreServer, load_or_create_authkey
-from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API
+from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API, SUPERVISORS
 from aigis._states import Kind, State
 from aigis._status import Row, plugin_row, summary
 from aigis._supervise import pick_supervisor
@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--supervisor",
-        choices=("auto", "systemd", "embedded"),
+        choices=SUPERVISORS,
         help="process supervisor (default: [aigis] supervisor, else auto)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

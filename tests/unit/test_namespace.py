@@ -125,3 +125,11 @@ def test_resolve_refuses_internals_and_dunders(ns):
         ns.resolve(("a", "_private"))
     with pytest.raises(AttributeError, match="aigis.a has no attribute 'c'"):
         ns.resolve(("a", "c"))
+
+
+def test_the_public_api_is_the_one_the_settings_table_reserves():
+    import aigis
+
+    from aigis._settings import PUBLIC_API
+
+    assert aigis.__all__ == [*PUBLIC_API, "__version__"]
