@@ -29,6 +29,15 @@ class PluginEntry:
     table: str
     source: str
     ref: str | None = None
+    #: The account its process runs as under systemd; None: the plugin's own (aigis-NAME).
+    user: str | None = None
+    #: False: no systemd sandbox for its process (the operator grants it, never the manifest).
+    sandbox: bool = True
+
+
+#: What aigis.toml accepts as ``user``: a user name (as useradd and systemd-sysusers do).
+USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}")
+ENTRY_KEYS = ("source", "ref", "user", "sandbox")
 
 
 @dataclass(frozen=True)
@@ -265,16 +274,17 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
     if isinstance(value, str):
         source, ref = value, None
     elif isinstance(value, dict):
-        unknown = sorted(set(value) - {"source", "ref"})
+        unknown = sorted(set(value) - set(ENTRY_KEYS))
         if unknown:
             problems.add(
                 table,
                 name,
                 f'[{table}] plugin "{name}": unknown key(s) '
-                f"{', '.join(unknown)}; expected source and optional ref",
+                f"{', '.join(unknown)}; expected source and optional ref, user, sandbox",
             )
             ok = False
         source, ref = value.get("source"), value.get("ref")
+        ok = _check_privilege(problems, table, name, value) and ok
         if not isinstance(source, str):
             problems.add(
                 table,
@@ -301,7 +311,39 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
     if ok and not source.strip():
         problems.add(table, name, f'[{table}] plugin "{name}": source is empty')
         ok = False
-    return PluginEntry(name=name, table=table, source=source, ref=ref) if ok else None
+    if not ok:
+        return None
+    options = value if isinstance(value, dict) else {}
+    return PluginEntry(
+        name=name,
+        table=table,
+        source=source,
+        ref=ref,
+        user=options.get("user"),
+        sandbox=options.get("sandbox", True),
+    )
+
+
+def _check_privilege(problems: _Problems, table: str, name: str, value: dict) -> bool:
+    """``user`` (an account name) and ``sandbox`` (a boolean) of one plugin entry."""
+    ok = True
+    user = value.get("user")
+    if user is not None and not (isinstance(user, str) and USER_RE.fullmatch(user)):
+        problems.add(
+            table,
+            name,
+            f'[{table}] plugin "{name}": "user" must be a user name such as "root", got {user!r}',
+        )
+        ok = False
+    sandbox = value.get("sandbox", True)
+    if not isinstance(sandbox, bool):
+        problems.add(
+            table,
+            name,
+            f'[{table}] plugin "{name}": "sandbox" must be true or false, got {sandbox!r}',
+        )
+        ok = False
+    return ok
 
 
 def _parse_settings(problems: _Problems, table: dict, config_path: Path) -> Settings | None:
