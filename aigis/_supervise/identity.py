@@ -47,6 +47,8 @@ def prepare(spec: ProcessSpec, root: Path = Path("/")) -> None:
     try:
         if spec.own_dir is not None:
             hand_over(spec.name, spec.own_dir, account.pw_uid, account.pw_gid)
+            hidden = spec.hidden_dir if spec.sandbox else None
+            grant_traverse(spec.own_dir.parent, account.pw_uid, hidden)
         for socket in spec.connects_to:
             grant_connect(socket, account.pw_uid)
     except OSError as exc:
@@ -140,10 +142,20 @@ def hand_over(plugin: str, own_dir: Path, uid: int, gid: int) -> int:
     return changed
 
 
+def grant_traverse(directory: Path, uid: int, hidden: Path | None = None) -> None:
+    """Let ``uid`` pass through ``directory`` and its parents where others may not (search
+    only, no listing); directories inside ``hidden`` are not needed (the sandbox's tmpfs)."""
+    for path in (directory, *directory.parents):
+        if hidden is not None and path.is_relative_to(hidden):
+            continue
+        if not os.stat(path).st_mode & 0o001:
+            grant(path, uid, 0o1)
+
+
 def grant_connect(socket: Path, uid: int) -> None:
     """Let ``uid`` connect to ``socket``: read-write on it, search on its directory (ACL entries
     for that uid only; the group and other bits stay as they are)."""
-    grant(socket.parent, uid, 0o1)
+    grant_traverse(socket.parent, uid)
     grant(socket, uid, 0o6)
 
 
