@@ -288,5 +288,3 @@ def test_systemd_analyze_security(aigis: Sandboxed) -> None:
     for unit in ("aigis-plugin@oracle.service", "aigis-plugin@clock.service"):
         exposure = float(report[unit].split("exposure level for")[1].split(":")[1].split()[0])
         assert exposure <= 2.5, report[unit]
-
-
