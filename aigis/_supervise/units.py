@@ -50,6 +50,8 @@ SANDBOX = (
     "SystemCallFilter=~@privileged @resources",
     "SystemCallErrorNumber=EPERM",
     "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    # PrivateDevices= keeps the host's /dev/shm, shared by every unit: give each its own.
+    "TemporaryFileSystem=/dev/shm:mode=1777,nosuid,nodev",
 )
 
 

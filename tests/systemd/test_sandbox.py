@@ -140,6 +140,11 @@ def test_a_plugin_cannot_signal_another_plugins_processes(aigis: Sandboxed) -> N
     for signal in ("TERM", "KILL", "STOP", "0"):
         code, out = aigis.attempt("alpha", f"kill -s {signal} {beta}")
         assert code != 0, f"alpha sent {signal} to beta: {out}"
+    # Nor can they meet in shared memory: each has its own /dev/shm.
+    code, out = aigis.attempt("beta", "echo beta > /dev/shm/note && chmod 644 /dev/shm/note")
+    assert code == 0, out
+    code, out = aigis.attempt("alpha", "cat /dev/shm/note")
+    assert code != 0 and "beta" not in out
     # ProtectProc=invisible: alpha does not even see beta's process.
     code, out = aigis.attempt("alpha", f"cat /proc/{beta}/cmdline")
     assert code != 0
