@@ -180,6 +180,9 @@ def test_writes_outside_its_own_directory_and_tmp_fail(aigis: Sandboxed) -> None
     for allowed in ("own-file", "probe/nested", "/tmp/alpha-tmp", "/var/tmp/alpha-tmp"):
         code, out = aigis.attempt("alpha", f"echo x > {allowed} && cat {allowed}")
         assert (code, out) == (0, "x\n"), allowed
+    # HOME is its own directory: caches under ~ (pip, matplotlib, ...) keep working.
+    code, out = aigis.attempt("alpha", 'mkdir -p ~/.cache/x && echo "$HOME"')
+    assert (code, out) == (0, f"{EXT}/alpha\n")
     # /tmp is its own: nothing reached the host's (or the box's) /tmp.
     assert not Path("/tmp/alpha-tmp").exists()
     for target in (
