@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from aigis._supervise.units import plugin_user
+
 from .box import Box, wait_until
 from .test_service import Aigis
 
@@ -66,7 +68,7 @@ class Sandboxed(Aigis):
                 if t != table:
                     continue
                 extra = f", {self.options[name]}" if name in self.options else ""
-                lines.append(f'{name} = {{ source = "{src}"{extra} }}')
+                lines.append(f'"{name}" = {{ source = "{src}"{extra} }}')
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
@@ -156,9 +158,10 @@ def test_a_plugin_cannot_signal_another_plugins_processes(aigis: Sandboxed) -> N
 def test_a_plugin_runs_unprivileged_without_capabilities(aigis: Sandboxed) -> None:
     aigis.probe("alpha")
     aigis.probe("beta")
+    aigis.probe("dot.ted")  # no dots in user names: aigis_dot_ted_<hash>
     aigis.start()
     uids = set()
-    for name in ("alpha", "beta"):
+    for name in ("alpha", "beta", "dot.ted"):
         status = aigis.proc_status(f"aigis-plugin@{name}")
         uid = status["Uid"].split()
         assert len(set(uid)) == 1 and uid[0] != "0", status["Uid"]  # real, effective, saved, fs
@@ -167,8 +170,9 @@ def test_a_plugin_runs_unprivileged_without_capabilities(aigis: Sandboxed) -> No
         for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(status[caps], 16) == 0, f"{caps}: {status[caps]}"
         assert status["Seccomp"] == "2"  # a syscall filter is installed
-        assert aigis.prop(f"aigis-plugin@{name}.service", "User") == f"aigis-{name}"
-    assert len(uids) == 2  # one account each
+        assert aigis.prop(f"aigis-plugin@{name}.service", "User") == plugin_user(name)
+    assert len(uids) == 3  # one account each
+    assert plugin_user("dot.ted").startswith("aigis_dot_ted_")
     code, out = aigis.attempt("alpha", "id -u; id -G")
     assert code == 0
     assert "0" not in out.split()

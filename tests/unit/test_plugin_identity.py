@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from aigis._config import ConfigError, parse_config
-from aigis._errors import SecretsError
+from aigis._errors import PluginError, SecretsError
 from aigis._launch import process_spec
 from aigis._manifest import Manifest
 from aigis._reload import diff
@@ -27,6 +27,7 @@ from aigis._supervise.identity import (
     acl_from_mode,
     decode_acl,
     encode_acl,
+    ensure_user,
     hand_over,
     sysusers_line,
     with_user,
@@ -110,6 +111,15 @@ def test_sysusers_line_of_the_own_account():
         "my clock", Kind.EXTERNAL, ("/bin/true",), Path("/"), user="aigis_x", own_dir=Path("/s x")
     )
     assert sysusers_line(spec) == 'u aigis_x - "AIGIS plugin my clock" "/s x" -\n'
+
+
+def test_an_account_the_operator_names_must_exist(tmp_path):
+    spec = ProcessSpec(
+        "p", Kind.EXTERNAL, ("/bin/true",), Path("/"), user="no-such-user-xyz", own_dir=tmp_path
+    )
+    with pytest.raises(PluginError, match='user "no-such-user-xyz" .aigis.toml. does not exist'):
+        ensure_user(spec, root=tmp_path)
+    assert not (tmp_path / "run").exists()  # nothing created for it
 
 
 # -- ACLs ----------------------------------------------------------------------------------------
