@@ -30,6 +30,15 @@ class PluginEntry:
     table: str
     source: str
     ref: str | None = None
+    #: The account its process runs as under systemd; None: the plugin's own (aigis-NAME).
+    user: str | None = None
+    #: False: no systemd sandbox for its process (the operator grants it, never the manifest).
+    sandbox: bool = True
+
+
+#: What aigis.toml accepts as ``user``: a user name (as useradd and systemd-sysusers do).
+USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}")
+ENTRY_KEYS = ("source", "ref", "user", "sandbox")
 
 
 @dataclass(frozen=True)
@@ -283,16 +292,17 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
     if isinstance(value, str):
         source, ref = value, None
     elif isinstance(value, dict):
-        unknown = sorted(set(value) - {"source", "ref"})
+        unknown = sorted(set(value) - set(ENTRY_KEYS))
         if unknown:
             problems.add(
                 table,
                 name,
-                f'[{table}] plugin "{quoted}": unknown key(s) '
-                f"{escape(', '.join(unknown), 120)}; expected source and optional ref",
+                f'[{table}] plugin "{quoted}": unknown key(s) {escape(", ".join(unknown), 120)}; '
+                "expected source and optional ref, user, sandbox",
             )
             ok = False
-        source, ref = value.get("source"), value.get("ref")
+        source, ref = value.get("source"), value.get("ref")  # type: ignore[assignment]
+        ok = _check_privilege(problems, table, name, value) and ok
         if not isinstance(source, str):
             problems.add(
                 table,
@@ -324,7 +334,41 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
     if ok and not source.strip():
         problems.add(table, name, f'[{table}] plugin "{quoted}": source is empty')
         ok = False
-    return PluginEntry(name=name, table=table, source=source, ref=ref) if ok else None
+    if not ok:
+        return None
+    options = value if isinstance(value, dict) else {}
+    return PluginEntry(
+        name=name,
+        table=table,
+        source=source,
+        ref=ref,
+        user=options.get("user"),
+        sandbox=options.get("sandbox", True),
+    )
+
+
+def _check_privilege(problems: _Problems, table: str, name: str, value: dict) -> bool:
+    """``user`` (an account name) and ``sandbox`` (a boolean) of one plugin entry."""
+    ok = True
+    user = value.get("user")
+    if user is not None and not (isinstance(user, str) and USER_RE.fullmatch(user)):
+        problems.add(
+            table,
+            name,
+            f'[{table}] plugin "{escape(name, 80)}": "user" must be a user name such as "root", '
+            f"got {shown(user)}",
+        )
+        ok = False
+    sandbox = value.get("sandbox", True)
+    if not isinstance(sandbox, bool):
+        problems.add(
+            table,
+            name,
+            f'[{table}] plugin "{escape(name, 80)}": "sandbox" must be true or false, '
+            f"got {shown(sandbox)}",
+        )
+        ok = False
+    return ok
 
 
 def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Settings | None:

@@ -411,7 +411,12 @@ class Daemon:
                 try:
                     assert plugin.manifest is not None
                     spec = process_spec(
-                        plugin.name, str(plugin.root), plugin.manifest, self.config.settings
+                        plugin.name,
+                        str(plugin.root),
+                        plugin.manifest,
+                        self.config.settings,
+                        user=plugin.entry.user,
+                        sandbox=plugin.entry.sandbox,
                     )
                     self.supervisor.add(spec)
                     plugin.supervised = True

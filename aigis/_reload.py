@@ -40,6 +40,11 @@ class ReloadPlan:
         return ", ".join(parts)
 
 
+def _what_runs(entry: PluginEntry) -> tuple:
+    """What a change of reloads the plugin: its source and the privileges the operator grants."""
+    return entry.source, entry.ref, entry.user, entry.sandbox
+
+
 def diff(old: Config, new: Config, retry: Iterable[str] = ()) -> ReloadPlan:
     """Compare configs; plugins named in ``retry`` (e.g. failed ones) count as changed."""
     retry = set(retry)
@@ -50,7 +55,7 @@ def diff(old: Config, new: Config, retry: Iterable[str] = ()) -> ReloadPlan:
         previous = before.get(entry.name)
         if previous is None:
             added.append(entry)
-        elif (previous.source, previous.ref) != (entry.source, entry.ref) or entry.name in retry:
+        elif _what_runs(previous) != _what_runs(entry) or entry.name in retry:
             changed.append(entry)
         else:
             unchanged.append(entry.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -56,19 +57,49 @@ def plan_secrets(
 
 
 def copy_secrets(plugin: str, secrets: dict[str, str], secrets_dir: Path, root: Path) -> int:
-    """Copy every secret or none; return how many were copied."""
+    """Copy every secret or none; return how many were copied.
+
+    The plugin may own (and have changed) its directory, so each destination is reached by
+    file descriptor from ``root`` without following any symlink, and written to a new file
+    renamed over the old one: a planted symlink is replaced, never written through."""
     pairs = plan_secrets(plugin, secrets, secrets_dir, root)
     for source, target in pairs:
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             data = source.read_bytes()
-            # Created 0600 from the start: the secret is never readable by others, even briefly.
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                os.fchmod(out.fileno(), 0o600)  # an existing file keeps its mode otherwise
-                out.write(data)
-        except OSError as exc:
+            _write_private(root, Path(os.path.relpath(target, root)), data)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise SecretsError(
-                plugin, f"cannot copy secret {source} to {target}: {exc.strerror or exc}"
+                plugin, f"cannot copy secret {source} to {target}: {reason}"
             ) from None
     return len(pairs)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _write_private(root: Path, relative: Path, data: bytes) -> None:
+    """Write ``root/relative`` (mode 0600) creating directories, never following symlinks."""
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"{relative} is not a path inside {root}")
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in relative.parts[:-1]:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=fd)
+            parent, fd = fd, os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(parent)
+        name = relative.parts[-1]
+        temp = f".{name}.{os.getpid()}.tmp"
+        # Created 0600 from the start: the secret is never readable by others, even briefly.
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd)
+        try:
+            with os.fdopen(out, "wb") as stream:
+                stream.write(data)
+            os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=fd)
+            raise
+    finally:
+        os.close(fd)

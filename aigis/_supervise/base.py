@@ -30,6 +30,20 @@ class ProcessSpec:
     restart_delay_max: float = 60.0
     stop_timeout: float = 10.0
     startsecs: float = 1.0
+    #: The account the process runs as (None: the core's own). The systemd backend creates the
+    #: plugin's own identity (``aigis._supervise.identity``) and hands it ``own_dir``.
+    user: str | None = None
+    #: Sandbox the process (systemd: read-only system, no capabilities, syscall filter, ...).
+    sandbox: bool = False
+    #: The plugin's own directory: writable by ``user``, the only part of ``hidden_dir`` it sees.
+    own_dir: Path | None = None
+    #: A directory whose other contents the sandboxed process must not see (the state dir).
+    hidden_dir: Path | None = None
+    #: ``{ENV_VAR: credential}``: env[ENV_VAR] names a file the process must read; the systemd
+    #: backend passes it as a credential (LoadCredential=) instead, readable by ``user`` only.
+    credentials: dict[str, str] = field(default_factory=dict)
+    #: Unix sockets ``user`` must be able to connect to (the core's, for internal plugins).
+    connects_to: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         # Checked here so a bad spec fails in add(), naming the plugin, not later in a poll().
@@ -42,6 +56,9 @@ class ProcessSpec:
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
                 problems.append(f"{key} must be a finite number >= 0, got {value}")
+        for var in self.credentials:
+            if var not in self.env:
+                problems.append(f"credential {var} is not in env")
         if problems:
             raise ValueError(f'plugin "{self.name}": ' + "; ".join(problems))
 

@@ -29,6 +29,7 @@ from aigis._supervise.dropins import (
     dropin_path,
     write_dropin,
 )
+from aigis._supervise.identity import prepare
 from aigis._supervise.units import render_dropin, unit_name
 from aigis._supervise.unitstate import UnitState, describe
 
@@ -97,6 +98,9 @@ class SystemdSupervisor:
                 raise PluginError(spec.name, "not started: all plugins are being stopped")
             if spec.name in self._plugins:
                 raise PluginError(spec.name, "already supervised (remove it before adding again)")
+        # Also when adopting: the account must exist, files the core just fetched or copied
+        # belong to the plugin, and this core's new socket lets the plugin reconnect.
+        prepare(spec, self.root)
         try:
             current = path.read_text()
         except FileNotFoundError:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 
 from aigis._states import Kind
 from aigis._supervise.base import ProcessSpec
@@ -12,6 +14,45 @@ DROPIN_NAME = "50-aigis.conf"
 # Restart counting needs a window longer than any plausible crash loop: one day.
 START_LIMIT_INTERVAL = "1d"
 _UNIT_SAFE = re.compile(r"[A-Za-z0-9:_.]")
+#: What systemd-sysusers accepts as a user name (strict: no dots, at most 31 characters).
+_USER_SAFE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
+USER_PREFIX = "aigis-"
+
+#: The sandbox of every plugin unit that does not opt out (``sandbox = false`` in aigis.toml).
+#: Each line is a systemd.exec(5) setting; together they give the unit no capabilities, a
+#: read-only system, private /tmp and devices, no kernel, clock or cgroup access, and a syscall
+#: filter that still runs ordinary Python and shell programs.
+SANDBOX = (
+    "UMask=0077",
+    "NoNewPrivileges=yes",
+    "CapabilityBoundingSet=",
+    "AmbientCapabilities=",
+    "ProtectSystem=strict",
+    "ProtectHome=read-only",
+    "PrivateTmp=yes",
+    "PrivateDevices=yes",
+    "PrivateIPC=yes",
+    "PrivateUsers=yes",
+    "ProtectKernelTunables=yes",
+    "ProtectKernelModules=yes",
+    "ProtectKernelLogs=yes",
+    "ProtectControlGroups=yes",
+    "ProtectClock=yes",
+    "ProtectHostname=yes",
+    "ProtectProc=invisible",
+    "RestrictSUIDSGID=yes",
+    "RestrictNamespaces=yes",
+    "RestrictRealtime=yes",
+    "LockPersonality=yes",
+    "RemoveIPC=yes",
+    "SystemCallArchitectures=native",
+    "SystemCallFilter=@system-service",
+    "SystemCallFilter=~@privileged @resources",
+    "SystemCallErrorNumber=EPERM",
+    "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    # PrivateDevices= keeps the host's /dev/shm, shared by every unit: give each its own.
+    "TemporaryFileSystem=/dev/shm:mode=1777,nosuid,nodev",
+)
 
 
 def systemd_escape(name: str) -> str:
@@ -40,6 +81,17 @@ def plugin_of_unit(unit: str) -> str | None:
     return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), match.group(1))
 
 
+def plugin_user(plugin: str) -> str:
+    """The plugin's own account: ``aigis-NAME``, or for names systemd-sysusers would refuse
+    (dots, too long) ``aigis_`` + a readable prefix + a hash. The two forms never collide."""
+    user = USER_PREFIX + plugin
+    if _USER_SAFE.fullmatch(user):
+        return user
+    digest = hashlib.sha256(plugin.encode()).hexdigest()[:8]
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", plugin)[:16]
+    return f"aigis_{readable}_{digest}"
+
+
 def quote(value: str, variables: bool = True) -> str:
     """One word for a unit file line: specifiers (%) kept literal, and variables ($) too where
     systemd expands them (``ExecStart=``; ``Environment=`` does no ``$`` expansion)."""
@@ -53,6 +105,42 @@ def quote(value: str, variables: bool = True) -> str:
 def _seconds(value: float) -> str:
     """systemd time span in milliseconds, so fractional delays survive."""
     return f"{int(round(value * 1000))}ms"
+
+
+def _path_word(path: Path | str) -> str:
+    """One word of a space-separated path list (BindPaths=, TemporaryFileSystem=)."""
+    return quote(str(path), variables=False)
+
+
+def _sandbox_lines(spec: ProcessSpec) -> list[str]:
+    """User=, credentials, and (unless opted out) the sandbox with the plugin's own directory
+    writable and the rest of the state directory replaced by an empty read-only tmpfs."""
+    lines = []
+    if spec.user is not None:
+        lines.append(f"User={spec.user}")
+    for var, credential in sorted(spec.credentials.items()):
+        source = spec.env[var].replace("%", "%%")
+        lines.append(f"LoadCredential={credential}:{source}")
+    if not spec.sandbox:
+        return lines
+    lines += SANDBOX
+    own, hidden = spec.own_dir, spec.hidden_dir
+    if hidden is not None and str(hidden) != "/":
+        lines.append(f"TemporaryFileSystem={_path_word(f'{hidden}:ro')}")
+    if own is not None:
+        if hidden is not None and own.is_relative_to(hidden) and own != hidden:
+            lines.append(f"BindPaths={_path_word(own)}")
+        else:
+            lines.append(f"ReadWritePaths={_path_word(own)}")
+    return lines
+
+
+def _environment(key: str, value: str, credential: str | None) -> str:
+    """One Environment= line; a credential's variable names the file under ``%d`` (systemd's
+    $CREDENTIALS_DIRECTORY), the only specifier AIGIS writes unescaped."""
+    if credential is None:
+        return f"Environment={quote(f'{key}={value}', variables=False)}"
+    return f'Environment={quote(f"{key}=", variables=False)[:-1]}%d/{credential}"'
 
 
 def render_dropin(spec: ProcessSpec, systemd_version: int = 252) -> str:
@@ -81,9 +169,10 @@ def render_dropin(spec: ProcessSpec, systemd_version: int = 252) -> str:
         "WorkingDirectory=" + str(spec.cwd).replace("%", "%%"),
     ]
     lines += [
-        f"Environment={quote(f'{key}={value}', variables=False)}"
+        _environment(key, value, spec.credentials.get(key))
         for key, value in sorted(spec.env.items())
     ]
+    lines += _sandbox_lines(spec)
     if spec.restart is None or spec.restart == 0:
         lines.append("Restart=no")
     else:

@@ -146,6 +146,12 @@ After=basic.target
 AllowIsolate=yes
 EOF
 
+# 10. Shared propagation inside the box, as systemd sets it up on a host (it skips that in a
+#     container): systemd hands a unit its credentials (LoadCredential=) by moving a mount from a
+#     helper namespace onto /run/credentials/UNIT, which reaches the unit only through
+#     propagation. Step 1 cut every tie to the host's mounts, so these peer groups are the box's.
+mount --make-rshared /
+
 say "masked $(wc -l < "$W/masks.txt") units, $(wc -l < "$W/generators.txt") generators; exec systemd"
 exec env -i container=aigis-box /lib/systemd/systemd --system --unit=box.target \
     --show-status=no --log-target=journal-or-kmsg

@@ -390,6 +390,25 @@ def test_plugin_output_reaches_the_journal(aigis: Installed) -> None:
     wait_until(lambda: "clock: it is" in aigis.plugin_log("clock"), 20, "clock output")
 
 
+def test_packaged_plugins_run_as_their_own_accounts_sandboxed(aigis: Installed) -> None:
+    # The package as shipped (/usr/bin/python3, no test drop-ins): each plugin unit runs as its
+    # own account without capabilities, and scores "OK" in systemd-analyze security.
+    for name in ("oracle", "clock"):
+        unit = f"aigis-plugin@{name}.service"
+        assert aigis.box.unit_property(unit, "User") == f"aigis-{name}"
+        pid = aigis.box.unit_property(unit, "MainPID")
+        status = aigis.box.host_path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        assert fields["Uid"].split()[0] != "0" and fields["NoNewPrivs"] == "1"
+        assert int(fields["CapEff"], 16) == int(fields["CapBnd"], 16) == 0
+        security = aigis.run("systemd-analyze", "security", "--no-pager", unit, check=False)
+        verdict = security.strip().splitlines()[-1]
+        print(f"\n{verdict}")
+        assert float(verdict.split(":")[1].split()[0]) <= 2.5, verdict
+    verdict = aigis.run("systemd-analyze", "security", "--no-pager", "aigis.service", check=False)
+    print(verdict.strip().splitlines()[-1])
+
+
 def test_aigisctl_call(aigis: Installed) -> None:
     assert 1 <= int(aigis.run("aigisctl", "call", "dnd.roll", "20")) <= 20
 
