@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -213,7 +214,7 @@ def test_double_forked_grandchild_is_stopped_too(sup, tmp_path, uid):
     sup.add(fault(name, "double_fork.py", pidfile))
     wait_for(sup, "the grandchild's pid file", pidfile.exists)
     grandchild, main = int(pidfile.read_text()), sup.status([name])[0].pid
-    assert procs.read_stat(grandchild).sid != main  # it really escaped the plugin's session
+    assert procs.read_stat(grandchild).pgid != main  # it really escaped the process group
     assert procs.read_tag(grandchild).startswith(f"{name}:")
     status = sup.stop(name)
     assert status.state is State.STOPPED
@@ -306,3 +307,83 @@ def test_non_utf8_output_lands_byte_for_byte(make_sup, uid):
     assert sup.log_path(name).read_bytes() == out + err + tail
     prefix = f"{name} | ".encode()
     assert b"".join(console) == prefix + out + prefix + err + prefix + tail + b"\n"
+
+
+# -- a full disk --------------------------------------------------------------------------------
+@pytest.fixture
+def small_log_dir(tmp_path):
+    """A 5 MiB tmpfs as the log directory (``<tmp_path>/log``), unmounted at teardown."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a small tmpfs needs root, and CI must run it", pytrace=False)
+        pytest.skip("mounting a small tmpfs needs root")
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(log_dir)], check=True)
+    try:
+        yield log_dir
+    finally:
+        subprocess.run(["umount", "-l", str(log_dir)], check=False)
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """Fill the filesystem of ``directory`` up to ``leave`` bytes free; return the filler."""
+    filler = directory / "filler"
+    free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    with filler.open("wb") as out:
+        out.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def records(caplog, verb: str, name: str) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith(f'{verb}: "{name}"')
+    ]
+
+
+def test_a_full_disk_drops_log_output_but_never_kills_the_plugin(
+    make_sup, small_log_dir, tmp_path, uid, caplog
+):
+    """A reader that died on ENOSPC closed the pipe: the plugin died of EPIPE, over and over."""
+    caplog.set_level(logging.INFO)
+    sup = make_sup()
+    filler = fill(small_log_dir, leave=64 * 1024)
+    flooded, go = tmp_path / "flooded", tmp_path / "go"
+    name = f"filler-{uid}"
+    lines = 100_000  # 5.5 MB: far more than fits
+    sup.add(fault(name, "log_filler.py", lines, flooded, go, restart=3, restart_delay=0))
+    wait_for(sup, "the flood to be written", flooded.exists, timeout=60)
+    status = sup.status([name])[0]
+    assert status.state in (State.STARTING, State.RUNNING) and status.restarts == 0, status
+    assert len(records(caplog, "dropped", name)) == 1  # once per episode, not once per write
+    filler.unlink()  # space returns
+    go.touch()
+    wait_for(sup, "EXITED", lambda: state(sup, name) is State.EXITED, timeout=60)
+    status = sup.status([name])[0]
+    assert (status.restarts, status.last_exit) == (0, "exit 0")
+    assert sup.log_path(name).read_bytes().endswith(b"the last line\n")  # writing resumed
+    assert len(records(caplog, "resumed", name)) == 1
+    assert len(records(caplog, "dropped", name)) == 1
+
+
+def test_stop_all_and_close_on_a_full_disk_raise_nothing_and_leave_nothing(
+    make_sup, small_log_dir, tmp_path, uid, caplog
+):
+    """The log file's close raised ENOSPC out of the backend: the shutdown stopped half-way."""
+    sup = make_sup()
+    fill(small_log_dir, leave=64 * 1024)
+    names = [f"full-{i}-{uid}" for i in range(3)]
+    for index, name in enumerate(names):
+        flooded = tmp_path / f"flooded.{index}"
+        sup.add(fault(name, "log_filler.py", 20_000, flooded, "forever", restart=3))
+    wait_for(
+        sup,
+        "the floods to be written",
+        lambda: all((tmp_path / f"flooded.{i}").exists() for i in range(3)),
+        timeout=60,
+    )
+    assert [s.restarts for s in sup.status()] == [0, 0, 0]
+    sup.stop_all([names])
+    sup.close()  # nothing escapes: no OSError, no traceback
+    assert {s.state for s in sup.status()} == {State.STOPPED}
+    assert procs.tagged_processes(lambda tag: tag.split(":")[0] in set(names)) == {}
