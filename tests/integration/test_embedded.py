@@ -137,22 +137,21 @@ def test_backoff_delays_grow(sup, tmp_path, uid, caplog):
     name = f"backoff-{uid}"
     sup.add(fault(name, "crasher.py", runs, restart=3, restart_delay=0.2, startsecs=0))
     wait_for(sup, "FAILED", lambda: state(sup, name) is State.FAILED)
-    nominal = [0.2, 0.4, 0.8]
-    # Spawn to spawn, as the runs themselves saw it: the delay plus a run's start-up time.
-    starts = [float(line) for line in runs.read_text().split()]
-    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
-    assert len(gaps) == 3 and all(gap >= delay for gap, delay in zip(gaps, nominal)), gaps
-    assert gaps[2] - gaps[0] >= 0.4, gaps  # 0.6 nominally; start-up noise cancels out
-    # Exit noticed to next spawn, as the supervisor logged it: the delay and poll latency only.
-    times = [(r.getMessage().split(":")[0], r.created) for r in caplog.records]
-    delays = [
-        spawned - exited
-        for (verb, exited), (after, spawned) in zip(times, times[2:])
-        if verb == "exited" and after == "spawned"
+    assert len(runs.read_text().split()) == 4
+    # What the core decided (not how fast this machine was): the delays it scheduled ...
+    events = [(r.getMessage(), r.created) for r in caplog.records]
+    scheduled = [
+        float(message.rsplit(" in ", 1)[1].rstrip("s"))
+        for message, _ in events
+        if message.startswith(f'backoff: "{name}"')
     ]
-    assert len(delays) == 3, times
-    assert all(delay - 0.01 <= got < delay + 0.3 for got, delay in zip(delays, nominal)), delays
-    assert delays[1] >= 1.6 * delays[0] and delays[2] >= 1.6 * delays[1], delays
+    assert scheduled == [0.2, 0.4, 0.8]
+    # ... and that no restart came before its delay (a lower bound holds on any machine).
+    exits = [at for message, at in events if message.startswith(f'exited: "{name}"')]
+    spawns = [at for message, at in events if message.startswith(f'spawned: "{name}"')]
+    assert len(exits) == 4 and len(spawns) == 4
+    waited = [spawn - exit_ for exit_, spawn in zip(exits, spawns[1:])]
+    assert all(got >= delay - 0.01 for got, delay in zip(waited, scheduled)), waited
 
 
 def test_exit_before_startsecs_counts_as_a_failure(sup, uid):
@@ -181,7 +180,7 @@ def test_sigterm_ignorer_is_killed_after_its_stop_timeout(sup, tmp_path, uid):
     pid = sup.status([name])[0].pid
     started = time.monotonic()
     status = sup.stop(name)
-    assert 0.5 <= time.monotonic() - started < 5
+    assert time.monotonic() - started >= 0.5  # it waited stop_timeout before SIGKILL
     assert status.state is State.STOPPED
     assert "SIGKILL" in status.last_exit and "SIGKILL" in status.reason
     assert pid_gone(pid)
@@ -190,21 +189,21 @@ def test_sigterm_ignorer_is_killed_after_its_stop_timeout(sup, tmp_path, uid):
 def test_status_answers_while_another_thread_waits_for_a_stop(sup, tmp_path, uid):
     ready = tmp_path / "ready"
     name = f"stubborn-{uid}"
-    sup.add(fault(name, "ignore_term.py", ready, stop_timeout=1.0))
+    sup.add(fault(name, "ignore_term.py", ready, stop_timeout=3.0))
     wait_for(sup, "SIGTERM ignored", ready.exists)
     stopped: list[Status] = []
     stopper = threading.Thread(target=lambda: stopped.append(sup.stop(name)))  # an RPC thread
     stopper.start()
-    wait_for(sup, "STOPPING", lambda: state(sup, name) is State.STOPPING)
-    slowest, deadline = 0.0, time.monotonic() + 15
+    answered_while_stopping, deadline = 0, time.monotonic() + 30
     while stopper.is_alive() and time.monotonic() < deadline:
-        started = time.perf_counter()
-        sup.status()
-        sup.poll()
-        slowest = max(slowest, time.perf_counter() - started)
+        seen = sup.status([name])[0].state
+        # Answered (not blocked until the stop ended) while the stopper still waits: the lock
+        # is never held while stop() waits for the process.
+        if seen is State.STOPPING and stopper.is_alive():
+            answered_while_stopping += 1
         time.sleep(0.01)
     stopper.join(1)
-    assert slowest < 0.5  # the lock is never held while stop() waits for the process
+    assert answered_while_stopping >= 2
     assert [status.state for status in stopped] == [State.STOPPED]
 
 

@@ -182,7 +182,8 @@ class FakeOs:
 
     def scheduled(self):
         """Pending timers, as (when, callback name)."""
-        return [(t.when, getattr(t.callback, "__name__", "")) for t in self.timers if not t.cancelled]
+        live = [t for t in self.timers if not t.cancelled]
+        return [(t.when, getattr(t.callback, "__name__", "")) for t in live]
 
 
 @pytest.fixture
@@ -555,6 +556,44 @@ def test_stop_all_follows_the_order_and_nothing_restarts(sup, fake):
     assert len(fake.spawns()) == 3
     with pytest.raises(PluginError, match="being stopped"):
         sup.start("a")
+
+
+def test_stop_all_signals_a_whole_step_at_once_each_with_its_own_deadline(sup, fake):
+    """Shutdown stopped plugins one at a time: 1,000 plugins took 116 s."""
+    fake.ignore_term_next = True
+    sup.add(spec("a", stop_timeout=3))
+    sup.add(spec("b", stop_timeout=5))
+    fake.ignore_term_next = False
+    sup.add(spec("c", stop_timeout=5))
+    sup.stop_all([["a", "b", "c"]])
+    term, kill = signal.SIGTERM, signal.SIGKILL
+    assert fake.signals() == [
+        ("killpg", 100, term),
+        ("killpg", 101, term),
+        ("killpg", 102, term),
+        ("killpg", 100, kill),  # a's deadline: 3 s
+        ("kill", 100, kill),
+        ("killpg", 101, kill),  # b's deadline: 5 s, counted from the same start
+        ("kill", 101, kill),
+    ]
+    assert 5 <= fake.now < 5.5  # side by side: not 3 + 5
+    reasons = [s.reason for s in sup.status()]
+    assert reasons == [
+        "stopped by request (SIGKILL after 3s)",
+        "stopped by request (SIGKILL after 5s)",
+        "stopped by request (last: signal 15 (SIGTERM))",
+    ]
+
+
+def test_one_scan_per_step_finds_what_escaped_every_group(sup, fake):
+    for name in ("a", "b", "c"):
+        sup.add(spec(name))
+    escaped = [fake.descendant(pid, escaped=True) for pid in (100, 101, 102)]
+    sup.stop_all([["a", "b", "c"]])
+    assert all(("kill", pid, signal.SIGTERM) in fake.calls for pid in escaped)
+    scans = [c for c in fake.calls if c[0] == "scan"]
+    assert len(scans) == 2  # one to find escapees, one to confirm nothing is left
+    assert {s.state for s in sup.status()} == {State.STOPPED}
 
 
 def test_stop_all_stops_unlisted_plugins_too(sup, fake):
