@@ -87,7 +87,7 @@ class EmbeddedSupervisor:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._halting = False  # set by stop_all: nothing is (re)started afterwards
-        self._strays: list[Stray] | None = None  # one scan, before the first spawn
+        self._strays: dict[str, list[Stray]] | None = None  # by name: one scan, before any spawn
         self._scan_tags: set[str] = set()  # tags of dead runs awaiting an escapee scan
         self._scan_timer: Cancellable | None = None
         self._last_scan = float("-inf")
@@ -235,14 +235,13 @@ class EmbeddedSupervisor:
             return
         with self._lock:
             if self._strays is None:
-                self._strays = self._os.find_strays()
-            prefix = spec.name + ":"
-            mine = [
-                s for s in self._strays if s.tag.startswith(prefix) and s.plugin_dir == plugin_dir
-            ]
+                self._strays = {}
+                for stray in self._os.find_strays():
+                    self._strays.setdefault(stray.tag.rsplit(":", 1)[0], []).append(stray)
+            candidates = self._strays.pop(spec.name, [])
+            mine = [s for s in candidates if s.plugin_dir == plugin_dir]
             if not mine:
                 return
-            self._strays = [s for s in self._strays if s not in mine]
         mine = [s for s in mine if self._os.alive(s.pid)]
         if not mine:
             return

@@ -53,8 +53,11 @@ class RotatingFile:
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = self._open()
+        try:
+            self._fd = self._open()
+        except FileNotFoundError:  # the first plugin's log: one mkdir, not one per plugin
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._open()
         self.size = os.fstat(self._fd).st_size
 
     def _open(self) -> int:

@@ -22,9 +22,12 @@ from aigis._supervise.proctable import (
     Stray,
     Tagged,
     alive,
+    descendants,
+    our_children,
     read_stat,
     read_tag,
     stray_processes,
+    tagged_among,
     tagged_processes,
 )
 from aigis._supervise.reactor import Reactor
@@ -123,8 +126,8 @@ class Os(Protocol):
     def alive(self, pid: int) -> bool:
         """True while ``pid`` exists and is not a zombie."""
 
-    def find_tagged(self, tags: Collection[str]) -> dict[int, Tagged]:
-        """Live processes carrying one of tags (one scan of the process table)."""
+    def find_tagged(self, tags: Collection[str], roots: Iterable[int] = ()) -> dict[int, Tagged]:
+        """Live processes carrying one of tags; ``roots``: running mains whose trees hold them."""
 
     def find_strays(self) -> list[Stray]:
         """Every live tagged process (one scan), before this core spawned anything."""
@@ -176,7 +179,8 @@ class LocalOs:
     """The OS calls of EmbeddedSupervisor, with one Reactor thread for every event."""
 
     def __init__(self, subreaper: bool = True) -> None:
-        if subreaper and not set_child_subreaper(True):
+        self._subreaper = subreaper and set_child_subreaper(True)
+        if subreaper and not self._subreaper:
             log.warning("no subreaper: orphaned plugin processes re-parent to init (prctl refused)")
         before, after = raise_open_files_limit()
         room = max(0, (after - FDS_RESERVED) // FDS_PER_PLUGIN)
@@ -229,8 +233,12 @@ class LocalOs:
         os.set_blocking(rfd, False)
         self._children[proc.pid] = proc
         stream = output.stream()
-        self._reactor.add_reader(rfd, lambda: self._pump(rfd, stream))
-        self._reactor.add_reader(pidfd, lambda: self._exited(pidfd, proc, on_exit))
+        self._reactor.add_readers(
+            [
+                (rfd, lambda: self._pump(rfd, stream)),
+                (pidfd, lambda: self._exited(pidfd, proc, on_exit)),
+            ]
+        )
         return proc.pid
 
     def _pump(self, fd: int, stream: Stream) -> None:
@@ -282,12 +290,20 @@ class LocalOs:
         """Exists and is not a zombie."""
         return alive(pid)
 
-    def find_tagged(self, tags: Collection[str]) -> dict[int, Tagged]:
-        """Live processes carrying one of ``tags``; each is remembered for reaping."""
+    def find_tagged(self, tags: Collection[str], roots: Iterable[int] = ()) -> dict[int, Tagged]:
+        """Live processes carrying one of ``tags``; each is remembered for reaping.
+
+        As subreaper, whatever a plugin leaves behind stays below us: below ``roots`` (running
+        mains) or below an orphan re-parented to us. So only that part of the tree is read,
+        not every process on the machine; without subreaper the whole table is scanned."""
         wanted = set(tags)
         if not wanted:
             return {}
-        found = tagged_processes(wanted.__contains__)
+        if self._subreaper:
+            orphans = our_children() - self._children.keys()
+            found = tagged_among(descendants(orphans | set(roots)), wanted)
+        else:
+            found = tagged_processes(wanted.__contains__)
         self._reaper.claim(found)
         return found
 

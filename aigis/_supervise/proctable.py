@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
-from pathlib import Path
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -126,13 +124,47 @@ def stray_processes() -> list[Stray]:
     return found
 
 
-def our_children() -> set[int]:
-    """Our direct children, from /proc/self/task/*/children (no scan of the whole table)."""
+def children_of(pid: int) -> set[int]:
+    """Direct children of ``pid`` (of every thread), from /proc/PID/task/*/children."""
     children: set[int] = set()
-    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
-        with contextlib.suppress(OSError):
-            children.update(int(pid) for pid in Path(path).read_text().split())
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for task in tasks:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+            children.update(int(child) for child in f.read().split())
     return children
+
+
+def our_children() -> set[int]:
+    """Our direct children (no scan of the whole table)."""
+    return children_of(os.getpid())
+
+
+def descendants(roots: Iterable[int]) -> set[int]:
+    """``roots`` and everything below them, walking the children lists."""
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            stack.extend(children_of(pid) - seen)
+    return seen
+
+
+def tagged_among(pids: Iterable[int], wanted: Collection[str]) -> dict[int, Tagged]:
+    """Which of ``pids`` are alive and carry one of the ``wanted`` tags."""
+    found = {}
+    for pid in pids:
+        tag = read_tag(pid)
+        if tag is None or tag not in wanted:
+            continue
+        stat = read_stat(pid)
+        if stat is not None and stat.state != "Z":
+            found[pid] = Tagged(tag, stat.pgid)
+    return found
 
 
 class Reaper:

@@ -47,6 +47,7 @@ class Reactor:
         self._pending: list[Callable[[], None]] = []
         self._seq = itertools.count()
         self._closing = False
+        self._woken = False  # a byte is in the wake-up pipe: more writes would only cost
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -69,7 +70,16 @@ class Reactor:
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the loop thread whenever ``fd`` is readable (until removed)."""
-        self.call_soon(lambda: self._selector.register(fd, selectors.EVENT_READ, callback))
+        self.add_readers([(fd, callback)])
+
+    def add_readers(self, readers: list[tuple[int, Callable[[], None]]]) -> None:
+        """``add_reader`` for several fds with one wake-up of the loop."""
+
+        def register() -> None:
+            for fd, callback in readers:
+                self._selector.register(fd, selectors.EVENT_READ, callback)
+
+        self.call_soon(register)
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd``; call on the loop thread (from a callback) before closing it."""
@@ -94,8 +104,9 @@ class Reactor:
     # -- the loop thread ---------------------------------------------------------------------------
     def _wake(self) -> None:
         with self._lock:  # never write to the pipe's fd number once it is closed (and reused)
-            if self._wake_w < 0:
+            if self._wake_w < 0 or self._woken:
                 return
+            self._woken = True
             with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending
                 os.write(self._wake_w, b"\0")
 
@@ -119,6 +130,8 @@ class Reactor:
             return  # a pending call may have added readers or timers: recompute the wait
         for key, _events in self._selector.select(timeout):
             if key.fd == self._wake_r:
+                with self._lock:
+                    self._woken = False  # before the read: a later wake-up writes again
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
             else:

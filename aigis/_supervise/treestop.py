@@ -101,7 +101,8 @@ def _scan(os_: Os, trees: Sequence[Tree]) -> set[str]:
     (SIGKILL once the tree's deadline passed). Returns the names of trees with processes."""
     by_tag = {tag: tree for tree in trees for tag in tree.tags}
     found: set[str] = set()
-    for pid, tagged in os_.find_tagged(by_tag.keys()).items():
+    roots = [tree.main for tree in trees if tree.main is not None]
+    for pid, tagged in os_.find_tagged(by_tag.keys(), roots).items():
         tree = by_tag[tagged.tag]
         found.add(tree.name)
         if tagged.pgid in tree.groups or pid in tree.escapees:

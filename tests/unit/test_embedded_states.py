@@ -96,7 +96,7 @@ class FakeOs:
             if self.alive(pid)
         ]
 
-    def find_tagged(self, tags):
+    def find_tagged(self, tags, roots=()):
         self.calls.append(("scan", frozenset(tags)))
         return {
             p.pid: Tagged(p.tag, p.pgid)
