@@ -16,11 +16,12 @@ from pathlib import Path
 from aigis._config import Settings
 from aigis._errors import NotSupervised, PluginError
 from aigis._log import about
-from aigis._supervise import policy
+from aigis._supervise import leftovers, policy
 from aigis._supervise.base import ACTIVE, LogLocation, ProcessSpec, State, Status
+from aigis._supervise.leftovers import Leftover
 from aigis._supervise.logsink import LogSink, write_console
 from aigis._supervise.procs import TAG_VAR, Cancellable, LocalOs, Os, Stray, new_tag
-from aigis._supervise.treestop import KILL_GRACE, STEP_MAX, Tree, stop_trees
+from aigis._supervise.treestop import KILL_GRACE, STEP_MAX, Tree, stop_strays, stop_trees
 
 __all__ = ["KILL_GRACE", "EmbeddedSupervisor"]
 
@@ -30,17 +31,6 @@ DRAIN_TIMEOUT = 1.0  # after a stop, how long to wait for the last output to rea
 REAP_EVERY = 5.0  # housekeeping: reap zombie orphans (a syscall per plugin, no /proc scan)
 ESCAPEE_SCAN_EVERY = 1.0  # after exits, at most one /proc scan per second for what left a group
 LEFTOVER_STEP = 0.02  # how often a dead run's process group is looked at until it is gone
-
-
-@dataclass
-class _Leftover:
-    """What a dead run left behind: its process group, escapees found by a scan, a deadline."""
-
-    tag: str
-    groups: set[int]
-    kill_at: float
-    escapees: set[int] = field(default_factory=set)
-    give_up_at: float | None = None  # set once SIGKILL went out
 
 
 @dataclass
@@ -63,7 +53,7 @@ class _Run:
     timer: Cancellable | None = None  # the pending promotion to RUNNING or restart
     removing: bool = False
     gave_up: bool = False  # FAILED by the restart policy
-    leftovers: list[_Leftover] = field(default_factory=list)
+    leftovers: list[Leftover] = field(default_factory=list)
     ticking: bool = False  # a look at the leftovers is scheduled
 
 
@@ -242,33 +232,7 @@ class EmbeddedSupervisor:
             mine = [s for s in candidates if s.plugin_dir == plugin_dir]
             if not mine:
                 return
-        mine = [s for s in mine if self._os.alive(s.pid)]
-        if not mine:
-            return
-        pids = " ".join(str(s.pid) for s in mine)
-        log.warning(
-            'stopping: "%s": %d process(es) left by an earlier core: %s',
-            spec.name,
-            len(mine),
-            pids,
-            **about(spec.name),
-        )
-        tree = Tree(
-            spec.name,
-            None,
-            {s.pgid for s in mine},
-            {s.tag for s in mine},
-            spec.stop_timeout,
-            escapees={s.pid for s in mine},
-        )
-        stop_trees(self._os, [tree], lambda _: True, self._os.sleep, confirm=False)
-        if tree.survivors:
-            log.error(
-                'failed: "%s": could not stop processes left by an earlier core: %s',
-                spec.name,
-                " ".join(map(str, sorted(tree.survivors))),
-                **about(spec.name),
-            )
+        stop_strays(self._os, spec.name, mine, spec.stop_timeout)
 
     # -- transitions (called with the lock held) ------------------------------------------------
     def _spawn(self, run: _Run, reason: str) -> None:
@@ -328,7 +292,7 @@ class EmbeddedSupervisor:
             run.timer.cancel()
         if self._os.group_alive(pid):  # the rest of its group goes first (ports, lock files)
             self._os.kill_group(pid, signal.SIGTERM)
-            run.leftovers.append(_Leftover(run.tag or "", {pid}, now + run.spec.stop_timeout))
+            run.leftovers.append(Leftover(run.tag or "", {pid}, now + run.spec.stop_timeout))
             self._tick_soon(run, now)
         if run.tag:
             self._want_escapee_scan(run.tag, now)
@@ -383,29 +347,8 @@ class EmbeddedSupervisor:
             run.ticking = False
             if run.state is State.STOPPING or not run.leftovers:
                 return  # a stopper owns them now
-            now, name = self._os.monotonic(), run.spec.name
-            for left in list(run.leftovers):
-                left.groups = {g for g in left.groups if self._os.group_alive(g)}
-                left.escapees = {p for p in left.escapees if self._os.alive(p)}
-                if not left.groups and not left.escapees:
-                    run.leftovers.remove(left)
-                elif left.give_up_at is None and now >= left.kill_at:
-                    log.warning(
-                        'killing: "%s" what the last run left: %s (SIGKILL)',
-                        name,
-                        _describe(left),
-                        **about(name),
-                    )
-                    for pgid in left.groups:
-                        self._os.kill_group(pgid, signal.SIGKILL)
-                    for pid in left.escapees:
-                        self._os.kill(pid, signal.SIGKILL)
-                    left.give_up_at = now + KILL_GRACE
-                elif left.give_up_at is not None and now >= left.give_up_at:
-                    log.error(
-                        'failed: "%s" %s survived SIGKILL', name, _describe(left), **about(name)
-                    )
-                    run.leftovers.remove(left)
+            now = self._os.monotonic()
+            run.leftovers = leftovers.look(self._os, run.spec.name, run.leftovers, now)
             if run.leftovers:
                 self._tick_soon(run, now)
             elif run.state is State.BACKOFF and now >= run.restart_at:
@@ -436,7 +379,7 @@ class EmbeddedSupervisor:
                     continue  # the live run's own process (tags are fresh per spawn)
                 left = next((x for x in run.leftovers if x.tag == tagged.tag), None)
                 if left is None:
-                    left = _Leftover(tagged.tag, set(), now + run.spec.stop_timeout)
+                    left = Leftover(tagged.tag, set(), now + run.spec.stop_timeout)
                     run.leftovers.append(left)
                     self._tick_soon(run, now)
                 if tagged.pgid not in left.groups and pid not in left.escapees:
@@ -564,10 +507,3 @@ class EmbeddedSupervisor:
         """Until an exit event (or any state change) arrives, at most ``timeout`` s."""
         with self._lock:
             self._os.wait(self._changed, min(timeout, STEP_MAX))
-
-
-def _describe(left: _Leftover) -> str:
-    """``process group 12`` / ``pid 34`` for log lines about leftovers."""
-    parts = [f"process group {g}" for g in sorted(left.groups)]
-    parts += [f"pid {p}" for p in sorted(left.escapees)]
-    return ", ".join(parts)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from aigis._log import about
-from aigis._supervise.procs import Os
+from aigis._supervise.procs import Os, Stray
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +129,34 @@ def _kill(os_: Os, tree: Tree, now: float, *, main_alive: bool) -> None:
     for pid in tree.escapees:
         os_.kill(pid, signal.SIGKILL)
     tree.kill_at = now + KILL_GRACE
+
+
+def stop_strays(os_: Os, name: str, strays: Sequence[Stray], timeout: float) -> None:
+    """Stop what an earlier core left of plugin ``name`` (its groups and the processes seen),
+    blocking until they are gone: the plugin must never run twice."""
+    strays = [s for s in strays if os_.alive(s.pid)]
+    if not strays:
+        return
+    log.warning(
+        'stopping: "%s": %d process(es) left by an earlier core: %s',
+        name,
+        len(strays),
+        " ".join(str(s.pid) for s in strays),
+        **about(name),
+    )
+    tree = Tree(
+        name,
+        None,
+        {s.pgid for s in strays},
+        {s.tag for s in strays},
+        timeout,
+        escapees={s.pid for s in strays},
+    )
+    stop_trees(os_, [tree], lambda _: True, os_.sleep, confirm=False)
+    if tree.survivors:
+        log.error(
+            'failed: "%s": could not stop processes left by an earlier core: %s',
+            name,
+            " ".join(map(str, sorted(tree.survivors))),
+            **about(name),
+        )

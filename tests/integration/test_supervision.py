@@ -204,7 +204,10 @@ def test_sigterm_stops_everything_in_reverse_order_and_leaves_no_process(
     )
     daemon, config = run_daemon(
         '[core]\ncore1 = "src/core1"\ncore2 = "src/core2"\n'
-        '[external]\next1 = "src/ext1"\next2 = "src/ext2"\n'
+        # Plugins of one table are stopped at once (their order is not defined), the tables in
+        # reverse: ext1 is listed under [internal] (a warning, not an error) so the order of
+        # ext2 and ext1 is the order of their tables.
+        '[internal]\next1 = "src/ext1"\n[external]\next2 = "src/ext2"\n'
         'forker = "src/forker"\n'
     )
     rows = wait_until(
