@@ -304,7 +304,7 @@ class LocalOs:
             found = tagged_among(descendants(orphans | set(roots)), wanted)
         else:
             found = tagged_processes(wanted.__contains__)
-        self._reaper.claim(found)
+        self._reaper.claim(pid for pid in found if pid not in self._children)
         return found
 
     def find_strays(self) -> list[Stray]:

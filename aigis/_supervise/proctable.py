@@ -207,6 +207,8 @@ class Reaper:
         with self._lock:
             known = dict(self.known)
         for pid, start in known.items():
+            if pid in mains:
+                continue  # Popen reaps its own: stealing its status would read as exit 0
             stat = read_stat(pid)
             if stat is None or stat.starttime != start:
                 with self._lock:
