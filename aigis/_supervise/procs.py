@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -53,6 +54,18 @@ READ_SIZE = 65536
 #: log file. (The fd limit also counts sockets, the core's own files and the stop pipes.)
 FDS_PER_PLUGIN = 3
 FDS_RESERVED = 64  # for the core itself: sockets, its log, imports, the requirements runner
+
+
+EXIT_POLL = 0.05  # without pidfds only: how often exits are looked for
+
+
+def _pidfds_work() -> bool:
+    """True when this kernel (5.3+) and Python give pidfds."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 class Stream(Protocol):
@@ -194,6 +207,11 @@ class LocalOs:
         self._reaper = Reaper()
         self._reactor = Reactor("aigis-supervise")
         self._warned_dead = False
+        # Without pidfds (Linux < 5.3) exits are polled on a timer instead: O(plugins) a look.
+        self._pidfds = _pidfds_work()
+        self._polled: dict[int, tuple[subprocess.Popen[bytes], Callable[[int], None]]] = {}
+        if not self._pidfds:
+            log.warning("no pidfd_open: plugin exits are noticed every %gs", EXIT_POLL)
 
     def spawn(
         self,
@@ -222,24 +240,43 @@ class LocalOs:
             raise
         finally:
             os.close(wfd)  # only the child may hold the write end, or the reader never sees EOF
-        try:
-            pidfd = os.pidfd_open(proc.pid)
-        except OSError:
-            os.close(rfd)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            proc.wait()
-            raise
         os.set_blocking(rfd, False)
         self._children[proc.pid] = proc
         stream = output.stream()
-        self._reactor.add_readers(
-            [
-                (rfd, lambda: self._pump(rfd, stream)),
-                (pidfd, lambda: self._exited(pidfd, proc, on_exit)),
-            ]
-        )
+        readers = [(rfd, lambda: self._pump(rfd, stream))]
+        if self._pidfds:
+            try:
+                pidfd = os.pidfd_open(proc.pid)  # works on a zombie too: no exit is missed
+            except OSError:  # EMFILE: never leave a child nobody watches
+                os.close(rfd)
+                self._children.pop(proc.pid, None)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
+            readers.append((pidfd, lambda: self._exited(pidfd, proc, on_exit)))
+        else:
+            self._reactor.call_soon(lambda: self._poll_exits(proc, on_exit))
+        self._reactor.add_readers(readers)
         return proc.pid
+
+    def _poll_exits(
+        self, proc: subprocess.Popen[bytes] | None = None, on_exit: Callable | None = None
+    ) -> None:
+        """Loop thread, without pidfds: look at every child; one timer chain for all."""
+        if proc is not None and on_exit is not None:
+            first = not self._polled
+            self._polled[proc.pid] = (proc, on_exit)
+            if not first:
+                return
+        for pid, (child, callback) in list(self._polled.items()):
+            returncode = child.poll()
+            if returncode is not None:
+                del self._polled[pid]
+                self._children.pop(pid, None)
+                callback(returncode)
+        if self._polled:
+            self._reactor.call_at(time.monotonic() + EXIT_POLL, self._poll_exits)
 
     def _pump(self, fd: int, stream: Stream) -> None:
         """Loop thread: one read per readiness, so a flood never starves other plugins."""

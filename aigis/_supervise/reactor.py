@@ -113,7 +113,11 @@ class Reactor:
     def _run(self) -> None:
         try:
             while not self._closing:
-                self._once()
+                try:
+                    self._once()
+                except Exception:  # the loop itself (select, a register): log, back off, go on
+                    log.exception("failed: the supervisor's event loop")
+                    time.sleep(0.1)
         finally:
             self._shutdown()
 

@@ -386,3 +386,17 @@ def test_stop_all_and_close_on_a_full_disk_raise_nothing_and_leave_nothing(
     sup.close()  # nothing escapes: no OSError, no traceback
     assert {s.state for s in sup.status()} == {State.STOPPED}
     assert procs.tagged_processes(lambda tag: tag.split(":")[0] in set(names)) == {}
+
+
+def test_without_pidfds_exits_are_still_noticed(make_sup, tmp_path, uid, monkeypatch):
+    """Kernels before 5.3 have no pidfd_open: exits are polled on the event loop instead."""
+    monkeypatch.setattr(procs, "_pidfds_work", lambda: False)
+    sup = make_sup()
+    runs = tmp_path / "runs"
+    name = f"nopidfd-{uid}"
+    sup.add(fault(name, "crasher.py", runs, restart=2, restart_delay=0.01))
+    sup.add(fault(f"sleeper-{uid}", "slow_start.py", 0.01, startsecs=0))
+    wait_for(sup, "FAILED", lambda: state(sup, name) is State.FAILED)
+    status = sup.status([name])[0]
+    assert (status.restarts, status.last_exit) == (2, "exit 1")
+    assert len(runs.read_text().splitlines()) == 3
