@@ -141,13 +141,18 @@ class LogSink:
         console: Callable[[bytes], None] | None = write_console,
     ) -> None:
         self.name, self.path = name, path
-        self._file: RotatingFile | None = RotatingFile(path, max_bytes, backups)
+        self._max_bytes, self._backups = max_bytes, backups
+        self._closed = False
+        self._file: RotatingFile | None = None
+        self._retry_at = 0.0  # while the file cannot be opened: when to try again
         self._console = console
         self._prefix = f"{name} | ".encode()
         self._lock = threading.Condition()  # emit (loop thread) vs close/drain (others)
         self._open_streams = 0
+        self._open_error: OSError | None = None
         self.dropped = 0  # bytes lost in the current episode of write errors
         self.dropped_total = 0
+        self._open()
 
     def stream(self) -> Stream:
         """A new pipe's stream: ``drain`` waits until every stream reached EOF."""
@@ -163,29 +168,47 @@ class LogSink:
     def emit(self, data: bytes) -> None:
         """Write ``data`` byte for byte to the file and, prefixed per line, to the console."""
         with self._lock:
-            if self._file is None:
+            if self._closed:
                 return  # removed while a straggler was still writing
-            self._write(self._file, data)
+            if self._file is None and not self._open():
+                self._dropping(len(data), self._open_error or OSError("cannot open"))
+            elif self._file is not None:
+                self._write(self._file, data)
         if self._console is not None:
             self._console(prefix_lines(self._prefix, data))
+
+    def _open(self) -> bool:
+        """Open the file (at most once a second while it fails); True when open."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        try:
+            self._file = RotatingFile(self.path, self._max_bytes, self._backups)
+        except OSError as exc:  # a full or read-only disk: the plugin runs anyway
+            self._open_error, self._retry_at = exc, now + 1.0
+            return False
+        return True
+
+    def _dropping(self, lost: int, exc: OSError) -> None:
+        """Count what a failed write lost; the first loss of an episode is said, once."""
+        if not self.dropped:
+            log.error(
+                'dropped: "%s" log output: cannot write %s: %s (the plugin keeps running; '
+                "its output is discarded until writing works again)",
+                self.name,
+                self.path,
+                exc.strerror or exc,
+                **about(self.name),
+            )
+        self.dropped += lost
+        self.dropped_total += lost
 
     def _write(self, file: RotatingFile, data: bytes) -> None:
         """One write; a failure starts (or continues) a dropping episode, success ends it."""
         try:
             file.write(data)
         except OSError as exc:
-            lost = len(data) - getattr(exc, "stored", 0)
-            if not self.dropped:
-                log.error(
-                    'dropped: "%s" log output: cannot write %s: %s (the plugin keeps running; '
-                    "its output is discarded until writing works again)",
-                    self.name,
-                    self.path,
-                    exc.strerror or exc,
-                    **about(self.name),
-                )
-            self.dropped += lost
-            self.dropped_total += lost
+            self._dropping(len(data) - getattr(exc, "stored", 0), exc)
         else:
             if self.dropped:
                 log.warning(
@@ -212,7 +235,7 @@ class LogSink:
         """Drain briefly, then close the file; stragglers' output is dropped. Never raises."""
         self.drain(timeout)
         with self._lock:
-            file, self._file = self._file, None
+            file, self._file, self._closed = self._file, None, True
         if file is not None:
             file.close()
         if self.dropped:

@@ -83,3 +83,21 @@ def test_drain_waits_for_every_stream(sink):
     assert not sink.drain(0)
     second.close()
     assert sink.drain(0)
+
+
+def test_a_log_that_cannot_be_opened_drops_until_it_can(tmp_path, caplog, monkeypatch):
+    """The plugin starts anyway; its output is dropped, then written once the file opens."""
+    blocker = tmp_path / "log"
+    blocker.write_text("a file where the log directory should be")
+    sink = LogSink("p", blocker / "p.log", console=None)  # no raise
+    stream = sink.stream()
+    stream.feed(b"lost\n")
+    assert sink.dropped == 5
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["dropped"]
+    blocker.unlink()
+    monkeypatch.setattr(sink, "_retry_at", 0.0)  # instead of waiting a second
+    stream.feed(b"kept\n")
+    assert (blocker / "p.log").read_bytes() == b"kept\n"
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["dropped", "resumed"]
+    stream.close()
+    sink.close(timeout=0)
