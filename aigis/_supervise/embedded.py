@@ -471,7 +471,9 @@ class EmbeddedSupervisor:
                 trees.append((run, tree, owned))
         if not trees:
             return
+        groups = {pgid for _, tree, _ in trees for pgid in tree.groups}
         stop_trees(self._os, [tree for _, tree, _ in trees], self._main_gone, self._wait_event)
+        self._os.reap_orphans(groups)  # what died as our orphan goes now, not at the next sweep
         deadline = self._os.monotonic() + DRAIN_TIMEOUT
         for run, tree, _ in trees:
             if tree.main is not None:  # so the log is complete when stop() returns

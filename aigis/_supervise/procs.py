@@ -349,11 +349,8 @@ class LocalOs:
         return stray_processes()
 
     def reap_orphans(self, pgids: Iterable[int]) -> None:
-        """Reap zombie orphans that are ours."""
-        mains = self._children.keys()
-        for pgid in pgids:
-            self._reaper.reap_group(pgid, mains)
-        self._reaper.sweep(mains)
+        """Reap zombie orphans that are ours (in plugin groups ``pgids``, or seen tagged)."""
+        self._reaper.sweep(self._children.keys(), set(pgids))
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
         """On the event loop thread."""

@@ -199,22 +199,25 @@ class Reaper:
                 return  # none, or the main first in line: its own exit event reaps it
             self._reap(info.si_pid)
 
-    def sweep(self, mains: Collection[int]) -> None:
-        """Claim tagged children we did not know, reap known zombies, forget the gone."""
+    def sweep(self, mains: Collection[int], groups: Collection[int]) -> None:
+        """Reap our zombie orphans in plugin ``groups`` or known as tagged; claim live tagged
+        orphans; forget the gone. Reads only our children, never the whole table."""
         for pid in our_children() - set(mains):
-            if pid not in self.known and read_tag(pid) is not None:
+            stat = read_stat(pid)
+            if stat is None:
+                continue
+            if stat.state == "Z":
+                if stat.pgid in groups or self.known.get(pid) == stat.starttime:
+                    self._reap(pid)
+            elif pid not in self.known and read_tag(pid) is not None:
                 self.claim([pid])
         with self._lock:
             known = dict(self.known)
         for pid, start in known.items():
-            if pid in mains:
-                continue  # Popen reaps its own: stealing its status would read as exit 0
             stat = read_stat(pid)
             if stat is None or stat.starttime != start:
                 with self._lock:
                     self.known.pop(pid, None)
-            elif stat.state == "Z" and stat.ppid == os.getpid():
-                self._reap(pid)
 
     def _reap(self, pid: int) -> None:
         with contextlib.suppress(ChildProcessError):
