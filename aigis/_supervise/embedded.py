@@ -28,8 +28,8 @@ __all__ = ["KILL_GRACE", "EmbeddedSupervisor"]
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 1.0  # after a stop, how long to wait for the last output to reach the log
-REAP_EVERY = 5.0  # housekeeping: reap zombie orphans (a syscall per plugin, no /proc scan)
-ESCAPEE_SCAN_EVERY = 1.0  # after exits, at most one /proc scan per second for what left a group
+REAP_EVERY = 5.0  # housekeeping: reap zombie orphans (reads our children only, no /proc scan)
+ESCAPEE_SCAN_EVERY = 1.0  # after exits, at most one look a second for what left a group
 LEFTOVER_STEP = 0.02  # how often a dead run's process group is looked at until it is gone
 
 
