@@ -1,7 +1,8 @@
-"""Plugin output: a size-rotated log file per plugin and the console, fed by reader threads."""
+"""Plugin output: a size-rotated log file per plugin and the console; a write error never kills."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -10,9 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from aigis._log import about
+
 log = logging.getLogger(__name__)
 
-READ_SIZE = 65536
 MAX_PARTIAL = 65536  # a "line" longer than this is written in pieces rather than held forever
 _console_lock = threading.Lock()
 
@@ -31,7 +33,7 @@ def write_console(data: bytes) -> None:
                 stream.write(data.decode(errors="replace"))
                 stream.flush()
         except (OSError, ValueError):
-            pass  # a closed or broken console must not kill the reader: the file still gets it
+            pass  # a closed or broken console must not stop the reader: the file still gets it
 
 
 def prefix_lines(prefix: bytes, data: bytes) -> bytes:
@@ -43,45 +45,90 @@ def prefix_lines(prefix: bytes, data: bytes) -> bytes:
 
 
 class RotatingFile:
-    """An append-only byte file rotated by size to ``<path>.1`` .. ``<path>.<backups>``."""
+    """An append-only byte file rotated by size to ``<path>.1`` .. ``<path>.<backups>``.
+
+    Unbuffered (os.write on an O_APPEND fd): what a write could not store raises at once and
+    nothing is left in a buffer for close() to fail on later.
+    """
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "ab")  # noqa: SIM115 - held open across writes, closed in close()
-        self.size = self._file.tell()
+        try:
+            self._fd = self._open()
+        except FileNotFoundError:  # the first plugin's log: one mkdir, not one per plugin
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = self._open()
+        self.size = os.fstat(self._fd).st_size
 
-    def write(self, data: bytes) -> None:
-        """Append ``data`` (whole lines), rotating first if it would not fit."""
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def write(self, data: bytes) -> int:
+        """Append ``data`` (whole lines), rotating first if it would not fit; return the bytes
+        stored. An OSError (ENOSPC, EIO ...) propagates with ``.stored`` set to what got in."""
         if self.max_bytes > 0 and self.size > 0 and self.size + len(data) > self.max_bytes:
             self.rotate()
-        self._file.write(data)
-        # Flushed per chunk so `aigisctl logs -f` sees lines as they come.
-        self._file.flush()
-        self.size += len(data)
+        view, stored = memoryview(data), 0
+        try:
+            while stored < len(data):
+                written = os.write(self._fd, view[stored:])
+                stored += written
+                self.size += written
+        except OSError as exc:
+            exc.stored = stored  # type: ignore[attr-defined]
+            raise
+        return stored
 
     def rotate(self) -> None:
         """Shift backups up by one, dropping the oldest; start an empty file."""
-        self._file.close()
         if self.backups > 0:
             for index in range(self.backups - 1, 0, -1):
                 older = self.path.with_name(f"{self.path.name}.{index}")
                 if older.exists():
                     os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        self._file = open(self.path, "wb")  # noqa: SIM115 - see __init__
+        else:
+            os.truncate(self.path, 0)
+        fd, self._fd = self._fd, self._open()
         self.size = 0
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def close(self) -> None:
-        """Close the file; later writes are errors."""
-        self._file.close()
+        """Close the file; never raises (there is no buffer left to write)."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+class Stream:
+    """One pipe's bytes (one run of the plugin): holds a partial line until its end or EOF."""
+
+    def __init__(self, sink: LogSink) -> None:
+        self._sink, self._pending = sink, b""
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the pipe: whole lines go to the sink now."""
+        pending = self._pending + data
+        cut = pending.rfind(b"\n") + 1
+        if cut == 0 and len(pending) >= MAX_PARTIAL:
+            cut = len(pending)
+        if cut:
+            self._sink.emit(pending[:cut])
+        self._pending = pending[cut:]
+
+    def close(self) -> None:
+        """EOF: the last partial line goes too."""
+        if self._pending:
+            self._sink.emit(self._pending)
+            self._pending = b""
+        self._sink.stream_closed()
 
 
 class LogSink:
-    """One plugin's output: every attached pipe is read by its own thread until EOF.
+    """One plugin's output, fed by the event loop: the file byte for byte, the console prefixed.
 
-    A thread per pipe means a flooding plugin only ever blocks itself (on its full pipe), never
-    the core or another plugin; old runs' pipes stay attached until their last writer is gone.
+    A write that fails (a full disk) drops the data, counts it and says so once per episode;
+    the pipe keeps being drained, so the plugin never blocks or dies because of its log.
     """
 
     def __init__(
@@ -94,65 +141,107 @@ class LogSink:
         console: Callable[[bytes], None] | None = write_console,
     ) -> None:
         self.name, self.path = name, path
-        self._file: RotatingFile | None = RotatingFile(path, max_bytes, backups)
+        self._max_bytes, self._backups = max_bytes, backups
+        self._closed = False
+        self._file: RotatingFile | None = None
+        self._retry_at = 0.0  # while the file cannot be opened: when to try again
         self._console = console
         self._prefix = f"{name} | ".encode()
-        self._lock = threading.Lock()  # readers of successive runs share the file
-        self._readers: list[threading.Thread] = []
+        self._lock = threading.Condition()  # emit (loop thread) vs close/drain (others)
+        self._open_streams = 0
+        self._open_error: OSError | None = None
+        self.dropped = 0  # bytes lost in the current episode of write errors
+        self.dropped_total = 0
+        self._open()
 
-    def attach(self, fd: int) -> None:
-        """Read ``fd`` (the read end of a process's stdout/stderr pipe) until EOF, then close it."""
-        reader = threading.Thread(
-            target=self._pump, args=(fd,), name=f"aigis-log-{self.name}", daemon=True
-        )
-        self._readers = [thread for thread in self._readers if thread.is_alive()] + [reader]
-        reader.start()
+    def stream(self) -> Stream:
+        """A new pipe's stream: ``drain`` waits until every stream reached EOF."""
+        with self._lock:
+            self._open_streams += 1
+        return Stream(self)
 
-    def _pump(self, fd: int) -> None:
-        """Reader thread: forward whole lines; a partial line waits for its end (or for EOF)."""
-        pending = b""
-        try:
-            while True:
-                try:
-                    data = os.read(fd, READ_SIZE)
-                except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
-                    continue
-                if not data:
-                    break
-                pending += data
-                cut = pending.rfind(b"\n") + 1
-                if cut == 0 and len(pending) >= MAX_PARTIAL:
-                    cut = len(pending)
-                if cut:
-                    self.emit(pending[:cut])
-                    pending = pending[cut:]
-            if pending:
-                self.emit(pending)
-        except Exception:  # a reader must never die silently and leave the plugin's pipe full
-            log.exception("failed: reading output of %s", self.name, extra={"plugin": self.name})
-        finally:
-            os.close(fd)
+    def stream_closed(self) -> None:
+        with self._lock:
+            self._open_streams -= 1
+            self._lock.notify_all()
 
     def emit(self, data: bytes) -> None:
         """Write ``data`` byte for byte to the file and, prefixed per line, to the console."""
         with self._lock:
-            if self._file is None:
+            if self._closed:
                 return  # removed while a straggler was still writing
-            self._file.write(data)
-            if self._console is not None:
-                self._console(prefix_lines(self._prefix, data))
+            if self._file is None and not self._open():
+                self._dropping(len(data), self._open_error or OSError("cannot open"))
+            elif self._file is not None:
+                self._write(self._file, data)
+        if self._console is not None:
+            self._console(prefix_lines(self._prefix, data))
+
+    def _open(self) -> bool:
+        """Open the file (at most once a second while it fails); True when open."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        try:
+            self._file = RotatingFile(self.path, self._max_bytes, self._backups)
+        except OSError as exc:  # a full or read-only disk: the plugin runs anyway
+            self._open_error, self._retry_at = exc, now + 1.0
+            return False
+        return True
+
+    def _dropping(self, lost: int, exc: OSError) -> None:
+        """Count what a failed write lost; the first loss of an episode is said, once."""
+        if not self.dropped:
+            log.error(
+                'dropped: "%s" log output: cannot write %s: %s (the plugin keeps running; '
+                "its output is discarded until writing works again)",
+                self.name,
+                self.path,
+                exc.strerror or exc,
+                **about(self.name),
+            )
+        self.dropped += lost
+        self.dropped_total += lost
+
+    def _write(self, file: RotatingFile, data: bytes) -> None:
+        """One write; a failure starts (or continues) a dropping episode, success ends it."""
+        try:
+            file.write(data)
+        except OSError as exc:
+            self._dropping(len(data) - getattr(exc, "stored", 0), exc)
+        else:
+            if self.dropped:
+                log.warning(
+                    'resumed: "%s" log output to %s after dropping %d bytes',
+                    self.name,
+                    self.path,
+                    self.dropped,
+                    **about(self.name),
+                )
+                self.dropped = 0
 
     def drain(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for every reader to reach EOF; True if all did."""
+        """Wait up to ``timeout`` s for every stream to reach EOF; True if all did."""
         deadline = time.monotonic() + timeout
-        for reader in list(self._readers):
-            reader.join(max(0.0, deadline - time.monotonic()))
-        return not any(reader.is_alive() for reader in self._readers)
+        with self._lock:
+            while self._open_streams > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
 
     def close(self, timeout: float = 1.0) -> None:
-        """Drain briefly, then close the file; stragglers' output is dropped."""
+        """Drain briefly, then close the file; stragglers' output is dropped. Never raises."""
         self.drain(timeout)
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            file, self._file, self._closed = self._file, None, True
+        if file is not None:
+            file.close()
+        if self.dropped:
+            log.warning(
+                'dropped: "%s" %d bytes of log output in the end',
+                self.name,
+                self.dropped,
+                **about(self.name),
+            )

@@ -1,4 +1,4 @@
-"""The real OS seam of the embedded backend: spawning, signals, /proc tag scans, subreaping."""
+"""The real OS seam of the embedded backend: spawning, exit events, signals, timers, fd limits."""
 
 from __future__ import annotations
 
@@ -6,44 +6,86 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import secrets
+import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
+
+from aigis._supervise.proctable import (
+    TAG_VAR,
+    ProcStat,
+    Reaper,
+    Stray,
+    Tagged,
+    alive,
+    descendants,
+    our_children,
+    read_stat,
+    read_tag,
+    stray_processes,
+    tagged_among,
+    tagged_processes,
+)
+from aigis._supervise.reactor import Reactor
+
+__all__ = [
+    "FDS_PER_PLUGIN",
+    "TAG_VAR",
+    "LocalOs",
+    "Os",
+    "ProcStat",
+    "Stray",
+    "Tagged",
+    "read_stat",
+    "read_tag",
+    "tagged_processes",
+]
 
 log = logging.getLogger(__name__)
 
-#: Every process of a plugin inherits this variable, so descendants that escape the process group
-#: with setsid are still found by scanning /proc/*/environ.
-TAG_VAR = "AIGIS_PLUGIN_TAG"
-_TAG_KEY = b"\0" + TAG_VAR.encode() + b"="
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+READ_SIZE = 65536
+#: Open files each running plugin costs the core: its output pipe's read end, its pidfd and its
+#: log file. (The fd limit also counts sockets, the core's own files and the stop pipes.)
+FDS_PER_PLUGIN = 3
+FDS_RESERVED = 64  # for the core itself: sockets, its log, imports, the requirements runner
+
+
+EXIT_POLL = 0.05  # without pidfds only: how often exits are looked for
+
+
+def _pidfds_work() -> bool:
+    """True when this kernel (5.3+) and Python give pidfds."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+class Stream(Protocol):
+    """Where one spawned process's output goes (logsink.Stream)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Output(Protocol):
-    """Where a spawned process's stdout/stderr pipe is handed (a LogSink)."""
+    """A plugin's output, handing out one stream per spawned process (a LogSink)."""
 
-    def attach(self, fd: int) -> None: ...
-
-
-class Tagged(NamedTuple):
-    """A live tagged process: its tag and its process group."""
-
-    tag: str
-    pgid: int
+    def stream(self) -> Stream: ...
 
 
-class ProcStat(NamedTuple):
-    """The fields of /proc/PID/stat the supervisor needs."""
+class Cancellable(Protocol):
+    """A scheduled call (reactor.Timer)."""
 
-    state: str
-    ppid: int
-    pgid: int
-    sid: int
-    starttime: int  # clock ticks after boot: with the pid, identifies a process across pid reuse
+    def cancel(self) -> None: ...
 
 
 def new_tag(name: str) -> str:
@@ -60,135 +102,30 @@ def set_child_subreaper(enable: bool = True) -> bool:
         return False
 
 
-def _pids() -> Iterator[int]:
-    """Every process id currently listed in /proc."""
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if entry.name.isdigit():
-                yield int(entry.name)
-
-
-def read_stat(pid: int) -> ProcStat | None:
-    """Parse /proc/PID/stat; None when the process is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # comm (field 2) may contain spaces and parentheses: split after the last ")".
-    rest = data[data.rindex(b")") + 2 :].split()
-    return ProcStat(rest[0].decode(), int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19]))
-
-
-def read_tag(pid: int) -> str | None:
-    """The AIGIS_PLUGIN_TAG in the process's environment (empty for zombies), or None."""
-    try:
-        environ = b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return None
-    start = environ.find(_TAG_KEY)
-    if start < 0:
-        return None
-    start += len(_TAG_KEY)
-    end = environ.find(b"\0", start)
-    return environ[start : end if end >= 0 else None].decode(errors="replace")
-
-
-def tagged_processes(match: Callable[[str], bool] | None = None) -> dict[int, Tagged]:
-    """Live processes (not this one) whose tag satisfies ``match`` (any tag when None)."""
-    me, found = os.getpid(), {}
-    for pid in _pids():
-        tag = None if pid == me else read_tag(pid)
-        if tag is None or (match is not None and not match(tag)):
-            continue
-        stat = read_stat(pid)
-        if stat is not None and stat.state != "Z":
-            found[pid] = Tagged(tag, stat.pgid)
-    return found
-
-
-def strays(name: str, marker: str) -> list[int]:
-    """Processes of plugin ``name`` left by an earlier core: tagged ``name:…`` and carrying
-    ``marker`` (e.g. ``AIGIS_PLUGIN_DIR=/var/lib/aigis/ext/NAME``) in their environment, so
-    another AIGIS instance's plugin of the same name is never touched."""
-    wanted = b"\0" + marker.encode() + b"\0"
-    found = []
-    for pid, _tagged in tagged_processes(lambda tag: tag.startswith(name + ":")).items():
-        try:
-            environ = b"\0" + Path(f"/proc/{pid}/environ").read_bytes() + b"\0"
-        except OSError:
-            continue
-        if wanted in environ:
-            found.append(pid)
-    return found
-
-
-class Reaper:
-    """Reaps orphans re-parented to us as subreaper, but only ones positively known to be ours.
-
-    waitpid(-1) would steal exit statuses from subprocess.run elsewhere in the core (the
-    requirements command), so a zombie is reaped only if it is a process once seen tagged (same
-    pid and start time, so pid reuse cannot fool it) or it is in the session of a live main process.
-    """
-
-    def __init__(self) -> None:
-        self.known: dict[int, int] = {}  # pid -> starttime
-        self._lock = threading.Lock()  # stop() claims from RPC threads while poll() reaps
-
-    def claim(self, pids: Iterable[int]) -> None:
-        """Remember ``pids`` (seen tagged) so each can be reaped once it is our zombie."""
-        with self._lock:
-            for pid in pids:
-                stat = None if pid in self.known else read_stat(pid)
-                if stat is not None:
-                    self.known[pid] = stat.starttime
-
-    def reap(self, mains: Collection[int]) -> list[tuple[int, int]]:
-        """Reap our zombie orphans (not ``mains``, which Popen reaps); return (pid, returncode)."""
-        try:
-            # Cheap probe first: the /proc scan below runs only when some child is a zombie.
-            probe = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            probe = None
-        if probe is None:
-            return []
-        with self._lock:
-            return self._reap_locked(mains)
-
-    def _reap_locked(self, mains: Collection[int]) -> list[tuple[int, int]]:
-        """One /proc scan: reap our zombies, forget known pids that are gone."""
-        me, reaped, alive = os.getpid(), [], {}
-        for pid in _pids():
-            stat = read_stat(pid)
-            if stat is None:
-                continue
-            alive[pid] = stat.starttime
-            if stat.ppid != me or stat.state != "Z" or pid in mains:
-                continue
-            if self.known.get(pid) == stat.starttime or stat.sid in mains:
-                try:
-                    got, status = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    continue
-                if got:
-                    reaped.append((pid, os.waitstatus_to_exitcode(status)))
-                    log.debug("reaped: orphan pid %d", pid)
-        gone = {pid for pid, _ in reaped}
-        self.known = {
-            pid: start
-            for pid, start in self.known.items()
-            if alive.get(pid) == start and pid not in gone
-        }
-        return reaped
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+    return soft, soft
 
 
 class Os(Protocol):
-    """Every OS call the supervisor makes; LocalOs below is the real one."""
+    """Every OS call and event source the supervisor uses; LocalOs below is the real one."""
 
-    def spawn(self, argv: tuple[str, ...], cwd: Path, env: dict[str, str], output: Output) -> int:
-        """Start argv in a new session, env added to os.environ; return its pid."""
-
-    def poll_exit(self, pid: int) -> int | None:
-        """Reap a spawned pid: None while it runs, else its returncode (negative: signal)."""
+    def spawn(
+        self,
+        argv: tuple[str, ...],
+        cwd: Path,
+        env: dict[str, str],
+        output: Output,
+        on_exit: Callable[[int], None],
+    ) -> int:
+        """Start argv in a new process group, env added to os.environ; return its pid. ``on_exit``
+        gets its returncode (negative: signal) once, on the event loop, when it exited."""
 
     def kill_group(self, pgid: int, signum: int) -> None:
         """Signal a process group (gone is fine)."""
@@ -196,14 +133,29 @@ class Os(Protocol):
     def kill(self, pid: int, signum: int) -> None:
         """Signal one process (gone is fine)."""
 
-    def find_tagged(self, tags: Collection[str]) -> dict[int, Tagged]:
-        """Live processes carrying one of tags."""
+    def group_alive(self, pgid: int) -> bool:
+        """True while a process (not a zombie of ours) is in group ``pgid``."""
 
-    def find_strays(self, name: str, marker: str) -> list[int]:
-        """Processes of ``name`` left by an earlier core (see ``strays``)."""
+    def alive(self, pid: int) -> bool:
+        """True while ``pid`` exists and is not a zombie."""
 
-    def reap_orphans(self) -> list[tuple[int, int]]:
-        """Reap zombie orphans of ours."""
+    def find_tagged(self, tags: Collection[str], roots: Iterable[int] = ()) -> dict[int, Tagged]:
+        """Live processes carrying one of tags; ``roots``: running mains whose trees hold them."""
+
+    def find_strays(self) -> list[Stray]:
+        """Every live tagged process (one scan), before this core spawned anything."""
+
+    def reap_orphans(self, pgids: Iterable[int]) -> None:
+        """Reap zombie orphans of ours: in ``pgids`` and ones seen tagged."""
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
+        """Run ``callback`` on the event loop once monotonic() >= when."""
+
+    def dispatch(self) -> None:
+        """Called by poll(): the real loop needs nothing; a fake delivers its events here."""
+
+    def wait(self, cond: threading.Condition, timeout: float) -> None:
+        """Wait on ``cond`` (held) for an event, at most ``timeout`` s."""
 
     def monotonic(self) -> float:
         """Clock for deadlines."""
@@ -212,7 +164,10 @@ class Os(Protocol):
         """Wall clock for Status."""
 
     def sleep(self, seconds: float) -> None:
-        """Wait while stopping."""
+        """Wait while stopping strays."""
+
+    def close(self) -> None:
+        """End the event loop."""
 
 
 #: Variables that address the core's own service manager: a plugin must never talk to it as
@@ -234,17 +189,40 @@ def child_environ() -> dict[str, str]:
 
 
 class LocalOs:
-    """The OS calls of EmbeddedSupervisor; unit tests replace this with a recording fake."""
+    """The OS calls of EmbeddedSupervisor, with one Reactor thread for every event."""
 
     def __init__(self, subreaper: bool = True) -> None:
-        if subreaper and not set_child_subreaper(True):
+        self._subreaper = subreaper and set_child_subreaper(True)
+        if subreaper and not self._subreaper:
             log.warning("no subreaper: orphaned plugin processes re-parent to init (prctl refused)")
+        before, after = raise_open_files_limit()
+        room = max(0, (after - FDS_RESERVED) // FDS_PER_PLUGIN)
+        verb = (
+            f"raised: open files limit {before} -> {after}"
+            if after > before
+            else (f"kept: open files limit {after} (the hard limit)")
+        )
+        log.info("%s: room for about %d plugins (%d fds each)", verb, room, FDS_PER_PLUGIN)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._reaper = Reaper()
+        self._reactor = Reactor("aigis-supervise")
+        self._warned_dead = False
+        # Without pidfds (Linux < 5.3) exits are polled on a timer instead: O(plugins) a look.
+        self._pidfds = _pidfds_work()
+        self._polled: dict[int, tuple[subprocess.Popen[bytes], Callable[[int], None]]] = {}
+        if not self._pidfds:
+            log.warning("no pidfd_open: plugin exits are noticed every %gs", EXIT_POLL)
 
-    def spawn(self, argv: tuple[str, ...], cwd: Path, env: dict[str, str], output: Output) -> int:
-        """Start ``argv`` in its own session with ``env`` added; its output goes to ``output``."""
-        rfd, wfd = os.pipe()
+    def spawn(
+        self,
+        argv: tuple[str, ...],
+        cwd: Path,
+        env: dict[str, str],
+        output: Output,
+        on_exit: Callable[[int], None],
+    ) -> int:
+        """Start ``argv`` in its own process group with ``env`` added; output to ``output``."""
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
         try:
             proc = subprocess.Popen(
                 argv,
@@ -253,24 +231,76 @@ class LocalOs:
                 stdin=subprocess.DEVNULL,
                 stdout=wfd,
                 stderr=wfd,
-                start_new_session=True,  # own session and process group: killpg reaches it all
+                # Its own process group, so killpg reaches it all. Not its own session: setsid
+                # also creates a scheduler autogroup, which made each spawn 3-4 times slower.
+                process_group=0,
             )
         except BaseException:
             os.close(rfd)
             raise
         finally:
             os.close(wfd)  # only the child may hold the write end, or the reader never sees EOF
+        os.set_blocking(rfd, False)
         self._children[proc.pid] = proc
-        output.attach(rfd)
+        stream = output.stream()
+        readers = [(rfd, lambda: self._pump(rfd, stream))]
+        if self._pidfds:
+            try:
+                pidfd = os.pidfd_open(proc.pid)  # works on a zombie too: no exit is missed
+            except OSError:  # EMFILE: never leave a child nobody watches
+                os.close(rfd)
+                self._children.pop(proc.pid, None)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
+            readers.append((pidfd, lambda: self._exited(pidfd, proc, on_exit)))
+        else:
+            self._reactor.call_soon(lambda: self._poll_exits(proc, on_exit))
+        self._reactor.add_readers(readers)
         return proc.pid
 
-    def poll_exit(self, pid: int) -> int | None:
-        """The returncode of spawned ``pid`` once it exited (negative: killed by that signal)."""
-        proc = self._children[pid]
-        returncode = proc.poll()
-        if returncode is not None:
-            del self._children[pid]
-        return returncode
+    def _poll_exits(
+        self, proc: subprocess.Popen[bytes] | None = None, on_exit: Callable | None = None
+    ) -> None:
+        """Loop thread, without pidfds: look at every child; one timer chain for all."""
+        if proc is not None and on_exit is not None:
+            first = not self._polled
+            self._polled[proc.pid] = (proc, on_exit)
+            if not first:
+                return
+        for pid, (child, callback) in list(self._polled.items()):
+            returncode = child.poll()
+            if returncode is not None:
+                del self._polled[pid]
+                self._children.pop(pid, None)
+                callback(returncode)
+        if self._polled:
+            self._reactor.call_at(time.monotonic() + EXIT_POLL, self._poll_exits)
+
+    def _pump(self, fd: int, stream: Stream) -> None:
+        """Loop thread: one read per readiness, so a flood never starves other plugins."""
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # EIO and friends: treat as EOF, the pipe is unusable
+            log.warning("failed: reading plugin output: %s", exc)
+            data = b""
+        if data:
+            stream.feed(data)
+            return
+        self._reactor.remove_reader(fd)
+        os.close(fd)
+        stream.close()
+
+    def _exited(self, pidfd: int, proc: subprocess.Popen[bytes], on_exit: Callable) -> None:
+        """Loop thread: the pidfd became readable, so the process exited: reap it, report."""
+        self._reactor.remove_reader(pidfd)
+        os.close(pidfd)
+        returncode = proc.wait()
+        self._children.pop(proc.pid, None)
+        on_exit(returncode)
 
     def kill_group(self, pgid: int, signum: int) -> None:
         """Signal a whole process group; a group already gone is fine."""
@@ -282,22 +312,59 @@ class LocalOs:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
-    def find_strays(self, name: str, marker: str) -> list[int]:
-        """Processes of ``name`` left by an earlier core."""
-        return strays(name, marker)
+    def group_alive(self, pgid: int) -> bool:
+        """Our zombies in the group are reaped first: they would keep the group alive."""
+        self._reaper.reap_group(pgid, self._children.keys())
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
-    def find_tagged(self, tags: Collection[str]) -> dict[int, Tagged]:
-        """Live processes carrying one of ``tags``; each is remembered for reaping."""
+    def alive(self, pid: int) -> bool:
+        """Exists and is not a zombie."""
+        return alive(pid)
+
+    def find_tagged(self, tags: Collection[str], roots: Iterable[int] = ()) -> dict[int, Tagged]:
+        """Live processes carrying one of ``tags``; each is remembered for reaping.
+
+        As subreaper, whatever a plugin leaves behind stays below us: below ``roots`` (running
+        mains) or below an orphan re-parented to us. So only that part of the tree is read,
+        not every process on the machine; without subreaper the whole table is scanned."""
         wanted = set(tags)
         if not wanted:
             return {}
-        found = tagged_processes(wanted.__contains__)
-        self._reaper.claim(found)
+        if self._subreaper:
+            orphans = our_children() - self._children.keys()
+            found = tagged_among(descendants(orphans | set(roots)), wanted)
+        else:
+            found = tagged_processes(wanted.__contains__)
+        self._reaper.claim(pid for pid in found if pid not in self._children)
         return found
 
-    def reap_orphans(self) -> list[tuple[int, int]]:
-        """Reap zombie orphans that are ours."""
-        return self._reaper.reap(self._children.keys())
+    def find_strays(self) -> list[Stray]:
+        """Every live tagged process (an earlier core's, when called before any spawn)."""
+        return stray_processes()
+
+    def reap_orphans(self, pgids: Iterable[int]) -> None:
+        """Reap zombie orphans that are ours (in plugin groups ``pgids``, or seen tagged)."""
+        self._reaper.sweep(self._children.keys(), set(pgids))
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
+        """On the event loop thread."""
+        return self._reactor.call_at(when, callback)
+
+    def dispatch(self) -> None:
+        """The loop thread does the work; say so loudly if it is gone."""
+        if not self._reactor.alive() and not self._warned_dead:
+            self._warned_dead = True
+            log.critical("failed: the supervisor's event loop ended; plugins are not watched")
+
+    def wait(self, cond: threading.Condition, timeout: float) -> None:
+        """Until the loop notifies ``cond`` or ``timeout``."""
+        cond.wait(timeout)
 
     def monotonic(self) -> float:
         """For deadlines."""
@@ -308,5 +375,10 @@ class LocalOs:
         return time.time()
 
     def sleep(self, seconds: float) -> None:
-        """Between checks while stopping."""
+        """Between checks while stopping strays."""
         time.sleep(seconds)
+
+    def close(self) -> None:
+        """End the event loop (it closes the pipes and pidfds still open)."""
+        self._warned_dead = True
+        self._reactor.close()

@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -136,22 +137,21 @@ def test_backoff_delays_grow(sup, tmp_path, uid, caplog):
     name = f"backoff-{uid}"
     sup.add(fault(name, "crasher.py", runs, restart=3, restart_delay=0.2, startsecs=0))
     wait_for(sup, "FAILED", lambda: state(sup, name) is State.FAILED)
-    nominal = [0.2, 0.4, 0.8]
-    # Spawn to spawn, as the runs themselves saw it: the delay plus a run's start-up time.
-    starts = [float(line) for line in runs.read_text().split()]
-    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
-    assert len(gaps) == 3 and all(gap >= delay for gap, delay in zip(gaps, nominal)), gaps
-    assert gaps[2] - gaps[0] >= 0.4, gaps  # 0.6 nominally; start-up noise cancels out
-    # Exit noticed to next spawn, as the supervisor logged it: the delay and poll latency only.
-    times = [(r.getMessage().split(":")[0], r.created) for r in caplog.records]
-    delays = [
-        spawned - exited
-        for (verb, exited), (after, spawned) in zip(times, times[2:])
-        if verb == "exited" and after == "spawned"
+    assert len(runs.read_text().split()) == 4
+    # What the core decided (not how fast this machine was): the delays it scheduled ...
+    events = [(r.getMessage(), r.created) for r in caplog.records]
+    scheduled = [
+        float(message.rsplit(" in ", 1)[1].rstrip("s"))
+        for message, _ in events
+        if message.startswith(f'backoff: "{name}"')
     ]
-    assert len(delays) == 3, times
-    assert all(delay - 0.01 <= got < delay + 0.3 for got, delay in zip(delays, nominal)), delays
-    assert delays[1] >= 1.6 * delays[0] and delays[2] >= 1.6 * delays[1], delays
+    assert scheduled == [0.2, 0.4, 0.8]
+    # ... and that no restart came before its delay (a lower bound holds on any machine).
+    exits = [at for message, at in events if message.startswith(f'exited: "{name}"')]
+    spawns = [at for message, at in events if message.startswith(f'spawned: "{name}"')]
+    assert len(exits) == 4 and len(spawns) == 4
+    waited = [spawn - exit_ for exit_, spawn in zip(exits, spawns[1:])]
+    assert all(got >= delay - 0.01 for got, delay in zip(waited, scheduled)), waited
 
 
 def test_exit_before_startsecs_counts_as_a_failure(sup, uid):
@@ -180,7 +180,7 @@ def test_sigterm_ignorer_is_killed_after_its_stop_timeout(sup, tmp_path, uid):
     pid = sup.status([name])[0].pid
     started = time.monotonic()
     status = sup.stop(name)
-    assert 0.5 <= time.monotonic() - started < 5
+    assert time.monotonic() - started >= 0.5  # it waited stop_timeout before SIGKILL
     assert status.state is State.STOPPED
     assert "SIGKILL" in status.last_exit and "SIGKILL" in status.reason
     assert pid_gone(pid)
@@ -189,21 +189,21 @@ def test_sigterm_ignorer_is_killed_after_its_stop_timeout(sup, tmp_path, uid):
 def test_status_answers_while_another_thread_waits_for_a_stop(sup, tmp_path, uid):
     ready = tmp_path / "ready"
     name = f"stubborn-{uid}"
-    sup.add(fault(name, "ignore_term.py", ready, stop_timeout=1.0))
+    sup.add(fault(name, "ignore_term.py", ready, stop_timeout=3.0))
     wait_for(sup, "SIGTERM ignored", ready.exists)
     stopped: list[Status] = []
     stopper = threading.Thread(target=lambda: stopped.append(sup.stop(name)))  # an RPC thread
     stopper.start()
-    wait_for(sup, "STOPPING", lambda: state(sup, name) is State.STOPPING)
-    slowest, deadline = 0.0, time.monotonic() + 15
+    answered_while_stopping, deadline = 0, time.monotonic() + 30
     while stopper.is_alive() and time.monotonic() < deadline:
-        started = time.perf_counter()
-        sup.status()
-        sup.poll()
-        slowest = max(slowest, time.perf_counter() - started)
+        seen = sup.status([name])[0].state
+        # Answered (not blocked until the stop ended) while the stopper still waits: the lock
+        # is never held while stop() waits for the process.
+        if seen is State.STOPPING and stopper.is_alive():
+            answered_while_stopping += 1
         time.sleep(0.01)
     stopper.join(1)
-    assert slowest < 0.5  # the lock is never held while stop() waits for the process
+    assert answered_while_stopping >= 2
     assert [status.state for status in stopped] == [State.STOPPED]
 
 
@@ -213,7 +213,7 @@ def test_double_forked_grandchild_is_stopped_too(sup, tmp_path, uid):
     sup.add(fault(name, "double_fork.py", pidfile))
     wait_for(sup, "the grandchild's pid file", pidfile.exists)
     grandchild, main = int(pidfile.read_text()), sup.status([name])[0].pid
-    assert procs.read_stat(grandchild).sid != main  # it really escaped the plugin's session
+    assert procs.read_stat(grandchild).pgid != main  # it really escaped the process group
     assert procs.read_tag(grandchild).startswith(f"{name}:")
     status = sup.stop(name)
     assert status.state is State.STOPPED
@@ -306,3 +306,97 @@ def test_non_utf8_output_lands_byte_for_byte(make_sup, uid):
     assert sup.log_path(name).read_bytes() == out + err + tail
     prefix = f"{name} | ".encode()
     assert b"".join(console) == prefix + out + prefix + err + prefix + tail + b"\n"
+
+
+# -- a full disk --------------------------------------------------------------------------------
+@pytest.fixture
+def small_log_dir(tmp_path):
+    """A 5 MiB tmpfs as the log directory (``<tmp_path>/log``), unmounted at teardown."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a small tmpfs needs root, and CI must run it", pytrace=False)
+        pytest.skip("mounting a small tmpfs needs root")
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(log_dir)], check=True)
+    try:
+        yield log_dir
+    finally:
+        subprocess.run(["umount", "-l", str(log_dir)], check=False)
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """Fill the filesystem of ``directory`` up to ``leave`` bytes free; return the filler."""
+    filler = directory / "filler"
+    free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    with filler.open("wb") as out:
+        out.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def records(caplog, verb: str, name: str) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith(f'{verb}: "{name}"')
+    ]
+
+
+def test_a_full_disk_drops_log_output_but_never_kills_the_plugin(
+    make_sup, small_log_dir, tmp_path, uid, caplog
+):
+    """A reader that died on ENOSPC closed the pipe: the plugin died of EPIPE, over and over."""
+    caplog.set_level(logging.INFO)
+    sup = make_sup()
+    filler = fill(small_log_dir, leave=64 * 1024)
+    flooded, go = tmp_path / "flooded", tmp_path / "go"
+    name = f"filler-{uid}"
+    lines = 100_000  # 5.5 MB: far more than fits
+    sup.add(fault(name, "log_filler.py", lines, flooded, go, restart=3, restart_delay=0))
+    wait_for(sup, "the flood to be written", flooded.exists, timeout=60)
+    status = sup.status([name])[0]
+    assert status.state in (State.STARTING, State.RUNNING) and status.restarts == 0, status
+    assert len(records(caplog, "dropped", name)) == 1  # once per episode, not once per write
+    filler.unlink()  # space returns
+    go.touch()
+    wait_for(sup, "EXITED", lambda: state(sup, name) is State.EXITED, timeout=60)
+    status = sup.status([name])[0]
+    assert (status.restarts, status.last_exit) == (0, "exit 0")
+    assert sup.log_path(name).read_bytes().endswith(b"the last line\n")  # writing resumed
+    assert len(records(caplog, "resumed", name)) == 1
+    assert len(records(caplog, "dropped", name)) == 1
+
+
+def test_stop_all_and_close_on_a_full_disk_raise_nothing_and_leave_nothing(
+    make_sup, small_log_dir, tmp_path, uid, caplog
+):
+    """The log file's close raised ENOSPC out of the backend: the shutdown stopped half-way."""
+    sup = make_sup()
+    fill(small_log_dir, leave=64 * 1024)
+    names = [f"full-{i}-{uid}" for i in range(3)]
+    for index, name in enumerate(names):
+        flooded = tmp_path / f"flooded.{index}"
+        sup.add(fault(name, "log_filler.py", 20_000, flooded, "forever", restart=3))
+    wait_for(
+        sup,
+        "the floods to be written",
+        lambda: all((tmp_path / f"flooded.{i}").exists() for i in range(3)),
+        timeout=60,
+    )
+    assert [s.restarts for s in sup.status()] == [0, 0, 0]
+    sup.stop_all([names])
+    sup.close()  # nothing escapes: no OSError, no traceback
+    assert {s.state for s in sup.status()} == {State.STOPPED}
+    assert procs.tagged_processes(lambda tag: tag.split(":")[0] in set(names)) == {}
+
+
+def test_without_pidfds_exits_are_still_noticed(make_sup, tmp_path, uid, monkeypatch):
+    """Kernels before 5.3 have no pidfd_open: exits are polled on the event loop instead."""
+    monkeypatch.setattr(procs, "_pidfds_work", lambda: False)
+    sup = make_sup()
+    runs = tmp_path / "runs"
+    name = f"nopidfd-{uid}"
+    sup.add(fault(name, "crasher.py", runs, restart=2, restart_delay=0.01))
+    sup.add(fault(f"sleeper-{uid}", "slow_start.py", 0.01, startsecs=0))
+    wait_for(sup, "FAILED", lambda: state(sup, name) is State.FAILED)
+    status = sup.status([name])[0]
+    assert (status.restarts, status.last_exit) == (2, "exit 1")
+    assert len(runs.read_text().splitlines()) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,11 +105,11 @@ def test_crasher_gives_up_after_restarts_and_clean_exit_is_not_restarted(
     assert crasher["restarts"] == 2
     assert crasher["last_exit"] == "exit 1"
     assert "gave up" in crasher["reason"]
-    starts = [float(x) for x in runs.read_text().split()]
-    assert len(starts) == 3
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    # Exponential backoff: 0.5 s, then 1 s (each gap also holds one interpreter start-up).
-    assert gaps[1] - gaps[0] > 0.35, gaps
+    assert len(runs.read_text().split()) == 3
+    # Exponential backoff, as the core scheduled it: 0.5 s, then 1 s. (Gaps between interpreter
+    # starts measured how busy the machine was, and failed under load.)
+    scheduled = re.findall(r'backoff: "crasher" .*; restart (\d)/2 in ([0-9.]+)s', daemon.log)
+    assert scheduled == [("1", "0.5"), ("2", "1")], daemon.log
     proc = ctl(config, "status", "crasher")
     assert proc.returncode == 3
     assert "failed" in proc.stdout and "gave up" in proc.stdout
@@ -204,7 +205,10 @@ def test_sigterm_stops_everything_in_reverse_order_and_leaves_no_process(
     )
     daemon, config = run_daemon(
         '[core]\ncore1 = "src/core1"\ncore2 = "src/core2"\n'
-        '[external]\next1 = "src/ext1"\next2 = "src/ext2"\n'
+        # Plugins of one table are stopped at once (their order is not defined), the tables in
+        # reverse: ext1 is listed under [internal] (a warning, not an error) so the order of
+        # ext2 and ext1 is the order of their tables.
+        '[internal]\next1 = "src/ext1"\n[external]\next2 = "src/ext2"\n'
         'forker = "src/forker"\n'
     )
     rows = wait_until(

@@ -220,3 +220,16 @@ def test_unknown_and_duplicate_names_are_plugin_errors(backend: Backend, name, t
     backend.sup.add(spec(name, tmp_path, "/bin/sleep", "600"))
     with pytest.raises(PluginError, match=f'plugin "{name}": already supervised'):
         backend.sup.add(spec(name, tmp_path, "/bin/sleep", "600"))
+
+
+def test_stop_all_stops_every_step_and_nothing_restarts(backend: Backend, name: str, tmp_path):
+    names = [f"{name}-{index}" for index in range(3)]
+    for each in names:
+        backend.sup.add(spec(each, tmp_path, "/bin/sleep", "600", restart=3))
+    pids = [wait_for(backend.sup, each, lambda s: s.state is State.RUNNING).pid for each in names]
+    assert all(pid is not None and backend.alive(pid) for pid in pids)
+    backend.sup.stop_all([names[1:], names[:1]])
+    assert [pid for pid in pids if pid is not None and backend.alive(pid)] == []
+    time.sleep(0.5)  # longer than restart_delay: a restart would have happened by now
+    backend.sup.poll()
+    assert {s.state for s in backend.sup.status(names)} == {State.STOPPED}
