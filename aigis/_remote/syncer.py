@@ -22,6 +22,7 @@ import shutil
 import stat
 import sys
 import tarfile
+from typing import IO
 
 CONTROL = ".aigis-ship.json"
 EXCLUDE = frozenset({".git", "__pycache__"})
@@ -79,6 +80,14 @@ def _inside(root: str, rel: str, create: bool = True) -> str:
     return os.path.join(path, parts[-1])
 
 
+def _member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """The content of a regular file member (ValueError for anything else)."""
+    content = tar.extractfile(member)
+    if content is None:
+        raise ValueError(f"{member.name}: not a regular file")
+    return content
+
+
 def _remove(path: str) -> None:
     if not path:
         return
@@ -102,7 +111,7 @@ def apply(root: str, stream) -> dict[str, int]:
         first = tar.next()
         if first is None or first.name != CONTROL:
             raise ValueError(f"the first member must be {CONTROL}")
-        control = json.loads(tar.extractfile(first).read())
+        control = json.loads(_member(tar, first).read())
         for rel in sorted(control["delete"], key=lambda r: -r.count("/")):
             _remove(_inside(root, rel, create=False))
         owner = None
@@ -128,7 +137,7 @@ def apply(root: str, stream) -> dict[str, int]:
                 mode = control["modes"][member.name]
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(tar.extractfile(member), out)
+                    shutil.copyfileobj(_member(tar, member), out)
                     if owner is not None and member.name in control["secrets"]:
                         os.fchown(out.fileno(), owner[0], owner[1])
                     os.fchmod(out.fileno(), mode)

@@ -129,7 +129,6 @@ def test_resolve_refuses_internals_and_dunders(ns):
 
 def test_the_public_api_is_the_one_the_settings_table_reserves():
     import aigis
-
     from aigis._settings import PUBLIC_API
 
     assert aigis.__all__ == [*PUBLIC_API, "__version__"]
