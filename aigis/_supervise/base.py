@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from aigis._settings import RESTART_DELAY, RESTART_DELAY_MAX, STOP_TIMEOUT
 from aigis._states import ACTIVE, Kind, State
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,9 +27,9 @@ class ProcessSpec:
     cwd: Path
     env: dict[str, str] = field(default_factory=dict)
     restart: int | None = None
-    restart_delay: float = 1.0
-    restart_delay_max: float = 60.0
-    stop_timeout: float = 10.0
+    restart_delay: float = RESTART_DELAY
+    restart_delay_max: float = RESTART_DELAY_MAX
+    stop_timeout: float = STOP_TIMEOUT
     startsecs: float = 1.0
     #: The account the process runs as (None: the core's own). The systemd backend creates the
     #: plugin's own identity (``aigis._supervise.identity``) and hands it ``own_dir``.

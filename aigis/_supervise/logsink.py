@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aigis._log import about
+from aigis._settings import LOG_BACKUPS, LOG_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,8 @@ class LogSink:
         name: str,
         path: Path,
         *,
-        max_bytes: int = 10 * 2**20,
-        backups: int = 5,
+        max_bytes: int = LOG_MAX_BYTES,
+        backups: int = LOG_BACKUPS,
         console: Callable[[bytes], None] | None = write_console,
     ) -> None:
         self.name, self.path = name, path
