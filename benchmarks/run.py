@@ -100,8 +100,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    # SIGINT too: a shell starting us in the background leaves it ignored
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     venv = Path(sys.executable).parent.parent
     peers_venv = ROOT / "benchmarks" / ".venv-peers"
     versions = ensure_peers(peers_venv) if set(args.tools) - {"AIGIS"} else {}

@@ -39,7 +39,9 @@ def _start_goal(n: int, grid: Grid) -> tuple[str, bool | None]:
     if n != 1000:
         return "", None
     row = grid[n]
-    mine, peers = row.get(SUBJECT), [v for t, v in row.items() if t != SUBJECT]
+    # the peers are the other tools, not another AIGIS backend ("AIGIS systemd")
+    mine = row.get(SUBJECT)
+    peers = [v for t, v in row.items() if not t.startswith(SUBJECT)]
     if mine is None or not peers or any(v is None for v in peers):
         return "<= 5 s and <= 0.4x each peer", None
     return "<= 5 s and <= 0.4x each peer", mine <= 5 and all(

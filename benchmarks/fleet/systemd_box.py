@@ -125,7 +125,7 @@ def _measure(box: Box, n: int, venv: Path, sleep: str, result: Result) -> None:
         old = watch.plugins()[i]
         begin = time.monotonic()
         run(*ctl, "restart", plugin_name(i), timeout=settle)
-        watch.wait(lambda p, i=i, old=old: i in p and p[i].pid != old.pid, settle, "restart")
+        watch.wait_replaced(old, i, settle)
         result.restart_one_s.append(time.monotonic() - begin - nsenter)
     change = _config_text(n, changed=0)
     result.reload_one_s = (

@@ -148,7 +148,7 @@ class Tool:
     status: tuple[str, ...]
     restart_one: tuple[str, ...]  # followed by the plugin name
     reload: tuple[str, ...]  # re-read the config, apply only what changed
-    change_one: Callable[[], None]  # rewrite the config with plugin 0 changed
+    change_one: Callable[[], object]  # rewrite the config with plugin 0 changed
     restart_delay: str  # the configured delay, as the table reports it
 
 

@@ -181,3 +181,13 @@ def test_command_line_parsing_of_counts_and_tools():
     with pytest.raises(argparse.ArgumentTypeError, match="runit"):
         parse_tools("runit")
     assert rotate(["a", "b", "c"], 4) == ["b", "c", "a"]
+
+
+def test_start_goal_is_judged_against_the_peers_only_not_the_systemd_column():
+    start = next(m for m in report.MEASURES if m.key == "start")
+    failed = Result("AIGIS systemd", 1000, errors=["all 1000 running not within 360 s"])
+    results = [*_results(4.0), failed]
+    assert start.goal(1000, report.grid_of(start, results)) == (
+        "<= 5 s and <= 0.4x each peer",
+        True,
+    )
