@@ -23,7 +23,7 @@ from multiprocess.context import AuthenticationError
 
 from aigis._errors import AigisError
 from aigis._rpc import wire
-from aigis._rpc.client import Channel, TruncatedFrame
+from aigis._rpc.channel import Channel, TruncatedFrame
 
 log = logging.getLogger(__name__)
 

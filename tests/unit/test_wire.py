@@ -14,7 +14,7 @@ import pytest
 
 from aigis._errors import CoreUnavailable, RemoteError
 from aigis._rpc import wire
-from aigis._rpc.client import Channel, TruncatedFrame
+from aigis._rpc.channel import Channel, TruncatedFrame
 
 
 @pytest.fixture
