@@ -3,11 +3,14 @@
 A call whose request was fully handed to the kernel but whose reply never came raises
 ``CoreUnavailable`` instead of being sent again: it may already have run in the core. Only
 failures before that point (connecting, authenticating, a send that failed) are retried, with
-backoff, for ``retry_for`` seconds.
+backoff, for ``retry_for`` seconds. With a ``call_timeout`` (``AIGIS_CALL_TIMEOUT``), a call
+whose reply does not come in time raises ``CallTimeout`` and the connection is dropped: a reply
+still owed on it must never be read as the answer to a later call.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -20,7 +23,7 @@ from typing import Any
 from multiprocess.connection import answer_challenge, deliver_challenge
 from multiprocess.context import AuthenticationError
 
-from aigis._errors import AigisError, CoreUnavailable
+from aigis._errors import AigisError, CallTimeout, CoreUnavailable
 from aigis._rpc import wire
 from aigis._rpc.channel import Channel
 
@@ -29,6 +32,7 @@ DEFAULT_ADDRESS = "/run/aigis/aigis.sock"
 DEFAULT_AUTHKEY_FILE = "/var/lib/aigis/authkey"  # [aigis] authkey_file default for root
 ADDRESS_ENV = "AIGIS_ADDRESS"
 AUTHKEY_FILE_ENV = "AIGIS_AUTHKEY_FILE"
+CALL_TIMEOUT_ENV = "AIGIS_CALL_TIMEOUT"
 RETRY_FOR = 10.0  # seconds of reconnect attempts before CoreUnavailable
 HANDSHAKE_TIMEOUT = 10.0  # per attempt: a hung core must not hang the plugin forever
 
@@ -98,6 +102,7 @@ class CoreClient:
         retry_for: float = RETRY_FOR,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         limit: int = wire.MAX_MESSAGE,
+        call_timeout: float | None = None,
     ) -> None:
         if isinstance(address, tuple):
             self.address: Address = (address[0], int(address[1]))
@@ -108,6 +113,7 @@ class CoreClient:
         self.retry_for = retry_for
         self.handshake_timeout = handshake_timeout
         self.limit = limit
+        self.call_timeout = call_timeout  # seconds to wait for a reply; None: no limit
         self._lock = threading.Lock()
         self._chan: Channel | None = None
         self._opened = 0
@@ -179,6 +185,13 @@ class CoreClient:
                 raise
             try:
                 reply = chan.recv_message()
+            except TimeoutError as exc:
+                self._drop()  # the reply is still owed on this connection: never reuse it
+                raise CallTimeout(
+                    f"cannot reach the AIGIS core at {describe(self.address)}: "
+                    f"{wire.dotted(path)} did not reply within {self.call_timeout:g} s (it may "
+                    f"or may not have run; not retried)"
+                ) from exc
             except (OSError, EOFError, wire.FrameError) as exc:
                 self._drop()
                 raise self._unavailable(
@@ -240,7 +253,7 @@ class CoreClient:
             chan = Channel(sock, limit=self.limit)
             answer_challenge(chan, self._authkey)
             deliver_challenge(chan, self._authkey)
-            sock.settimeout(None)  # calls may legitimately take long
+            sock.settimeout(self.call_timeout)  # by default none: calls may take long
         except BaseException:
             sock.close()
             raise
@@ -271,4 +284,17 @@ def connect_from_env(environ: Mapping[str, str] | None = None) -> CoreClient:
     env = os.environ if environ is None else environ
     address = parse_address(env.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
     authkey = read_authkey(Path(env.get(AUTHKEY_FILE_ENV) or DEFAULT_AUTHKEY_FILE))
-    return CoreClient(address, authkey)
+    return CoreClient(address, authkey, call_timeout=parse_call_timeout(env.get(CALL_TIMEOUT_ENV)))
+
+
+def parse_call_timeout(text: str | None) -> float | None:
+    """``AIGIS_CALL_TIMEOUT``: seconds a call may wait for its reply (unset or empty: no limit)."""
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise AigisError(f'{CALL_TIMEOUT_ENV}="{text}": expected a number of seconds > 0')
+    return seconds

@@ -16,7 +16,7 @@ LEAVES = {"aigis._errors", "aigis._version"}
 PURE = {
     "aigis._config", "aigis._manifest", "aigis._namespace", "aigis._reload", "aigis._units",
     "aigis._supervise.base", "aigis._supervise.policy", "aigis._supervise.unitstate",
-    "aigis._rpc.wire",
+    "aigis._rpc.wire", "aigis._rpc.handshake", "aigis._rpc.admission",
 }  # fmt: skip
 TOP = {"aigis._daemon", "aigis._ctl", "aigis._control", "aigis.__main__"}
 
