@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import selectors
+import select
 import socket
 import stat
 import struct
@@ -87,8 +87,8 @@ def _create_authkey(path: Path) -> bytes:
     return key
 
 
-_READ = selectors.EVENT_READ
-_WRITE = selectors.EVENT_WRITE
+_READ = select.EPOLLIN
+_WRITE = select.EPOLLOUT
 _pack_header = wire.HEADER.pack
 _unpack_header = wire.HEADER.unpack_from
 _SCRATCH = 256 * 1024  # one receive buffer per I/O thread, shared by every connection
@@ -162,7 +162,8 @@ class CoreServer:
         self._budget = inflight_budget
         self._inline_limit = inline_limit
         self._listeners: list[tuple[socket.socket, str]] = []
-        self._selector: selectors.BaseSelector | None = None
+        self._selector: select.epoll | None = None
+        self._fds: dict[int, Any] = {}  # what each registered descriptor is: conn, listener
         self._connections: dict[int, _Conn] = {}  # by file descriptor
         self._admission = Admission(max_pending, max_pending_per_peer)
         self._refusals = RefusalLog()
@@ -210,12 +211,14 @@ class CoreServer:
             self._close_listeners()
             self._unlink_socket()  # e.g. the TCP port was taken: leave no socket file behind
             raise
-        self._selector = selectors.DefaultSelector()
+        self._selector = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wake_r, _READ, None)
+        self._selector.register(self._wake_r, _READ)
+        self._fds[self._wake_r] = None
         for sock, label in self._listeners:
             sock.setblocking(False)
-            self._selector.register(sock, _READ, (sock, label))
+            self._selector.register(sock.fileno(), _READ)
+            self._fds[sock.fileno()] = (sock, label)
             log.info("listening: %s", label)
         self._spawn_loop(0)
         threading.Thread(target=self._watch, name="aigis-rpc-watch", daemon=True).start()
@@ -285,9 +288,9 @@ class CoreServer:
 
     def _close_listeners(self) -> None:
         for sock, _label in self._listeners:
-            if self._selector is not None:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._selector.unregister(sock)
+            if self._selector is not None and self._fds.pop(sock.fileno(), False) is not False:
+                with contextlib.suppress(OSError, ValueError):
+                    self._selector.unregister(sock.fileno())
             sock.close()
 
     def _unlink_socket(self) -> None:
@@ -314,11 +317,14 @@ class CoreServer:
     def _loop(self, generation: int) -> None:
         scratch = memoryview(bytearray(_SCRATCH))
         assert self._selector is not None
-        select = self._selector.select
+        poll, fds = self._selector.poll, self._fds
         try:
             while self._generation == generation:
-                for key, mask in select(self._timeout()):
-                    conn = key.data
+                timeout = self._timeout()
+                for fd, mask in poll(-1 if timeout is None else timeout):
+                    conn = fds.get(fd, False)
+                    if conn is False:
+                        continue  # closed by an earlier event of this batch
                     if conn.__class__ is _Conn:
                         try:
                             if conn.closed:
@@ -382,18 +388,22 @@ class CoreServer:
         for sock, (when, label) in list(self._accept_paused.items()):
             if when <= now and self._selector is not None:
                 del self._accept_paused[sock]
-                self._selector.register(sock, _READ, (sock, label))
+                self._selector.register(sock.fileno(), _READ)
+                self._fds[sock.fileno()] = (sock, label)
 
     def _set_events(self, conn: _Conn, events: int) -> None:
         if events == conn.events:
             return
         assert self._selector is not None
+        fd = conn.sock.fileno()
         if not conn.events:
-            self._selector.register(conn.sock, events, conn)
+            self._selector.register(fd, events)
+            self._fds[fd] = conn
         elif not events:
-            self._selector.unregister(conn.sock)
+            self._selector.unregister(fd)
+            del self._fds[fd]
         else:
-            self._selector.modify(conn.sock, events, conn)
+            self._selector.modify(fd, events)
         conn.events = events
 
     def _on_wakeup(self, generation: int) -> None:
@@ -480,7 +490,8 @@ class CoreServer:
                 log.error("failed: accept on %s: %s", label, _why(exc))
                 # e.g. out of file descriptors: do not spin on a listener that stays readable
                 assert self._selector is not None
-                self._selector.unregister(listener)
+                self._selector.unregister(listener.fileno())
+                del self._fds[listener.fileno()]
                 self._accept_paused[listener] = (time.monotonic() + 0.1, label)
                 return
             try:
@@ -742,8 +753,9 @@ class CoreServer:
         conn.closed = True
         self._admission.release(conn, conn.listener)
         if conn.events and self._selector is not None:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._selector.unregister(conn.sock)
+            with contextlib.suppress(ValueError, OSError):
+                self._selector.unregister(conn.sock.fileno())
+            self._fds.pop(conn.sock.fileno(), None)
             conn.events = 0
         self._connections.pop(conn.sock.fileno(), None)
         self._paused.pop(conn, None)
