@@ -3,6 +3,8 @@
 Each figure is printed as a ratio to its floor, measured in the same run:
   no-op call, 1 KiB echo, 1 MiB result  vs  a raw length-prefixed ping-pong between two processes
   8 client processes' total throughput  vs  a raw server's (thread per connection) throughput
+  a client's connect + first call under a flood of idle unauthenticated connections (1,000 on
+  TCP and 1,000 on the Unix socket)  vs  the same without the flood
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import socket
 import statistics
 import struct
@@ -95,8 +98,11 @@ def serve_core(path: str, keyfile: str) -> None:
             return skills[p[1]]
         raise AttributeError(".".join(p))
 
-    server = CoreServer(resolve, unix_path=Path(path), tcp=None, authkey=Path(keyfile).read_bytes())
+    tcp = ("127.0.0.1", 0) if os.environ.get("BENCH_TCP_PORT_FILE") else None
+    server = CoreServer(resolve, unix_path=Path(path), tcp=tcp, authkey=Path(keyfile).read_bytes())
     server.start()
+    if tcp is not None:
+        Path(os.environ["BENCH_TCP_PORT_FILE"]).write_text(str(server.tcp_address[1]))
     threading.Event().wait()
 
 
@@ -239,6 +245,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=1.5, help="throughput window")
     parser.add_argument("--windows", type=int, default=3, help="throughput windows per side")
+    parser.add_argument("--flood", type=int, default=1000, help="idle connections per listener")
     parser.add_argument("--serve-raw", metavar="SOCK", help=argparse.SUPPRESS)
     parser.add_argument("--serve-core", nargs=2, metavar=("SOCK", "KEY"), help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
@@ -269,7 +276,61 @@ def main() -> int:
             for proc in servers:
                 proc.kill()
                 proc.wait()
+    if args.flood:
+        flood(args)
     return 0
+
+
+def connect_time(path: str, keyfile: str) -> float:
+    """Seconds from a fresh client's first call to its result (connect and handshake included)."""
+    from aigis._rpc.client import CoreClient
+
+    client = CoreClient(path, Path(keyfile).read_bytes(), retry_for=30.0)
+    start = time.perf_counter()
+    client.call(("bench", "noop"))
+    elapsed = time.perf_counter() - start
+    client.close()
+    return elapsed
+
+
+def flood(args: argparse.Namespace) -> None:
+    """A legitimate client's connect time while idle peers hold connections on both listeners."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    per_listener = min(args.flood, max(0, (hard - 100) // 2))
+    with tempfile.TemporaryDirectory(prefix="aigis-bench-") as tmp:
+        path, keyfile, port_file = f"{tmp}/core.sock", f"{tmp}/authkey", f"{tmp}/port"
+        Path(keyfile).write_bytes(os.urandom(32))
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve-core", path, keyfile],
+            env={**os.environ, "BENCH_TCP_PORT_FILE": port_file},
+        )
+        held: list[socket.socket] = []
+        try:
+            wait_for_socket(path, server)
+            wait_for_socket(port_file, server)
+            port = int(Path(port_file).read_text())
+            quiet = statistics.median(connect_time(path, keyfile) for _ in range(20))
+            for _ in range(per_listener):
+                with contextlib.suppress(OSError):
+                    held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                with contextlib.suppress(OSError):
+                    sock = socket.socket(socket.AF_UNIX)
+                    sock.settimeout(5)
+                    sock.connect(path)
+                    held.append(sock)
+            flooded = statistics.median(connect_time(path, keyfile) for _ in range(20))
+        finally:
+            for sock in held:
+                sock.close()
+            server.kill()
+            server.wait()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print(f"[flood: {per_listener} idle connections on TCP and {per_listener} on the Unix socket]")
+    print(
+        f"  {'connect + first call':<20}{quiet * 1e3:>10.2f}ms{flooded * 1e3:>10.2f}ms"
+        f"{flooded / quiet:>8.2f}   (quiet vs flooded; median of 20)"
+    )
 
 
 def placements() -> list[tuple[str, set[int], set[int]]]:
