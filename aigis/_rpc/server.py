@@ -186,6 +186,7 @@ class CoreServer:
         self._unix_inode: int | None = None
         self._allowed: set[tuple[str, ...]] = set()  # paths already checked by wire.refusal
         self._tcp_address: tuple[str, int] | None = None
+        self.handoffs = 0  # times a slow call handed the I/O loop to another thread
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -863,6 +864,7 @@ class CoreServer:
             calling[0].busy = True
             self._generation += 1
             generation = self._generation
+            self.handoffs += 1
         log.debug("handed over: the I/O loop (a call from %s is slow)", calling[0].peer)
         self._spawn_loop(generation)
 
