@@ -173,8 +173,11 @@ class CoreServer:
         self._accept_paused: dict[socket.socket, tuple[float, str]] = {}
         self._lock = threading.Lock()
         self._generation = 0  # which thread runs the I/O loop; bumped when a call is slow
-        self._calling: tuple[_Conn, int] | None = None  # the call running on the I/O thread
-        self._call_seq = 0
+        # the call running on the I/O thread, as a one-item list: whoever pops the item (the
+        # I/O thread when the call returns, or the watchdog when it is slow) decides its fate
+        self._calling: list[_Conn] | None = None
+        self._spare: list[int] | None = None  # a thread that lost the loop, waiting to take it
+        self._spare_ready = threading.Condition(self._lock)
         self._handback: list[_Conn] = []
         self._wake_r = self._wake_w = -1
         self._watch_parked = False
@@ -307,9 +310,14 @@ class CoreServer:
 
     def _spawn_loop(self, generation: int) -> None:
         thread = threading.Thread(
-            target=self._loop, args=(generation,), name="aigis-rpc-io", daemon=True
+            target=self._run, args=(generation,), name="aigis-rpc-io", daemon=True
         )
         thread.start()
+
+    def _run(self, generation: int | None) -> None:
+        while generation is not None:
+            self._loop(generation)
+            generation = self._await_loop()
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe is awake enough
@@ -335,7 +343,7 @@ class CoreServer:
                             elif mask & _WRITE:
                                 self._flush(conn, generation)
                             elif conn.handshake is not None:
-                                self._on_handshake(conn, generation)
+                                self._on_handshake(conn)
                             elif conn.buf is None:
                                 self._on_readable(conn, scratch, generation)
                             else:
@@ -476,6 +484,8 @@ class CoreServer:
                 os.close(fd)
         self._done.set()
         self._watch_event.set()
+        with self._lock:
+            self._spare_ready.notify_all()
 
     # --- accepting and the handshake -------------------------------------------------------
 
@@ -522,32 +532,36 @@ class CoreServer:
         if not conn.closed:
             self._set_events(conn, _WRITE if conn.out is not None else _READ)
 
-    def _on_handshake(self, conn: _Conn, generation: int) -> None:
-        assert conn.handshake is not None
-        try:
-            chunk = conn.sock.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._refuse(conn, f"bad handshake ({_why(exc)})")
-            return
-        data = conn.leftover + chunk
-        if not chunk:
-            middle = " in the middle of a message" if data else ""
-            self._refuse(conn, f"bad handshake (connection closed{middle})")
-            return
-        pos = 0
-        while len(data) - pos >= 4:
+    def _on_handshake(self, conn: _Conn) -> None:
+        """Read handshake frames exactly, never past the last one.
+
+        What follows the handshake is a request: it is read like any other, within the
+        in-flight budget.
+        """
+        while conn.handshake is not None:
+            data = conn.leftover
             try:
-                size = wire.frame_size(data, MAX_FRAME, pos)
+                want = 4 - len(data) if len(data) < 4 else 4 + wire.frame_size(data, MAX_FRAME)
             except wire.FrameError as exc:
                 self._refuse(conn, f"bad handshake ({exc})")
                 return
-            if len(data) - pos - 4 < size:
-                break
-            payload, pos = data[pos + 4 : pos + 4 + size], pos + 4 + size
+            if want > len(data):
+                try:
+                    chunk = conn.sock.recv(want - len(data))
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    self._refuse(conn, f"bad handshake ({_why(exc)})")
+                    return
+                if not chunk:
+                    middle = " in the middle of a message" if data else ""
+                    self._refuse(conn, f"bad handshake (connection closed{middle})")
+                    return
+                conn.leftover = data + chunk
+                continue
+            conn.leftover = b""
             try:
-                reply = conn.handshake.feed(payload)
+                reply = conn.handshake.feed(data[4:])
             except Refused as refusal:
                 if refusal.reply is not None:
                     self._send_small(conn, refusal.reply)
@@ -559,14 +573,8 @@ class CoreServer:
                     return
             if conn.handshake.done:
                 conn.handshake = None
-                conn.leftover = b""
                 self._admission.release(conn, conn.listener)
                 log.debug("accepted: connection from %s", conn.peer)
-                if pos < len(data):  # a request may follow the handshake at once
-                    self._stash(conn, memoryview(data)[pos:])
-                    self._process_buffer(conn, generation)
-                return
-        conn.leftover = data[pos:]
 
     def _refuse(self, conn: _Conn, reason: str) -> None:
         """Close an unauthenticated connection; log it unless refusals are flooding the log."""
@@ -685,10 +693,19 @@ class CoreServer:
             if end - pos - 4 < size:
                 break
             start, pos = pos + 4, pos + 4 + size
-            reply, lost = self._call(conn, data[start:pos], generation)
-            if lost:
-                # this call was slow: another thread runs the loop now; reply, hand the
-                # connection back with whatever followed the request, and leave
+            self._calling = calling = [conn]
+            if self._watch_parked:
+                self._watch_event.set()
+            reply = self._dispatch(data[start:pos])
+            self._calling = None
+            try:
+                calling.pop()
+            except IndexError:
+                # the watchdog took this call off the loop (it was slow), and another thread
+                # runs the loop now: reply, hand the connection back with whatever followed
+                # the request, and leave
+                with self._lock:  # the watchdog finishes handing the loop over first
+                    pass
                 conn.failed = not self._send(conn, reply)
                 conn.leftover = bytes(data[pos:end])
                 with self._lock:
@@ -703,19 +720,6 @@ class CoreServer:
                 break
         if pos < end:
             self._stash(conn, data[pos:end])
-
-    def _call(self, conn: _Conn, request: memoryview, generation: int) -> tuple[list, bool]:
-        self._call_seq += 1
-        self._calling = (conn, self._call_seq)
-        if self._watch_parked:
-            self._watch_event.set()
-        try:
-            reply = self._dispatch(request)
-        finally:
-            with self._lock:
-                self._calling = None
-                lost = self._generation != generation
-        return reply, lost
 
     def _stash(self, conn: _Conn, data: memoryview) -> None:
         """Keep received bytes that do not make a whole frame yet (counted in the budget)."""
@@ -851,22 +855,55 @@ class CoreServer:
                     continue
             else:
                 quiet = 0
-                if calling is last:
+                # the same call two ticks in a row is slow; handing the loop over pays off only
+                # when someone waits for it (a busy machine can make any call look slow)
+                if calling is last and self._anyone_waiting():
                     self._promote(calling)
             last = calling
             time.sleep(self._inline_limit)
 
-    def _promote(self, calling: tuple[_Conn, int]) -> None:
+    def _anyone_waiting(self) -> bool:
+        """Whether a descriptor of the loop is ready: a request, a peer, or a wakeup waits."""
+        try:
+            assert self._selector is not None
+            return bool(self._selector.poll(0, 1))  # level-triggered: nothing is consumed
+        except (OSError, ValueError):  # closed by a stop in the meantime
+            return False
+
+    def _promote(self, calling: list[_Conn]) -> None:
         with self._lock:
-            if self._calling is not calling or self._done.is_set():
+            if self._done.is_set():
+                return
+            try:
+                conn = calling.pop()
+            except IndexError:
                 return  # it returned in the meantime
-            self._calling = None
-            calling[0].busy = True
+            conn.busy = True
             self._generation += 1
             generation = self._generation
             self.handoffs += 1
-        log.debug("handed over: the I/O loop (a call from %s is slow)", calling[0].peer)
-        self._spawn_loop(generation)
+            spare, self._spare = self._spare, None
+            if spare is not None:
+                spare.append(generation)
+                self._spare_ready.notify_all()
+        log.debug("handed over: the I/O loop (a call from %s is slow)", conn.peer)
+        if spare is None:
+            self._spawn_loop(generation)
+
+    def _await_loop(self) -> int | None:
+        """After its slow call, a thread waits to run the loop again, unless one already waits.
+
+        So a handover costs a wakeup, not a new thread, and threads do not pile up.
+        """
+        with self._lock:
+            if self._spare is not None or self._done.is_set():
+                return None
+            self._spare = slot = []
+            while not slot and not self._done.is_set():
+                self._spare_ready.wait()
+            if self._spare is slot:
+                self._spare = None
+            return slot[0] if slot else None
 
     # --- calls -----------------------------------------------------------------------------
 

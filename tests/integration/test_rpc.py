@@ -26,11 +26,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from multiprocess.connection import WELCOME as MP_WELCOME
 from multiprocess.connection import Client as MultiprocessClient
+from multiprocess.connection import answer_challenge as mp_answer_challenge
+from multiprocess.connection import deliver_challenge as mp_deliver_challenge
 from multiprocess.context import AuthenticationError
 
 from aigis._errors import AigisError, CallTimeout, CoreUnavailable, RemoteError
 from aigis._rpc import wire
+from aigis._rpc.channel import Channel
 from aigis._rpc.client import CoreClient, connect_from_env
 from aigis._rpc.server import CoreServer, load_or_create_authkey
 
@@ -755,6 +759,37 @@ def test_partial_frames_share_one_in_flight_budget(make_core):
     big.close()
 
 
+class WelcomeThenData(Channel):
+    """A client end whose last handshake frame shares one write with ``extra``, as a fast
+    client's first request may."""
+
+    def __init__(self, sock: socket.socket, extra: bytes) -> None:
+        super().__init__(sock)
+        self.extra = extra
+
+    def send_bytes(self, buf: bytes) -> None:
+        if bytes(buf) == MP_WELCOME:
+            self.sock.sendall(HEADER(len(buf)) + bytes(buf) + self.extra)
+        else:
+            super().send_bytes(buf)
+
+
+def test_bytes_behind_the_handshake_count_in_the_in_flight_budget(make_core):
+    budget = 1024
+    core = make_core(inflight_budget=budget)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(core.unix_path))
+    sock.settimeout(10)
+    # the start of a 100 kB frame rides along with the handshake's last frame
+    chan = WelcomeThenData(sock, HEADER(100_000) + b"x" * 3000)
+    mp_answer_challenge(chan, core.authkey)
+    mp_deliver_challenge(chan, core.authkey)
+    wait_until(lambda: core.server.inflight_bytes, what="the server to buffer the partial frame")
+    # before: the 3,004 bytes read with the handshake were kept outside the budget
+    assert core.server.inflight_bytes <= budget
+    sock.close()
+
+
 SUBPROCESS_SERVER = """
 import sys
 from pathlib import Path
@@ -858,6 +893,7 @@ def test_a_slow_call_does_not_stall_other_connections(core):
     try:
         for transport in TRANSPORTS:
             assert core.client(transport).call(("t", "add"), (1, 2)) == 3
+        assert core.server.handoffs == 1  # the loop moved once, for the slow call
     finally:
         release.set()
         slow.join(10)
