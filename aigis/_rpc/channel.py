@@ -42,6 +42,10 @@ class Channel:
         else:
             self._send_all([wire.frame_header(size, self.limit), *parts])
 
+    def send_frame(self, frame: bytes) -> None:
+        """Send one frame, header included."""
+        self.sock.sendall(frame)
+
     def _send_all(self, buffers: list[Any]) -> None:
         views = [memoryview(b).cast("B") for b in buffers]
         while views:

@@ -35,6 +35,7 @@ AUTHKEY_FILE_ENV = "AIGIS_AUTHKEY_FILE"
 CALL_TIMEOUT_ENV = "AIGIS_CALL_TIMEOUT"
 RETRY_FOR = 10.0  # seconds of reconnect attempts before CoreUnavailable
 HANDSHAKE_TIMEOUT = 10.0  # per attempt: a hung core must not hang the plugin forever
+_PLAIN_CALLS = 4096  # framed requests of calls without arguments kept per client
 
 Address = str | tuple[str, int]
 
@@ -117,6 +118,7 @@ class CoreClient:
         self._lock = threading.Lock()
         self._chan: Channel | None = None
         self._opened = 0
+        self._plain_calls: dict[tuple[str, ...], bytes] = {}  # path -> its framed plain call
         _clients.add(self)
 
     @property
@@ -146,16 +148,36 @@ class CoreClient:
 
     def call(self, path: tuple[str, ...], args: tuple = (), kwargs: Mapping | None = None) -> Any:
         """Evaluate ``aigis.<path>(*args, **kwargs)`` in the core and return its value."""
-        if type(kwargs) is not dict:
-            kwargs = dict(kwargs) if kwargs else {}
-        request = wire.encode_request(path, args, kwargs)
+        request: bytes | list[wire.Buffer]
+        if not args and not kwargs:
+            try:
+                request = self._plain_calls[path]
+            except KeyError:
+                request = self._plain_call(path)
+            except TypeError:  # an unhashable path: the core says what is wrong with it
+                request = wire.encode_request(path, (), {})
+        else:
+            if type(kwargs) is not dict:
+                kwargs = dict(kwargs) if kwargs else {}
+            request = wire.encode_request(path, args, kwargs)
         with self._lock:
             ok, value = self._roundtrip(path, request)
         if ok:
             return value
         raise value
 
-    def _roundtrip(self, path: tuple[str, ...], request: list[wire.Buffer]) -> tuple[bool, Any]:
+    def _plain_call(self, path: tuple[str, ...]) -> bytes:
+        """The whole frame of a call of ``path`` without arguments, made once and kept."""
+        payload = wire.plain_call(path)
+        frame = wire.frame_header(len(payload), self.limit) + payload
+        if len(self._plain_calls) >= _PLAIN_CALLS:
+            self._plain_calls.clear()  # bounded, whatever paths a plugin makes up
+        self._plain_calls[path] = frame
+        return frame
+
+    def _roundtrip(
+        self, path: tuple[str, ...], request: bytes | list[wire.Buffer]
+    ) -> tuple[bool, Any]:
         deadline = None
         while True:
             chan = self._chan
@@ -169,7 +191,10 @@ class CoreClient:
                     deadline = time.monotonic() + self.retry_for
                 chan = self._open(deadline)
             try:
-                chan.send_message(request)
+                if request.__class__ is bytes:
+                    chan.send_frame(request)  # type: ignore[arg-type]
+                else:
+                    chan.send_message(request)  # type: ignore[arg-type]
             except wire.FrameError:
                 raise  # too big: nothing was sent, the connection is fine
             except OSError as exc:

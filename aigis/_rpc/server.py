@@ -46,6 +46,8 @@ AUTHKEY_MODE = 0o640
 
 Resolve = Callable[[tuple[str, ...]], object]
 _ALLOWED_CACHE = 4096
+_PLAIN_CALL_MAX = 512  # bytes of a plain call's payload kept as a key (longer paths: decoded)
+_NONE_FRAME = wire.HEADER.pack(len(wire.NONE_RESULT)) + wire.NONE_RESULT
 
 
 def load_or_create_authkey(path: Path) -> bytes:
@@ -188,6 +190,8 @@ class CoreServer:
         self._done = threading.Event()
         self._unix_inode: int | None = None
         self._allowed: set[tuple[str, ...]] = set()  # paths already checked by wire.refusal
+        # payloads of calls without arguments (wire.plain_call) of allowed paths: no unpickling
+        self._plain_calls: dict[bytes, tuple[str, ...]] = {}
         self._tcp_address: tuple[str, int] | None = None
         self.handoffs = 0  # times a slow call handed the I/O loop to another thread
 
@@ -329,7 +333,7 @@ class CoreServer:
         poll, fds = self._selector.poll, self._fds
         try:
             while self._generation == generation:
-                timeout = self._timeout()
+                timeout = self._timeout() if self._deadlines() else None
                 for fd, mask in poll(-1 if timeout is None else timeout):
                     conn = fds.get(fd, False)
                     if conn is False:
@@ -358,13 +362,17 @@ class CoreServer:
                         self._accept(*conn)
                     if self._generation != generation:
                         return  # a slow call kept this thread; another one runs the loop now
-                if self._partial or len(self._admission) or self._accept_paused:
+                if self._deadlines():
                     self._expire(time.monotonic())
                 if self._stopping and self._stop_step():
                     return
         except BaseException:
             log.exception("failed: rpc I/O loop")
             self._finish()
+
+    def _deadlines(self) -> bool:
+        """Whether anything has a deadline: handshakes, partial frames, a paused listener."""
+        return bool(self._partial or self._admission or self._accept_paused or self._stopping)
 
     def _timeout(self) -> float | None:
         deadline = None
@@ -775,11 +783,14 @@ class CoreServer:
         if not self._send(conn, [payload]):
             self._close(conn)
 
-    def _send(self, conn: _Conn, parts: list[wire.Buffer]) -> bool:
-        """Send one frame as far as the socket takes it, keeping the rest in ``conn.out``.
+    def _send(self, conn: _Conn, parts: bytes | list[wire.Buffer]) -> bool:
+        """Send one frame (bytes: framed already) as far as the socket takes it, keeping the
+        rest in ``conn.out``.
 
         False when the peer is gone.
         """
+        if parts.__class__ is bytes:
+            return self._send_frame(conn, parts)  # type: ignore[arg-type]
         size = sum(map(len, parts))
         if size > self._limit:
             try:
@@ -788,19 +799,21 @@ class CoreServer:
                 parts = wire.encode_error(ValueError(f"the reply is too big: {exc}"))
                 size = sum(map(len, parts))
         if size <= _SMALL_SEND:
-            data = _pack_header(size) + b"".join(parts)
-            try:
-                sent = conn.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                log.debug("closed: connection from %s: %s", conn.peer, _why(exc))
-                return False
-            if sent < len(data):
-                conn.out = [memoryview(data)[sent:]]
-            return True
+            return self._send_frame(conn, _pack_header(size) + b"".join(parts))
         conn.out = [memoryview(_pack_header(size))] + [memoryview(p).cast("B") for p in parts]
         return self._push(conn)
+
+    def _send_frame(self, conn: _Conn, data: bytes) -> bool:
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            log.debug("closed: connection from %s: %s", conn.peer, _why(exc))
+            return False
+        if sent < len(data):
+            conn.out = [memoryview(data)[sent:]]
+        return True
 
     def _push(self, conn: _Conn) -> bool:
         views = conn.out
@@ -907,15 +920,25 @@ class CoreServer:
 
     # --- calls -----------------------------------------------------------------------------
 
-    def _dispatch(self, request: memoryview) -> list[wire.Buffer]:
-        try:
-            path, args, kwargs = wire.decode_request(request)
-        except Exception as exc:
-            exc.add_note("raised in the AIGIS core while decoding the request")
-            return self._error(exc)
+    def _dispatch(self, request: memoryview) -> bytes | list[wire.Buffer]:
+        """The reply to one request: a whole frame (bytes), or the parts of its payload."""
+        key = bytes(request) if len(request) <= _PLAIN_CALL_MAX else None
+        path = self._plain_calls.get(key) if key is not None else None
+        if path is not None:
+            args, kwargs = (), None  # a plain call of an allowed path: seen before
+        else:
+            try:
+                path, args, kwargs = wire.decode_request(request)
+            except Exception as exc:
+                exc.add_note("raised in the AIGIS core while decoding the request")
+                return self._error(exc)
         try:
             if path not in self._allowed:
                 self._check(path)
+                if key is not None and not args and not kwargs and key == wire.plain_call(path):
+                    if len(self._plain_calls) >= _ALLOWED_CACHE:
+                        self._plain_calls.clear()
+                    self._plain_calls[key] = path
             target = self._resolve(path)
             if args or kwargs:
                 if not callable(target):
@@ -928,6 +951,8 @@ class CoreServer:
                 value = target() if callable(target) else target
         except BaseException as exc:  # even SystemExit from a skill goes back to its caller
             return self._error(exc)
+        if value is None:
+            return _NONE_FRAME
         try:
             return wire.encode_result(value)
         except Exception as exc:

@@ -280,6 +280,12 @@ def encode_request(path: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -
     return encode((path, args, kwargs))
 
 
+def plain_call(path: tuple[str, ...]) -> bytes:
+    """The payload of a call of ``path`` without arguments: always these bytes, so both ends may
+    keep it instead of pickling or unpickling it per call."""
+    return PICKLE_TAG + pickle.dumps((path, (), {}), PROTOCOL)
+
+
 def decode_request(data: Buffer) -> tuple[tuple[str, ...], tuple, dict[str, Any]]:
     """Inverse of :func:`encode_request`; a malformed request raises TypeError.
 
@@ -294,6 +300,11 @@ def decode_request(data: Buffer) -> tuple[tuple[str, ...], tuple, dict[str, Any]
 
 
 # --- replies and exceptions ------------------------------------------------------------------
+
+
+NONE_RESULT = PICKLE_TAG + pickle.dumps((_OK, None), PROTOCOL)  # what most skills return
+_NONE_SIZE = len(NONE_RESULT)
+_NONE_REPLY = (True, None)
 
 
 def encode_result(value: Any) -> list[Buffer]:
@@ -313,6 +324,8 @@ def encode_error(exc: BaseException) -> list[Buffer]:
 
 def decode_reply(data: Buffer) -> tuple[bool, Any]:
     """``(True, value)`` or ``(False, exception ready to raise)``."""
+    if len(data) == _NONE_SIZE and data == NONE_RESULT:
+        return _NONE_REPLY
     ok, value = decode(data)
     if ok:
         return True, value

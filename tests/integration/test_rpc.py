@@ -309,6 +309,22 @@ def test_server_refuses_dunder_paths_even_from_a_raw_client(core):
     assert client.call(("t", "const")) == 42
 
 
+def test_plain_calls_are_checked_every_time_and_any_encoding_is_served(core):
+    client = core.client()
+    for _ in range(3):  # the server keeps plain calls of allowed paths only
+        with pytest.raises(PermissionError, match="AIGIS internals"):
+            client.call(("_secret",))
+        assert client.call(("t", "const")) == 42
+    sock = authenticated(core)
+    sock.settimeout(10)
+    for protocol in (2, 4, 5):  # not the bytes of wire.plain_call: decoded, not looked up
+        payload = b"P" + pickle.dumps((("t", "const"), (), {}), protocol)
+        sock.sendall(HEADER(len(payload)) + payload)
+        size = wire.frame_size(sock.recv(4, socket.MSG_WAITALL))
+        assert wire.decode_reply(sock.recv(size, socket.MSG_WAITALL)) == (True, 42)
+    sock.close()
+
+
 def test_aigis_exceptions_from_the_core_keep_their_type(core):
     with pytest.raises(CoreUnavailable, match="inner core down") as info:
         core.client().call(("t", "unavailable"))

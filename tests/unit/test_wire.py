@@ -279,6 +279,18 @@ def test_malformed_requests_are_refused(request_):
         wire.decode_request(b"".join(wire.encode(request_)))
 
 
+def test_a_plain_call_is_the_request_of_a_call_without_arguments():
+    path = ("weather", "today")
+    assert wire.plain_call(path) == b"".join(wire.encode_request(path, (), {}))
+    assert wire.decode_request(wire.plain_call(path)) == (path, (), {})
+
+
+def test_the_none_result_is_what_encode_result_makes_and_decodes_to_none():
+    assert b"".join(wire.encode_result(None)) == wire.NONE_RESULT
+    assert wire.decode_reply(memoryview(bytearray(wire.NONE_RESULT))) == (True, None)
+    assert wire.decode_reply(b"".join(wire.encode_result(0))) == (True, 0)
+
+
 def test_unknown_payload_tags_are_refused():
     with pytest.raises(ValueError, match="unknown payload tag"):
         wire.decode(b"X" + pickle.dumps(1))
