@@ -95,8 +95,9 @@ class Channel:
         if have >= need:
             return
         if self._start + need > len(self._buf):
-            if need > len(self._buf):
-                buf = bytearray(max(need, 2 * len(self._buf)))
+            if need + 4 > len(self._buf):
+                # room for the header too: the next frame this big lands in place, unmoved
+                buf = bytearray(max(need + 4, 2 * len(self._buf)))
                 buf[:have] = self._view[self._start : self._end]
                 self._set_buffer(buf)
             else:

@@ -122,6 +122,27 @@ def test_channel_carries_small_and_large_messages(channels):
     sender.join(10)
 
 
+def test_a_big_frame_lands_in_place_the_second_time(channels):
+    left, right = channels
+    big = b"z" * (1 << 20)
+    sender = send_in_background(left, [[big], [big]])
+    assert bytes(right.recv_message()) == big
+    moved = []
+    original_fill = right._fill
+
+    def fill(need: int) -> None:
+        if right._start + need > len(right._buf):  # does not fit behind its header
+            moved.append(right._end - right._start)  # bytes of it copied down
+        original_fill(need)
+
+    right._fill = fill
+    assert bytes(right.recv_message()) == big
+    sender.join(10)
+    # before: the buffer was exactly as big as the payload, so the part of every big reply
+    # received with its header was copied down by 4 bytes before the rest could come
+    assert sum(moved) == 0
+
+
 def test_channel_splits_back_to_back_frames(channels):
     left, right = channels
     left.sock.sendall(wire.HEADER.pack(3) + b"one" + wire.HEADER.pack(3) + b"two")
