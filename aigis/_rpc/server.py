@@ -332,8 +332,9 @@ class CoreServer:
         assert self._selector is not None
         poll, fds = self._selector.poll, self._fds
         try:
+            timed = True
             while self._generation == generation:
-                timeout = self._timeout() if self._deadlines() else None
+                timeout = self._timeout() if timed else None
                 for fd, mask in poll(-1 if timeout is None else timeout):
                     conn = fds.get(fd, False)
                     if conn is False:
@@ -362,7 +363,8 @@ class CoreServer:
                         self._accept(*conn)
                     if self._generation != generation:
                         return  # a slow call kept this thread; another one runs the loop now
-                if self._deadlines():
+                timed = self._deadlines()
+                if timed:
                     self._expire(time.monotonic())
                 if self._stopping and self._stop_step():
                     return
