@@ -375,6 +375,17 @@ def test_both_ends_set_tcp_nodelay(core, transport):
 # --- concurrency ---------------------------------------------------------------------------
 
 
+def test_unix_connections_get_a_send_buffer_for_a_big_reply_in_one_call(core):
+    # a 1 MiB result used to leave in ~5 pieces, each a trip through the loop (and, with the
+    # plugin on the same CPU, two context switches)
+    client = core.client()
+    assert client.call(("t", "const")) == 42
+    (conn,) = core.server._connections.values()
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    expected = 2 * min(1 << 20, wmem_max)  # the kernel doubles what it grants
+    assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == expected
+
+
 def test_threads_of_one_process_share_one_connection(core):
     client = core.client()
     errors: list[str] = []
