@@ -5,10 +5,11 @@ non-blocking state machine, ``handshake``), every frame is size-checked before i
 and buffers grow only as bytes arrive, within one budget for all partially received frames.
 
 Calls run on the I/O thread itself: no thread handoff per request. A call that is still running
-after ``INLINE_LIMIT`` seconds (a skill that sleeps or does I/O) keeps its thread, and a new
-thread takes over the I/O loop, so a slow skill never stalls the other connections; when the
-call returns, its thread sends the reply, hands the connection back and ends. Threads therefore
-grow with slow calls in progress, never with connections.
+after ``INLINE_LIMIT`` seconds (a skill that sleeps or does I/O) while another peer waits keeps
+its thread, and another thread takes over the I/O loop, so a slow skill never stalls the other
+connections; when the call returns, its thread sends the reply, hands the connection back, and
+waits to take over the loop at the next handover (or ends, if a thread already waits). Threads
+therefore grow with slow calls in progress, never with connections.
 """
 
 from __future__ import annotations

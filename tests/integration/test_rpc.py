@@ -918,12 +918,43 @@ def test_a_slow_call_does_not_stall_other_connections(core):
     slow = threading.Thread(target=core.client().call, args=(("t", "hang"),))
     slow.start()
     try:
+        wait_until(lambda: core.server._calling, what="the slow call to run")
         for transport in TRANSPORTS:
             assert core.client(transport).call(("t", "add"), (1, 2)) == 3
         assert core.server.handoffs == 1  # the loop moved once, for the slow call
     finally:
         release.set()
         slow.join(10)
+
+
+def test_a_thread_freed_by_a_slow_call_takes_the_next_handover(core):
+    releases = {"hang1": threading.Event(), "hang2": threading.Event()}
+    resolve = core.server._resolve
+    core.server._resolve = lambda p: releases[p[1]].wait if p[1] in releases else resolve(p)
+
+    def io_threads() -> set[int]:
+        return {t.ident for t in threading.enumerate() if t.name == "aigis-rpc-io"}
+
+    quick = core.client()
+    first = threading.Thread(target=core.client().call, args=(("t", "hang1"),))
+    first.start()
+    wait_until(lambda: core.server._calling, what="hang1 to run")
+    assert quick.call(("t", "const")) == 42  # served while hang1 runs: the loop moved
+    releases["hang1"].set()
+    first.join(10)
+    wait_until(lambda: core.server._spare is not None, what="the freed thread to wait")
+    after_first = io_threads()
+    second = threading.Thread(target=core.client().call, args=(("t", "hang2"),))
+    second.start()
+    try:
+        wait_until(lambda: core.server._calling, what="hang2 to run")
+        assert quick.call(("t", "const")) == 42
+        # before: every handover started a thread (and the freed one ended)
+        assert io_threads() == after_first
+        assert core.server.handoffs == 2
+    finally:
+        releases["hang2"].set()
+        second.join(10)
 
 
 # --- the socket file and the authkey file --------------------------------------------------
