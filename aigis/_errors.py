@@ -66,3 +66,7 @@ class RemoteError(Exception):
 
 class CoreUnavailable(AigisError, ConnectionError):
     """The AIGIS core could not be reached (after bounded retries)."""
+
+
+class CallTimeout(CoreUnavailable):
+    """A call got no reply within the caller's timeout; it may or may not have run."""

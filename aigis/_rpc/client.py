@@ -3,159 +3,41 @@
 A call whose request was fully handed to the kernel but whose reply never came raises
 ``CoreUnavailable`` instead of being sent again: it may already have run in the core. Only
 failures before that point (connecting, authenticating, a send that failed) are retried, with
-backoff, for ``retry_for`` seconds.
+backoff, for ``retry_for`` seconds. With a ``call_timeout`` (``AIGIS_CALL_TIMEOUT``), a call
+whose reply does not come in time raises ``CallTimeout`` and the connection is dropped: a reply
+still owed on it must never be read as the answer to a later call.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from multiprocess.connection import answer_challenge, deliver_challenge
 from multiprocess.context import AuthenticationError
 
-from aigis._errors import AigisError, CoreUnavailable
+from aigis._errors import AigisError, CallTimeout, CoreUnavailable
 from aigis._rpc import wire
+from aigis._rpc.channel import Channel
 
 # The one place the plugin-side defaults live (AIGISTerminal, the runner, aigisctl).
 DEFAULT_ADDRESS = "/run/aigis/aigis.sock"
 DEFAULT_AUTHKEY_FILE = "/var/lib/aigis/authkey"  # [aigis] authkey_file default for root
 ADDRESS_ENV = "AIGIS_ADDRESS"
 AUTHKEY_FILE_ENV = "AIGIS_AUTHKEY_FILE"
+CALL_TIMEOUT_ENV = "AIGIS_CALL_TIMEOUT"
 RETRY_FOR = 10.0  # seconds of reconnect attempts before CoreUnavailable
 HANDSHAKE_TIMEOUT = 10.0  # per attempt: a hung core must not hang the plugin forever
+_PLAIN_CALLS = 4096  # framed requests of calls without arguments kept per client
 
 Address = str | tuple[str, int]
-
-_INITIAL_BUFFER = 64 * 1024
-_KEEP_BUFFER = 16 * 1024 * 1024  # reuse receive buffers up to this size; fresh pages are slow
-_SMALL_SEND = 64 * 1024
-_MAX_IOV = 512  # below IOV_MAX (1024)
-_pack_header = wire.HEADER.pack
-_unpack_header = wire.HEADER.unpack_from
-
-
-class TruncatedFrame(EOFError):
-    """The peer closed the connection in the middle of a frame."""
-
-
-class Channel:
-    """One framed socket: multiprocess.connection's framing, zero-copy sends, a reused buffer.
-
-    ``send_bytes``/``recv_bytes`` make it usable by multiprocess's authentication handshake.
-    """
-
-    def __init__(self, sock: socket.socket, *, limit: int = wire.MAX_MESSAGE) -> None:
-        self.sock = sock
-        self.limit = limit
-        self._buf = bytearray(_INITIAL_BUFFER)
-        self._view = memoryview(self._buf)
-        self._start = 0  # unread bytes are _buf[_start:_end]
-        self._end = 0
-
-    def send_message(self, parts: Sequence[wire.Buffer]) -> None:
-        """Send one frame made of ``parts``; raises FrameError, sending nothing, when too big."""
-        size = sum(map(len, parts))
-        if size <= _SMALL_SEND and size <= self.limit:
-            self.sock.sendall(_pack_header(size) + b"".join(parts))
-        else:
-            self._send_all([wire.frame_header(size, self.limit), *parts])
-
-    def _send_all(self, buffers: list[Any]) -> None:
-        views = [memoryview(b).cast("B") for b in buffers]
-        while views:
-            sent = self.sock.sendmsg(views[:_MAX_IOV])
-            while views and sent >= views[0].nbytes:
-                sent -= views.pop(0).nbytes
-            if sent:
-                views[0] = views[0][sent:]
-
-    def recv_message(self) -> memoryview:
-        """The next frame's payload, valid until the next receive.
-
-        EOFError when the peer closed between frames, TruncatedFrame inside one.
-        """
-        return self._recv_frame(self.limit)
-
-    def _recv_frame(self, limit: int) -> memoryview:
-        start, end = self._start, self._end
-        if start == end:
-            # the usual case (request/reply): nothing buffered, one recv gets a small frame
-            if len(self._buf) > _KEEP_BUFFER:
-                self._set_buffer(bytearray(_INITIAL_BUFFER))
-            end = self.sock.recv_into(self._view)
-            if not end:
-                raise EOFError("connection closed")
-            start, self._start, self._end = 0, 0, end
-        if end - start < 4:
-            self._fill(4)
-            start, end = self._start, self._end
-        size = _unpack_header(self._buf, start)[0]
-        if not 0 <= size <= limit:
-            wire.frame_size(self._buf, limit, start)  # raises FrameError, saying why
-        start += 4
-        if end - start < size:
-            self._start = start
-            self._fill(size)
-            start = self._start
-        self._start = start + size
-        return self._view[start : start + size]
-
-    def _set_buffer(self, buf: bytearray) -> None:
-        self._buf = buf
-        self._view = memoryview(buf)
-
-    def _fill(self, need: int) -> None:
-        have = self._end - self._start
-        if have >= need:
-            return
-        if self._start + need > len(self._buf):
-            if need > len(self._buf):
-                buf = bytearray(max(need, 2 * len(self._buf)))
-                buf[:have] = self._view[self._start : self._end]
-                self._set_buffer(buf)
-            else:
-                self._buf[:have] = self._buf[self._start : self._end]
-            self._start, self._end = 0, have
-        view = self._view
-        recv_into = self.sock.recv_into
-        while self._end - self._start < need:
-            got = recv_into(view[self._end :])
-            if not got:
-                raise TruncatedFrame("connection closed in the middle of a message")
-            self._end += got
-
-    def peer_closed(self) -> bool:
-        """Whether the idle peer has closed (or broke protocol by talking unasked)."""
-        if self._end != self._start:
-            return True
-        try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        return True
-
-    # multiprocess.connection.Connection API, as used by answer_challenge/deliver_challenge
-    def send_bytes(self, buf: wire.Buffer) -> None:
-        """Send one frame (multiprocess API)."""
-        self.send_message((buf,))
-
-    def recv_bytes(self, maxlength: int | None = None) -> bytes:
-        """Receive one frame of at most ``maxlength`` bytes (multiprocess API)."""
-        limit = self.limit if maxlength is None else min(maxlength, self.limit)
-        return bytes(self._recv_frame(limit))
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.sock.close()
 
 
 def describe(address: Address) -> str:
@@ -221,6 +103,7 @@ class CoreClient:
         retry_for: float = RETRY_FOR,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         limit: int = wire.MAX_MESSAGE,
+        call_timeout: float | None = None,
     ) -> None:
         if isinstance(address, tuple):
             self.address: Address = (address[0], int(address[1]))
@@ -231,9 +114,11 @@ class CoreClient:
         self.retry_for = retry_for
         self.handshake_timeout = handshake_timeout
         self.limit = limit
+        self.call_timeout = call_timeout  # seconds to wait for a reply; None: no limit
         self._lock = threading.Lock()
         self._chan: Channel | None = None
         self._opened = 0
+        self._plain_calls: dict[tuple[str, ...], bytes] = {}  # path -> its framed plain call
         _clients.add(self)
 
     @property
@@ -263,16 +148,36 @@ class CoreClient:
 
     def call(self, path: tuple[str, ...], args: tuple = (), kwargs: Mapping | None = None) -> Any:
         """Evaluate ``aigis.<path>(*args, **kwargs)`` in the core and return its value."""
-        if type(kwargs) is not dict:
-            kwargs = dict(kwargs) if kwargs else {}
-        request = wire.encode_request(path, args, kwargs)
+        request: bytes | list[wire.Buffer]
+        if not args and not kwargs:
+            try:
+                request = self._plain_calls[path]
+            except KeyError:
+                request = self._plain_call(path)
+            except TypeError:  # an unhashable path: the core says what is wrong with it
+                request = wire.encode_request(path, (), {})
+        else:
+            if type(kwargs) is not dict:
+                kwargs = dict(kwargs) if kwargs else {}
+            request = wire.encode_request(path, args, kwargs)
         with self._lock:
             ok, value = self._roundtrip(path, request)
         if ok:
             return value
         raise value
 
-    def _roundtrip(self, path: tuple[str, ...], request: list[wire.Buffer]) -> tuple[bool, Any]:
+    def _plain_call(self, path: tuple[str, ...]) -> bytes:
+        """The whole frame of a call of ``path`` without arguments, made once and kept."""
+        payload = wire.plain_call(path)
+        frame = wire.frame_header(len(payload), self.limit) + payload
+        if len(self._plain_calls) >= _PLAIN_CALLS:
+            self._plain_calls.clear()  # bounded, whatever paths a plugin makes up
+        self._plain_calls[path] = frame
+        return frame
+
+    def _roundtrip(
+        self, path: tuple[str, ...], request: bytes | list[wire.Buffer]
+    ) -> tuple[bool, Any]:
         deadline = None
         while True:
             chan = self._chan
@@ -286,7 +191,10 @@ class CoreClient:
                     deadline = time.monotonic() + self.retry_for
                 chan = self._open(deadline)
             try:
-                chan.send_message(request)
+                if request.__class__ is bytes:
+                    chan.send_frame(request)  # type: ignore[arg-type]
+                else:
+                    chan.send_message(request)  # type: ignore[arg-type]
             except wire.FrameError:
                 raise  # too big: nothing was sent, the connection is fine
             except OSError as exc:
@@ -302,6 +210,13 @@ class CoreClient:
                 raise
             try:
                 reply = chan.recv_message()
+            except TimeoutError as exc:
+                self._drop()  # the reply is still owed on this connection: never reuse it
+                raise CallTimeout(
+                    f"cannot reach the AIGIS core at {describe(self.address)}: "
+                    f"{wire.dotted(path)} did not reply within {self.call_timeout:g} s (it may "
+                    f"or may not have run; not retried)"
+                ) from exc
             except (OSError, EOFError, wire.FrameError) as exc:
                 self._drop()
                 raise self._unavailable(
@@ -363,7 +278,7 @@ class CoreClient:
             chan = Channel(sock, limit=self.limit)
             answer_challenge(chan, self._authkey)
             deliver_challenge(chan, self._authkey)
-            sock.settimeout(None)  # calls may legitimately take long
+            sock.settimeout(self.call_timeout)  # by default none: calls may take long
         except BaseException:
             sock.close()
             raise
@@ -394,4 +309,17 @@ def connect_from_env(environ: Mapping[str, str] | None = None) -> CoreClient:
     env = os.environ if environ is None else environ
     address = parse_address(env.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
     authkey = read_authkey(Path(env.get(AUTHKEY_FILE_ENV) or DEFAULT_AUTHKEY_FILE))
-    return CoreClient(address, authkey)
+    return CoreClient(address, authkey, call_timeout=parse_call_timeout(env.get(CALL_TIMEOUT_ENV)))
+
+
+def parse_call_timeout(text: str | None) -> float | None:
+    """``AIGIS_CALL_TIMEOUT``: seconds a call may wait for its reply (unset or empty: no limit)."""
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise AigisError(f'{CALL_TIMEOUT_ENV}="{text}": expected a number of seconds > 0')
+    return seconds

@@ -280,12 +280,19 @@ def encode_request(path: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -
     return encode((path, args, kwargs))
 
 
+def plain_call(path: tuple[str, ...]) -> bytes:
+    """The payload of a call of ``path`` without arguments: always these bytes, so both ends may
+    keep it instead of pickling or unpickling it per call."""
+    return PICKLE_TAG + pickle.dumps((path, (), {}), PROTOCOL)
+
+
 def decode_request(data: Buffer) -> tuple[tuple[str, ...], tuple, dict[str, Any]]:
     """Inverse of :func:`encode_request`; a malformed request raises TypeError.
 
     Only the shape is checked here; :func:`refusal` checks the names.
     """
-    request = decode(data)
+    # the usual tag inline: one call less per request
+    request = pickle.loads(data[1:]) if len(data) and data[0] == _PICKLE_BYTE else decode(data)
     if type(request) is tuple and len(request) == 3:
         path, args, kwargs = request
         if type(path) is tuple and path and type(args) is tuple and type(kwargs) is dict:
@@ -294,6 +301,11 @@ def decode_request(data: Buffer) -> tuple[tuple[str, ...], tuple, dict[str, Any]
 
 
 # --- replies and exceptions ------------------------------------------------------------------
+
+
+NONE_RESULT = PICKLE_TAG + pickle.dumps((_OK, None), PROTOCOL)  # what most skills return
+_NONE_SIZE = len(NONE_RESULT)
+_NONE_REPLY = (True, None)
 
 
 def encode_result(value: Any) -> list[Buffer]:
@@ -313,7 +325,9 @@ def encode_error(exc: BaseException) -> list[Buffer]:
 
 def decode_reply(data: Buffer) -> tuple[bool, Any]:
     """``(True, value)`` or ``(False, exception ready to raise)``."""
-    ok, value = decode(data)
+    if len(data) == _NONE_SIZE and data == NONE_RESULT:
+        return _NONE_REPLY
+    ok, value = pickle.loads(data[1:]) if len(data) and data[0] == _PICKLE_BYTE else decode(data)
     if ok:
         return True, value
     return False, unpack_exception(value)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import json
 import logging
 import os
 import pickle
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -16,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import types
@@ -23,12 +26,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from multiprocess.connection import WELCOME as MP_WELCOME
 from multiprocess.connection import Client as MultiprocessClient
+from multiprocess.connection import answer_challenge as mp_answer_challenge
+from multiprocess.connection import deliver_challenge as mp_deliver_challenge
 from multiprocess.context import AuthenticationError
 
-from aigis._errors import AigisError, CoreUnavailable, RemoteError
+from aigis._errors import AigisError, CallTimeout, CoreUnavailable, RemoteError
 from aigis._rpc import wire
-from aigis._rpc.client import CoreClient
+from aigis._rpc.channel import Channel
+from aigis._rpc.client import CoreClient, connect_from_env
 from aigis._rpc.server import CoreServer, load_or_create_authkey
 
 pytestmark = pytest.mark.integration
@@ -302,6 +309,22 @@ def test_server_refuses_dunder_paths_even_from_a_raw_client(core):
     assert client.call(("t", "const")) == 42
 
 
+def test_plain_calls_are_checked_every_time_and_any_encoding_is_served(core):
+    client = core.client()
+    for _ in range(3):  # the server keeps plain calls of allowed paths only
+        with pytest.raises(PermissionError, match="AIGIS internals"):
+            client.call(("_secret",))
+        assert client.call(("t", "const")) == 42
+    sock = authenticated(core)
+    sock.settimeout(10)
+    for protocol in (2, 4, 5):  # not the bytes of wire.plain_call: decoded, not looked up
+        payload = b"P" + pickle.dumps((("t", "const"), (), {}), protocol)
+        sock.sendall(HEADER(len(payload)) + payload)
+        size = wire.frame_size(sock.recv(4, socket.MSG_WAITALL))
+        assert wire.decode_reply(sock.recv(size, socket.MSG_WAITALL)) == (True, 42)
+    sock.close()
+
+
 def test_aigis_exceptions_from_the_core_keep_their_type(core):
     with pytest.raises(CoreUnavailable, match="inner core down") as info:
         core.client().call(("t", "unavailable"))
@@ -345,11 +368,22 @@ def test_both_ends_set_tcp_nodelay(core, transport):
     if transport == "tcp":
         sock = client._chan.sock
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        (conn,) = core.server._connections
+        (conn,) = core.server._connections.values()
         assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 # --- concurrency ---------------------------------------------------------------------------
+
+
+def test_unix_connections_get_a_send_buffer_for_a_big_reply_in_one_call(core):
+    # a 1 MiB result used to leave in ~5 pieces, each a trip through the loop (and, with the
+    # plugin on the same CPU, two context switches)
+    client = core.client()
+    assert client.call(("t", "const")) == 42
+    (conn,) = core.server._connections.values()
+    wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    expected = 2 * min(1 << 20, wmem_max)  # the kernel doubles what it grants
+    assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == expected
 
 
 def test_threads_of_one_process_share_one_connection(core):
@@ -416,7 +450,7 @@ def test_plugin_reconnects_after_the_core_restarts(core, spawn, sockdir, transpo
 
 FORK_CHECK = """
 import os, sys
-from aigis._rpc.client import CoreClient
+from aigis._rpc.client import CoreClient, connect_from_env
 client = CoreClient(sys.argv[1], open(sys.argv[2], "rb").read())
 assert client.call(("t", "const")) == 42
 pid = os.fork()
@@ -616,22 +650,311 @@ def test_a_peer_dripping_bytes_is_dropped_at_the_handshake_deadline(make_core, s
     assert time.monotonic() - started < 2.0
 
 
-def test_unauthenticated_connections_are_capped(make_core, server_log, monkeypatch):
-    from aigis._rpc import server as server_module
+def wait_for_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes; fails if it is still open after ``timeout``."""
+    sock.settimeout(timeout)
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            got += chunk
+    return got
 
-    monkeypatch.setattr(server_module, "MAX_PENDING", 3)
-    core = make_core(handshake_timeout=5)
+
+def test_the_oldest_unauthenticated_connection_makes_room(make_core, server_log):
+    core = make_core(handshake_timeout=30, max_pending=3)
     idle = [raw_connect(core, "unix") for _ in range(3)]
     for sock in idle:
         sock.recv(65536)  # each got its challenge: three handshakes pending
-    extra = raw_connect(core, "unix")
-    extra.settimeout(5)
-    assert extra.recv(65536) == b""  # closed at once, no challenge
-    extra.close()
+    newest = raw_connect(core, "unix")
+    assert newest.recv(65536).startswith(HEADER(31) + b"#CHALLENGE#")  # the newcomer is served
+    assert wait_for_eof(idle[0]) == b""  # and the oldest was closed to make room
     assert core.client().call(("t", "const")) == 42  # authenticated clients are still served
-    for sock in idle:
+    for sock in [*idle, newest]:
         sock.close()
-    assert any("unauthenticated connections pending" in r.getMessage() for r in server_log.records)
+    assert any("evicted" in line for line in warnings_from_server(server_log))
+
+
+def test_one_peer_cannot_take_the_whole_pending_budget(make_core):
+    core = make_core(handshake_timeout=30, max_pending=10, max_pending_per_peer=2)
+    first, second = raw_connect(core, "unix"), raw_connect(core, "unix")
+    first.recv(65536)
+    second.recv(65536)
+    third = raw_connect(core, "unix")  # same uid: the peer's oldest goes, not the newcomer
+    assert third.recv(65536).startswith(HEADER(31) + b"#CHALLENGE#")
+    assert wait_for_eof(first) == b""
+    for sock in (first, second, third):
+        sock.close()
+
+
+@pytest.fixture
+def fd_limit() -> Iterator[int]:
+    """The hard RLIMIT_NOFILE, made the soft limit for the test (restored afterwards)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def hold_idle(core: Core, transport: str, count: int) -> list[socket.socket]:
+    """Open ``count`` connections that never answer the challenge (some may be refused)."""
+    held = []
+    for _ in range(count):
+        with contextlib.suppress(OSError):  # a full backlog: the flood is still a flood
+            held.append(raw_connect(core, transport))
+    return held
+
+
+def test_floods_of_idle_connections_do_not_lock_clients_out(core, server_log, fd_limit):
+    # this process holds the flood's ends and the server's: 1,000 per listener needs ~2,300
+    # descriptors; with a lower hard limit the flood shrinks to fit
+    per_listener = max(100, min(1000, (fd_limit - 300) // 2))
+    held = hold_idle(core, "tcp", per_listener) + hold_idle(core, "unix", per_listener)
+    try:
+        assert len(held) >= per_listener
+        for transport in TRANSPORTS:
+            # before: every pending slot was held for 10 s, so this failed after its 5 s window
+            client = core.client(transport, retry_for=5.0)
+            assert client.call(("t", "const")) == 42
+            assert client.connections_opened == 1
+    finally:
+        for sock in held:
+            sock.close()
+    # one log line per refused peer would be a log flood for anyone without the key
+    assert len(warnings_from_server(server_log)) <= 20
+
+
+def test_refusal_log_lines_are_rate_limited_with_a_count(make_core, server_log):
+    core = make_core(handshake_timeout=0.2)
+    silent = [raw_connect(core, "unix") for _ in range(60)]
+    for sock in silent:
+        wait_for_eof(sock)  # the challenge, then EOF once the handshake deadline passed
+        sock.close()
+    core.stop()
+    lines = warnings_from_server(server_log)
+    # timed out, or evicted by a newer one (the per-peer budget is 32)
+    refused = [line for line in lines if line.startswith("refused: connection from ")]
+    summaries = [line for line in lines if line.endswith("more connection(s) (not logged)")]
+    assert len(refused) <= 10 * len(summaries)  # at most 10 lines a window, then a count
+    assert len(refused) + sum(int(line.split()[1]) for line in summaries) == 60
+
+
+def authenticated(core: Core, transport: str = "unix") -> socket.socket:
+    """A raw socket that passed the handshake, as multiprocess's own client does it."""
+    conn = MultiprocessClient(core.address(transport), authkey=core.authkey)
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    return sock
+
+
+def test_a_partial_frame_is_dropped_at_its_deadline(make_core, server_log):
+    core = make_core(frame_timeout=0.3)
+    sock = authenticated(core)
+    sock.sendall(HEADER(1000) + b"x" * 10)  # and never the rest
+    assert wait_for_eof(sock) == b""
+    sock.close()
+    (line,) = warnings_from_server(server_log)
+    assert line.startswith("dropped: connection from pid ")
+    assert line.endswith("a frame was still incomplete after 0.3 s")
+
+
+def test_partial_frames_share_one_in_flight_budget(make_core):
+    core = make_core(inflight_budget=1 << 20)
+    hog = authenticated(core)
+    hog.sendall(HEADER(2 << 20) + b"h" * (900 << 10))  # 900 KiB of a 2 MiB frame
+    wait_until(lambda: core.server.inflight_bytes >= 900 << 10, what="the hog's bytes")
+    late = authenticated(core)
+    request = wire.encode_request(("t", "blob"), (10,), {})
+    payload = b"".join(request)
+    late.sendall(HEADER(len(payload)) + payload)
+    # the late request is small: it fits in what is left of the budget and is served
+    late.settimeout(10)
+    size = wire.frame_size(late.recv(4))
+    assert len(late.recv(size, socket.MSG_WAITALL)) == size
+    big = authenticated(core)
+    big.settimeout(20)
+    # would pass the budget: the server stops reading it (so this sendall blocks) until room
+    sender = threading.Thread(target=big.sendall, args=(HEADER(512 << 10) + b"b" * (400 << 10),))
+    sender.start()
+    wait_until(lambda: core.server._paused, what="the big frame to wait for room")
+    assert core.server.inflight_bytes <= 1 << 20
+    hog.close()  # the hog's bytes are released, and the waiting frame goes on
+    sender.join(20)
+    assert not sender.is_alive()
+    wait_until(lambda: core.server.inflight_bytes >= 400 << 10, what="the waiting frame resumed")
+    assert core.server.inflight_bytes <= 1 << 20
+    late.close()
+    big.close()
+
+
+class WelcomeThenData(Channel):
+    """A client end whose last handshake frame shares one write with ``extra``, as a fast
+    client's first request may."""
+
+    def __init__(self, sock: socket.socket, extra: bytes) -> None:
+        super().__init__(sock)
+        self.extra = extra
+
+    def send_bytes(self, buf: bytes) -> None:
+        if bytes(buf) == MP_WELCOME:
+            self.sock.sendall(HEADER(len(buf)) + bytes(buf) + self.extra)
+        else:
+            super().send_bytes(buf)
+
+
+def test_bytes_behind_the_handshake_count_in_the_in_flight_budget(make_core):
+    budget = 1024
+    core = make_core(inflight_budget=budget)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(core.unix_path))
+    sock.settimeout(10)
+    # the start of a 100 kB frame rides along with the handshake's last frame
+    chan = WelcomeThenData(sock, HEADER(100_000) + b"x" * 3000)
+    mp_answer_challenge(chan, core.authkey)
+    mp_deliver_challenge(chan, core.authkey)
+    wait_until(lambda: core.server.inflight_bytes, what="the server to buffer the partial frame")
+    # before: the 3,004 bytes read with the handshake were kept outside the budget
+    assert core.server.inflight_bytes <= budget
+    sock.close()
+
+
+SUBPROCESS_SERVER = """
+import sys
+from pathlib import Path
+from aigis._rpc.server import CoreServer
+server = CoreServer(lambda path: None, unix_path=Path(sys.argv[1]), tcp=None,
+                    authkey=Path(sys.argv[2]).read_bytes())
+server.start()
+print("ready", flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+def vm_rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes, from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes the peer has not read yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def test_announced_maximum_frames_do_not_pin_server_memory(sockdir):
+    keyfile = sockdir / "authkey"
+    authkey = load_or_create_authkey(keyfile)
+    path = sockdir / "core.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-c", SUBPROCESS_SERVER, str(path), str(keyfile)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    peers: list[socket.socket] = []
+    try:
+        assert server.stdout.readline() == "ready\n"
+        warm = CoreClient(path, authkey)
+        warm.call(("anything",))
+        warm.close()
+        before = vm_rss(server.pid)
+        for _ in range(8):
+            conn = MultiprocessClient(str(path), authkey=authkey)
+            peers.append(socket.socket(fileno=os.dup(conn.fileno())))
+            conn.close()
+        for sock in peers:
+            sock.sendall(HEADER(wire.MAX_MESSAGE) + b"x" * 65536)
+        for _ in range(3):  # trickle
+            for sock in peers:
+                sock.sendall(b"y" * 4096)
+        wait_until(lambda: all(unsent(s) == 0 for s in peers), what="the server reading it all")
+        grown = vm_rss(server.pid) - before
+        assert grown < 64 << 20, f"server RSS grew by {grown >> 20} MiB"
+    finally:
+        for sock in peers:
+            sock.close()
+        server.stdin.close()
+        server.wait(timeout=30)
+        server.stdout.close()
+
+
+def test_a_call_timeout_drops_the_connection(make_core, corething):
+    release = threading.Event()
+    core = make_core()
+    core.server._resolve = lambda path: release.wait if path == ("t", "hang") else 42
+    client = core.client(call_timeout=0.3)
+    assert client.call(("t", "const")) == 42
+    with pytest.raises(CallTimeout, match="may or may not have run") as info:
+        client.call(("t", "hang"))
+    assert isinstance(info.value, CoreUnavailable)
+    assert str(info.value) == (
+        f"cannot reach the AIGIS core at {core.unix_path}: aigis.t.hang did not reply within "
+        f"0.3 s (it may or may not have run; not retried)"
+    )
+    assert client._chan is None  # a reply is still owed on that connection: never reused
+    release.set()
+    assert client.call(("t", "const")) == 42
+    assert client.connections_opened == 2
+
+
+def test_the_call_timeout_comes_from_the_environment(tmp_path):
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(b"k")
+    env = {"AIGIS_AUTHKEY_FILE": str(keyfile), "AIGIS_ADDRESS": str(tmp_path / "s")}
+    assert connect_from_env(env).call_timeout is None
+    assert connect_from_env({**env, "AIGIS_CALL_TIMEOUT": "2.5"}).call_timeout == 2.5
+    for bad in ("soon", "0", "-1", "nan", "inf"):
+        with pytest.raises(AigisError, match=f'AIGIS_CALL_TIMEOUT="{bad}": expected'):
+            connect_from_env({**env, "AIGIS_CALL_TIMEOUT": bad})
+
+
+def test_a_slow_call_does_not_stall_other_connections(core):
+    release = threading.Event()
+    resolve = core.server._resolve
+    core.server._resolve = lambda path: release.wait if path == ("t", "hang") else resolve(path)
+    slow = threading.Thread(target=core.client().call, args=(("t", "hang"),))
+    slow.start()
+    try:
+        wait_until(lambda: core.server._calling, what="the slow call to run")
+        for transport in TRANSPORTS:
+            assert core.client(transport).call(("t", "add"), (1, 2)) == 3
+        assert core.server.handoffs == 1  # the loop moved once, for the slow call
+    finally:
+        release.set()
+        slow.join(10)
+
+
+def test_a_thread_freed_by_a_slow_call_takes_the_next_handover(core):
+    releases = {"hang1": threading.Event(), "hang2": threading.Event()}
+    resolve = core.server._resolve
+    core.server._resolve = lambda p: releases[p[1]].wait if p[1] in releases else resolve(p)
+
+    def io_threads() -> set[int]:
+        return {t.ident for t in threading.enumerate() if t.name == "aigis-rpc-io"}
+
+    quick = core.client()
+    first = threading.Thread(target=core.client().call, args=(("t", "hang1"),))
+    first.start()
+    wait_until(lambda: core.server._calling, what="hang1 to run")
+    assert quick.call(("t", "const")) == 42  # served while hang1 runs: the loop moved
+    releases["hang1"].set()
+    first.join(10)
+    wait_until(lambda: core.server._spare is not None, what="the freed thread to wait")
+    after_first = io_threads()
+    second = threading.Thread(target=core.client().call, args=(("t", "hang2"),))
+    second.start()
+    try:
+        wait_until(lambda: core.server._calling, what="hang2 to run")
+        assert quick.call(("t", "const")) == 42
+        # before: every handover started a thread (and the freed one ended)
+        assert io_threads() == after_first
+        assert core.server.handoffs == 2
+    finally:
+        releases["hang2"].set()
+        second.join(10)
 
 
 # --- the socket file and the authkey file --------------------------------------------------
@@ -765,3 +1088,17 @@ def test_aigis_terminal_connects_an_interactive_interpreter(core):
 def test_remote_error_is_the_public_class():
     # what plugins catch is what the wire layer generates
     assert issubclass(wire.remote_error_class("m", "E", "ValueError"), RemoteError)
+
+
+def test_threads_do_not_grow_with_connections(core):
+    def rpc_threads() -> int:
+        return sum(t.name.startswith("aigis-rpc") for t in threading.enumerate())
+
+    before = rpc_threads()
+    clients = [core.client(transport) for transport in TRANSPORTS * 50]
+    for client in clients:
+        assert client.call(("t", "const")) == 42
+    idle = [raw_connect(core, "unix") for _ in range(50)]  # and 50 mid-handshake
+    assert rpc_threads() == before
+    for sock in idle:
+        sock.close()

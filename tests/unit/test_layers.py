@@ -22,7 +22,7 @@ PURE = {
     "aigis._supervise.units",
     "aigis._supervise.base", "aigis._supervise.policy", "aigis._supervise.unitstate",
     "aigis._rpc.wire", "aigis._status", "aigis._launch",
-    "aigis._remote.hosts",
+    "aigis._remote.hosts", "aigis._rpc.handshake", "aigis._rpc.admission",
 }  # fmt: skip
 TOP = {"aigis._daemon", "aigis._ctl", "aigis._control", "aigis.__main__"}
 

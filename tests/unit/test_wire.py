@@ -14,7 +14,7 @@ import pytest
 
 from aigis._errors import CoreUnavailable, RemoteError
 from aigis._rpc import wire
-from aigis._rpc.client import Channel, TruncatedFrame
+from aigis._rpc.channel import Channel, TruncatedFrame
 
 
 @pytest.fixture
@@ -120,6 +120,27 @@ def test_channel_carries_small_and_large_messages(channels):
     for payload in payloads:
         assert bytes(right.recv_message()) == payload
     sender.join(10)
+
+
+def test_a_big_frame_lands_in_place_the_second_time(channels):
+    left, right = channels
+    big = b"z" * (1 << 20)
+    sender = send_in_background(left, [[big], [big]])
+    assert bytes(right.recv_message()) == big
+    moved = []
+    original_fill = right._fill
+
+    def fill(need: int) -> None:
+        if right._start + need > len(right._buf):  # does not fit behind its header
+            moved.append(right._end - right._start)  # bytes of it copied down
+        original_fill(need)
+
+    right._fill = fill
+    assert bytes(right.recv_message()) == big
+    sender.join(10)
+    # before: the buffer was exactly as big as the payload, so the part of every big reply
+    # received with its header was copied down by 4 bytes before the rest could come
+    assert sum(moved) == 0
 
 
 def test_channel_splits_back_to_back_frames(channels):
@@ -277,6 +298,18 @@ def test_request_round_trip(args, kwargs):
 def test_malformed_requests_are_refused(request_):
     with pytest.raises(TypeError, match="malformed request"):
         wire.decode_request(b"".join(wire.encode(request_)))
+
+
+def test_a_plain_call_is_the_request_of_a_call_without_arguments():
+    path = ("weather", "today")
+    assert wire.plain_call(path) == b"".join(wire.encode_request(path, (), {}))
+    assert wire.decode_request(wire.plain_call(path)) == (path, (), {})
+
+
+def test_the_none_result_is_what_encode_result_makes_and_decodes_to_none():
+    assert b"".join(wire.encode_result(None)) == wire.NONE_RESULT
+    assert wire.decode_reply(memoryview(bytearray(wire.NONE_RESULT))) == (True, None)
+    assert wire.decode_reply(b"".join(wire.encode_result(0))) == (True, 0)
 
 
 def test_unknown_payload_tags_are_refused():
