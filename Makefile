@@ -16,6 +16,7 @@ demo: venv
 test: system-packages dev-venv
 	$(VENV)/bin/ruff check aigis tests packaging $(wildcard benchmarks)
 	$(VENV)/bin/ruff format --check aigis tests packaging $(wildcard benchmarks)
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
 $(VENV)/bin/python:

@@ -26,6 +26,7 @@ from aigis import _ctlwire as wire
 from aigis._errors import AigisError, PluginError
 from aigis._redact import redact
 from aigis._rpc.wire import refusal
+from aigis._settings import HANDSHAKE_TIMEOUT
 
 if TYPE_CHECKING:  # pragma: no cover
     from aigis._daemon import Daemon
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 SOCKET_MODE = 0o660  # the core's group (aigis) may connect
 MAX_CONNECTIONS = 32  # at once, authenticated or not
 MAX_PER_PEER = 8  # at once per peer uid: one user cannot take every slot
-HANDSHAKE_TIMEOUT = 5.0  # from the greeting to a complete request
 MAX_RESULT = 1 << 20  # characters of a skill result's repr sent back to aigisctl
 LOG_EVERY = 10.0  # seconds between two lines about refused connections
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 from aigis._errors import AigisError
@@ -20,7 +21,8 @@ KEY_MODE = 0o640  # the core's group (aigis under systemd) may read it; nobody e
 
 
 def load_or_create_key(path: Path, what: str, mode: int = KEY_MODE) -> bytes:
-    """The key in ``path``, created once (random bytes, ``mode``) if it does not exist."""
+    """The key in ``path``, created once (random bytes, ``mode``) if it does not exist; an
+    existing file readable by more than ``mode`` allows is tightened to ``mode``."""
     path = Path(path)
     try:
         key = path.read_bytes()
@@ -28,9 +30,25 @@ def load_or_create_key(path: Path, what: str, mode: int = KEY_MODE) -> bytes:
         key = _create(path, what, mode)
     except OSError as exc:
         raise AigisError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    else:
+        _tighten(path, what, mode)
     if not key:
         raise AigisError(f"the {what} file {path} is empty")
     return key
+
+
+def _tighten(path: Path, what: str, mode: int) -> None:
+    """An older release created some keys with wider modes: take away what ``mode`` does not
+    grant (the file's group stays)."""
+    try:
+        current = stat.S_IMODE(os.stat(path).st_mode)
+        if current & ~mode:
+            os.chmod(path, current & mode)
+            log.warning(
+                "tightened: %s file %s from %04o to %04o", what, path, current, current & mode
+            )
+    except OSError as exc:
+        raise AigisError(f"cannot restrict the {what} file {path}: {exc.strerror}") from None
 
 
 def _create(path: Path, what: str, mode: int) -> bytes:

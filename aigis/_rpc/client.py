@@ -26,6 +26,7 @@ from multiprocess.context import AuthenticationError
 from aigis._errors import AigisError, CallTimeout, CoreUnavailable
 from aigis._rpc import wire
 from aigis._rpc.channel import Channel
+from aigis._settings import HANDSHAKE_TIMEOUT
 
 # The one place the plugin-side defaults live (AIGISTerminal, the runner, aigisctl).
 DEFAULT_ADDRESS = "/run/aigis/aigis.sock"
@@ -34,7 +35,6 @@ ADDRESS_ENV = "AIGIS_ADDRESS"
 AUTHKEY_FILE_ENV = "AIGIS_AUTHKEY_FILE"
 CALL_TIMEOUT_ENV = "AIGIS_CALL_TIMEOUT"
 RETRY_FOR = 10.0  # seconds of reconnect attempts before CoreUnavailable
-HANDSHAKE_TIMEOUT = 10.0  # per attempt: a hung core must not hang the plugin forever
 _PLAIN_CALLS = 4096  # framed requests of calls without arguments kept per client
 
 Address = str | tuple[str, int]
@@ -191,10 +191,10 @@ class CoreClient:
                     deadline = time.monotonic() + self.retry_for
                 chan = self._open(deadline)
             try:
-                if request.__class__ is bytes:
-                    chan.send_frame(request)  # type: ignore[arg-type]
+                if isinstance(request, bytes):
+                    chan.send_frame(request)
                 else:
-                    chan.send_message(request)  # type: ignore[arg-type]
+                    chan.send_message(request)
             except wire.FrameError:
                 raise  # too big: nothing was sent, the connection is fine
             except OSError as exc:

@@ -23,6 +23,8 @@ class SkillPath:
 
     # state lives in dunder slots, which are never forwarded, so no skill name is shadowed
     __slots__ = (_PATH, _CLIENT)
+    __aigis_path__: tuple[str, ...]
+    __aigis_client__: Any
 
     def __init__(self, client: Any, path: tuple[str, ...]) -> None:
         object.__setattr__(self, _CLIENT, client)
@@ -98,6 +100,6 @@ def make_proxy_module(client: Any) -> types.ModuleType:
             raise AttributeError(f"module 'aigis' has no attribute {name!r}")
         return SkillPath(client, (name,))
 
-    module.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    setattr(module, "__getattr__", __getattr__)  # noqa: B010 - PEP 562 hook on a module object
     setattr(module, _CLIENT, client)
     return module

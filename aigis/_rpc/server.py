@@ -23,27 +23,27 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aigis._errors import AigisError
+from aigis._keys import load_or_create_key
 from aigis._rpc import wire
 from aigis._rpc.admission import Admission, RefusalLog
 from aigis._rpc.handshake import MAX_FRAME, Refused, ServerHandshake
+from aigis._settings import HANDSHAKE_TIMEOUT
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 5.0  # seconds an unauthenticated peer may take to pass the handshake
 STOP_GRACE = 2.0  # seconds in-flight calls get to send their reply when the server stops
 MAX_PENDING = 128  # unauthenticated connections per listener; the oldest makes room
 MAX_PENDING_PER_PEER = 32  # ... per peer (uid on the Unix socket, address on TCP)
 FRAME_TIMEOUT = 60.0  # seconds a started frame may take to arrive in full
 INFLIGHT_BUDGET = 2 * wire.MAX_MESSAGE  # bytes of partially received frames, all peers together
 INLINE_LIMIT = 0.01  # a call running longer than this hands the I/O loop to a new thread
-AUTHKEY_BYTES = 32
 SOCKET_MODE = 0o660
-AUTHKEY_MODE = 0o640
+AUTHKEY_MODE = 0o600
 
 Resolve = Callable[[tuple[str, ...]], object]
 _ALLOWED_CACHE = 4096
@@ -52,42 +52,10 @@ _NONE_FRAME = wire.HEADER.pack(len(wire.NONE_RESULT)) + wire.NONE_RESULT
 
 
 def load_or_create_authkey(path: Path) -> bytes:
-    """The authkey in ``path``, created once (random 32 bytes, mode 0640) if it does not exist."""
-    path = Path(path)
-    try:
-        key = path.read_bytes()
-    except FileNotFoundError:
-        key = _create_authkey(path)
-    except OSError as exc:
-        raise AigisError(f"cannot read the AIGIS authkey file {path}: {exc.strerror}") from exc
-    if not key:
-        raise AigisError(f"the AIGIS authkey file {path} is empty")
-    return key
-
-
-def _create_authkey(path: Path) -> bytes:
-    key = os.urandom(AUTHKEY_BYTES)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key)
-            os.fchmod(fd, AUTHKEY_MODE)  # explicit: the umask must not decide who can read it
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # link() is atomic and fails if another process created the key first: readers never
-        # see a half-written file, and two cores starting at once agree on one key
-        os.link(tmp, path)
-    except FileExistsError:
-        return path.read_bytes()
-    except OSError as exc:
-        raise AigisError(f"cannot create the AIGIS authkey file {path}: {exc.strerror}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    log.info("created: authkey file %s (mode 0640)", path)
-    return key
+    """The authkey in ``path``, created once (random bytes, mode 0600) if it does not exist: the
+    full proxy is root's (``aigisctl shell``); plugins get it as a systemd credential or run as
+    the core's own user."""
+    return load_or_create_key(Path(path), "AIGIS authkey", AUTHKEY_MODE)
 
 
 _READ = select.EPOLLIN
@@ -382,7 +350,7 @@ class CoreServer:
 
     def _timeout(self) -> float | None:
         deadline = None
-        for conn in self._admission.oldest():
+        for conn in self._pending():
             if deadline is None or conn.deadline < deadline:
                 deadline = conn.deadline
         if self._partial:
@@ -396,9 +364,13 @@ class CoreServer:
             return None
         return max(0.0, deadline - time.monotonic())
 
+    def _pending(self) -> Iterator[_Conn]:
+        """Unauthenticated connections, oldest first (Admission keeps only our _Conn objects)."""
+        return cast("Iterator[_Conn]", self._admission.oldest())
+
     def _expire(self, now: float) -> None:
         while True:
-            late = [conn for conn in self._admission.oldest() if conn.deadline <= now]
+            late = [conn for conn in self._pending() if conn.deadline <= now]
             if not late:
                 break
             for conn in late:
@@ -540,7 +512,7 @@ class CoreServer:
         conn.handshake = ServerHandshake(self._authkey_for(conn))
         conn.deadline = time.monotonic() + self._handshake_timeout
         self._connections[sock.fileno()] = conn
-        for old in self._admission.admit(conn, label, peer_key):
+        for old in cast("list[_Conn]", self._admission.admit(conn, label, peer_key)):
             self._refuse(
                 old, f"evicted by a newer one ({self._admission.count(label)} pending on {label})"
             )
@@ -797,8 +769,8 @@ class CoreServer:
 
         False when the peer is gone.
         """
-        if parts.__class__ is bytes:
-            return self._send_frame(conn, parts)  # type: ignore[arg-type]
+        if isinstance(parts, bytes):
+            return self._send_frame(conn, parts)
         size = sum(map(len, parts))
         if size > self._limit:
             try:
@@ -919,7 +891,8 @@ class CoreServer:
         with self._lock:
             if self._spare is not None or self._done.is_set():
                 return None
-            self._spare = slot = []
+            slot: list[Any] = []
+            self._spare = slot
             while not slot and not self._done.is_set():
                 self._spare_ready.wait()
             if self._spare is slot:

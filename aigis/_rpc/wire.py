@@ -168,9 +168,9 @@ def _dill_pickler_class() -> Any:
                 _locate_function._aigis_by_value = True  # type: ignore[attr-defined]
                 _locate_function._aigis_pickler = ByValuePickler  # type: ignore[attr-defined]
                 dill_impl._locate_function = _locate_function
-            else:
-                ByValuePickler = locate._aigis_pickler  # noqa: N806
-            _dill_pickler = ByValuePickler
+                _dill_pickler = ByValuePickler
+            else:  # installed by an earlier import of this module (e.g. a test's reload)
+                _dill_pickler = locate._aigis_pickler
         return _dill_pickler
 
 
@@ -367,7 +367,7 @@ _remote_classes: dict[tuple[str, str, str], type] = {}
 _remote_lock = threading.Lock()
 
 
-def remote_error_class(module: str, qualname: str, base_name: str) -> type:
+def remote_error_class(module: str, qualname: str, base_name: str) -> type[BaseException]:
     """The generated ``RemoteError`` subclass standing in for a class we cannot import (cached)."""
     key = (module, qualname, base_name)
     with _remote_lock:
@@ -402,6 +402,6 @@ def unpack_exception(packed: tuple) -> BaseException:
         except Exception:
             exc = cls.__new__(cls)
             exc.args = tuple(args)
-    exc.remote_traceback = text  # type: ignore[union-attr]
+    exc.remote_traceback = text  # type: ignore[attr-defined]
     exc.add_note(f"--- raised in the AIGIS core ---\n{text.rstrip()}")
     return exc

@@ -995,13 +995,24 @@ def test_a_live_socket_is_not_stolen(core, corething, sockdir):
     assert core.client().call(("t", "const")) == 42
 
 
-def test_authkey_file_is_created_once_with_mode_0640(tmp_path):
+def test_authkey_file_is_created_once_with_mode_0600(tmp_path):
     path = tmp_path / "etc" / "authkey"
     key = load_or_create_authkey(path)
     assert len(key) == 32
-    assert oct(path.stat().st_mode & 0o777) == "0o640"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert load_or_create_authkey(path) == key
     assert [p.name for p in path.parent.iterdir()] == ["authkey"]
+
+
+def test_an_authkey_readable_by_the_group_is_tightened_to_root_only(tmp_path, caplog):
+    """Members of group aigis could read the 0640 authkey of earlier releases, and so run any
+    code in the core through pickles: the full proxy is root's now."""
+    path = tmp_path / "authkey"
+    path.write_bytes(b"k" * 32)
+    path.chmod(0o640)
+    assert load_or_create_authkey(path) == b"k" * 32
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert "tightened: AIGIS authkey file" in caplog.text
 
 
 def test_an_empty_authkey_file_is_an_error(tmp_path):
