@@ -284,3 +284,48 @@ def test_a_restarted_core_stops_what_a_crashed_core_left_running(tmp_path, make_
         assert 'stopping: "sleeper": 1 process(es) left by an earlier core' in second.log
     finally:
         second.stop()
+
+
+def test_a_full_log_disk_restarts_nothing_and_sigterm_still_exits_0_cleanly(
+    tmp_path, make_plugin, run_daemon
+):
+    """The whole daemon on a full 5 MiB log filesystem: the flooding plugin keeps running (no
+    restart because of its log), and SIGTERM stops everything, runs every cleanup, exits 0."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mounting a small tmpfs needs root, and CI must run it", pytrace=False)
+        pytest.skip("mounting a small tmpfs needs root")
+    log_dir = tmp_path / "state" / "log"
+    log_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(log_dir)], check=True)
+    try:
+        order = tmp_path / "cleanups"
+        core = (
+            "def ping():\n    return 1\n"
+            f"def cleanup():\n    open({str(order)!r}, 'a').write('core\\n')\n"
+            "SKILLS = ['ping']\n"
+        )
+        make_plugin("first", 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n', core=core)
+        flooded = tmp_path / "flooded"
+        filler = [PY, str(FAULTS / "log_filler.py"), "200000", str(flooded), "forever"]
+        make_plugin("flood", external(filler, restart=5))
+        daemon, config = run_daemon(
+            '[core]\nfirst = "src/first"\n[external]\nflood = "src/flood"\n',
+            settings="log_max_bytes = 100000000",
+        )
+        wait_until(flooded.exists, timeout=60, what="the flood written")
+        wait_until(lambda: "dropped:" in daemon.log, timeout=30, what="the dropped: line")
+        first = status(config)["flood"]["pid"]
+        row = wait_until(
+            lambda: (r := status(config)["flood"])["state"] == "running" and r, what="running"
+        )
+        assert (row["restarts"], row["pid"]) == (0, first), row
+        pid = row["pid"]
+        assert daemon.signal(signal.SIGTERM) == 0
+        log = daemon.log
+        assert "Traceback" not in log and "stopped: AIGIS" in log
+        assert log.count('dropped: "flood" log output') == 1  # once per episode, not per write
+        assert order.read_text() == "core\n"
+        assert not alive(pid)
+    finally:
+        subprocess.run(["umount", "-l", str(log_dir)], check=False)
