@@ -14,13 +14,14 @@ PACKAGE = Path(__file__).parents[2] / "aigis"
 
 LEAVES = {
     "aigis._errors", "aigis._version", "aigis._states", "aigis._redact", "aigis._settings",
-    "aigis._quote",
+    "aigis._quote", "aigis._metrics",
 }  # fmt: skip
 PURE = {
     "aigis._config", "aigis._manifest", "aigis._namespace", "aigis._reload",
     "aigis._supervise.units",
     "aigis._supervise.base", "aigis._supervise.policy", "aigis._supervise.unitstate",
-    "aigis._rpc.wire", "aigis._status", "aigis._launch",
+    "aigis._rpc.wire", "aigis._status", "aigis._launch", "aigis._page", "aigis._exposition",
+    "aigis._top",
 }  # fmt: skip
 TOP = {"aigis._daemon", "aigis._ctl", "aigis._control", "aigis.__main__"}
 
