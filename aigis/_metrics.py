@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 #: Upper bounds (seconds) of the latency histogram's buckets; the last bucket is +Inf.
+#: From 10 µs: a call through the control channel or the proxy takes tens of microseconds.
 BUCKETS: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0, 30.0,
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 MAX_SERIES = 2048  # (skill, caller) pairs; skill paths are known, callers are plugin names
 MAX_ERROR_TYPES = 16  # exception type names per pair
