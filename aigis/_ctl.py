@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="print one snapshot (also when not on a terminal)"
     )
     # For the shell completion scripts (not listed): plugin names or skill paths, one a line.
-    names = commands.add_parser("_complete")
+    names = commands.add_parser(
+        "_complete",
+        description="print the running core's plugin names or skill paths, one a line "
+        "(for shell completion; prints nothing and exits 1 when the core is down)",
+    )
     names.add_argument("what", choices=("plugins", "skills"))
     names.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

@@ -292,7 +292,7 @@ def test_bash_completes_commands_and_plugin_names(core, tmp_path):
     wrapper = bindir / "aigisctl"
     wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m aigis._ctl "$@"\n')
     wrapper.chmod(0o755)
-    script = REPO / "packaging" / "completion" / "aigisctl.bash"
+    script = REPO / "packaging" / "completion" / "bash" / "aigisctl"
 
     def complete(*words: str) -> list[str]:
         line = " ".join(words)
