@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 
-from aigis._supervise.usage import parse_stat, process_usage, tree_usage
+from aigis._supervise.usage import (
+    UNSET,
+    Usage,
+    parse_stat,
+    process_usage,
+    tree_usage,
+    unit_usage,
+)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -35,3 +42,28 @@ def test_this_process_reads_as_using_memory():
     found = process_usage({"me": os.getpid()})
     assert found["me"].memory_bytes > 1_000_000
     assert process_usage({}) == {}
+
+
+class FakeBus:
+    """Answers ``unit_properties`` from a table, recording what was asked."""
+
+    def __init__(self, values: dict[str, dict[str, int]]) -> None:
+        self.values, self.asked = values, []
+
+    def unit_properties(self, units, names):  # noqa: ANN001, ANN201
+        self.asked.append((list(units), tuple(names)))
+        return {u: self.values[u] for u in units if u in self.values}
+
+
+def test_unit_usage_reads_the_cgroup_and_leaves_out_what_systemd_does_not_account():
+    bus = FakeBus(
+        {
+            "aigis-plugin@a.service": {"CPUUsageNSec": 2_500_000_000, "MemoryCurrent": 4096},
+            "aigis-plugin@b.service": {"CPUUsageNSec": UNSET, "MemoryCurrent": UNSET},
+        }
+    )
+    units = {n: f"aigis-plugin@{n}.service" for n in ("a", "b", "c")}
+    found = unit_usage(bus, units)
+    assert found == {"a": Usage(cpu_seconds=2.5, memory_bytes=4096)}
+    assert bus.asked == [(list(units.values()), ("CPUUsageNSec", "MemoryCurrent"))]  # one batch
+    assert unit_usage(bus, {}) == {}
