@@ -364,7 +364,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
     if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
         view = _control(args, "top")
-        print("\n".join(render(None, view, width=1000, height=1000)))
+        print("\n".join(render(None, view, width=1000, height=1000, interactive=False)))
         return EXIT_OK
     if not 0.1 <= args.delay <= 3600:
         raise CtlError("--delay must be between 0.1 and 3600 seconds", EXIT_USAGE)

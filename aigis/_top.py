@@ -113,8 +113,14 @@ def table(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
     ]  # fmt: skip
 
 
-def render(previous: View | None, current: View, width: int = 100, height: int = 40) -> list[str]:
-    """The screen as lines, cut to ``width`` x ``height``."""
+def render(
+    previous: View | None,
+    current: View,
+    width: int = 100,
+    height: int = 40,
+    interactive: bool = True,
+) -> list[str]:
+    """The screen as lines, cut to ``width`` x ``height``; ``interactive``: with the key help."""
     core = current["core"]
     head = (
         f"AIGIS {core['version']}  {core['summary']}  ({core['supervisor']})  "
@@ -158,6 +164,7 @@ def render(previous: View | None, current: View, width: int = 100, height: int =
         lines.append("SKILL  (no calls yet)")
     else:
         lines += table(skills, right={1, 2, 3, 4, 5})
-    lines = lines[: max(1, height - 1)]
-    lines.append("q: quit")
-    return [line[:width] for line in lines]
+    if interactive:
+        lines = lines[: max(1, height - 1)]
+        lines.append("q: quit")
+    return [line[:width] for line in lines[:height]]

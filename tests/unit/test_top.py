@@ -65,6 +65,8 @@ def test_the_screen_lists_plugins_then_skills_and_fits_the_terminal():
     assert lines[-1] == "q: quit"
     assert all(len(line) <= 80 for line in lines)
     assert len(render(None, view(metrics, 2.0), width=30, height=5)) == 5
+    snapshot = render(None, view(metrics, 2.0), interactive=False)
+    assert snapshot[-1].startswith("dnd.roll") and "q: quit" not in snapshot
 
 
 def test_no_calls_yet_says_so():
