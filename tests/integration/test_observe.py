@@ -346,3 +346,42 @@ def test_a_token_file_makes_every_request_carry_the_token(tmp_path, daemons):
     status, body = get(port, "/metrics", {"Authorization": "Bearer tok-123"})
     refused = samples(body.decode())[("aigis_handshakes_refused_total", (("listener", "http"),))]
     assert refused == 6
+
+
+def test_zsh_completes_commands_and_plugin_names_in_a_real_terminal(core, tmp_path):
+    config, _, _ = core
+    tmux, zsh = needs("tmux"), needs("zsh")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "aigisctl"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m aigis._ctl "$@"\n')
+    wrapper.chmod(0o755)
+    server = f"aigis-zsh-{os.getpid()}"
+    functions = REPO / "packaging" / "completion" / "zsh"
+    shell = (f"env -i HOME={tmp_path} TERM=screen PATH={bindir}:/usr/bin:/bin "
+             f"AIGIS_CONFIG={config} {zsh} -f")  # fmt: skip
+
+    def keys(*sent: str) -> None:
+        subprocess.run([tmux, "-L", server, "send-keys", "-t", "z", *sent], check=True,
+                       timeout=10)  # fmt: skip
+
+    def screen() -> str:
+        return subprocess.run([tmux, "-L", server, "capture-pane", "-p", "-t", "z"],
+                              capture_output=True, text=True, timeout=10).stdout  # fmt: skip
+
+    subprocess.run([tmux, "-L", server, "-f", "/dev/null", "new-session", "-d", "-s", "z",
+                    "-x", "120", "-y", "30", shell], check=True, timeout=10)  # fmt: skip
+    try:
+        keys(f"fpath=({functions} $fpath); autoload -U compinit; compinit -u -D; echo READY",
+             "Enter")  # fmt: skip
+        wait_until(lambda: "\nREADY" in screen(), timeout=20, what="zsh ready")
+        keys("aigisctl st", "Tab")
+        shown = wait_until(lambda: "stop" in (s := screen()) and "status" in s and s,
+                           timeout=20, what="commands completed")  # fmt: skip
+        assert "start" in shown
+        keys("C-u", "aigisctl status ", "Tab")
+        shown = wait_until(lambda: "oracle" in (s := screen()) and s, timeout=20,
+                           what="plugin names completed")  # fmt: skip
+        assert re.search(r"clock\s+dnd\s+leaky\s+oracle", shown), shown
+    finally:
+        subprocess.run([tmux, "-L", server, "kill-server"], capture_output=True, timeout=10)
