@@ -76,11 +76,61 @@ def read_stats() -> dict[int, tuple[int, float, int]]:
     return stats
 
 
+def _stat(pid: int) -> tuple[int, float, int] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return parse_stat(file.read())
+    except (OSError, ValueError, IndexError):
+        return None  # gone meanwhile
+
+
+def _children(pid: int) -> list[int] | None:
+    """Children of every thread of ``pid`` (``/proc/PID/task/TID/children``); None when the
+    kernel does not offer that file."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as file:
+                found.extend(int(child) for child in file.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # the thread ended meanwhile
+            return None
+        except OSError:
+            continue
+    return found
+
+
+def tree_stats(roots: Mapping[str, int], limit: int = 10_000) -> dict[int, tuple[int, float, int]]:
+    """``parse_stat`` of the roots and their descendants only, walking the children lists (a
+    few reads per process, not a pass over every process); a full pass when the kernel has no
+    children lists. At most ``limit`` processes."""
+    stats: dict[int, tuple[int, float, int]] = {}
+    todo = list(roots.values())
+    while todo and len(stats) < limit:
+        pid = todo.pop()
+        if pid in stats:
+            continue
+        stat = _stat(pid)
+        if stat is None:
+            continue
+        stats[pid] = stat
+        children = _children(pid)
+        if children is None:
+            return read_stats()
+        todo.extend(children)
+    return stats
+
+
 def process_usage(roots: Mapping[str, int]) -> dict[str, Usage]:
     """Usage of each named process tree (``{plugin: main pid}``), read from /proc."""
     if not roots:
         return {}
-    return tree_usage(roots, read_stats())
+    return tree_usage(roots, tree_stats(roots))
 
 
 def unit_usage(bus: Systemd, units: Mapping[str, str]) -> dict[str, Usage]:

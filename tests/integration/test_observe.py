@@ -385,3 +385,17 @@ def test_zsh_completes_commands_and_plugin_names_in_a_real_terminal(core, tmp_pa
         assert re.search(r"clock\s+dnd\s+leaky\s+oracle", shown), shown
     finally:
         subprocess.run([tmux, "-L", server, "kill-server"], capture_output=True, timeout=10)
+
+
+def test_a_process_tree_is_read_by_walking_children_as_a_full_scan_would():
+    from aigis._supervise.usage import process_usage, read_stats, tree_stats, tree_usage
+
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
+    try:
+        walked = wait_until(lambda: len(s := tree_stats({"p": parent.pid})) == 3 and s,
+                            timeout=10, what="the two sleeps started")  # fmt: skip
+        assert set(walked) - {parent.pid} <= set(read_stats())
+        assert process_usage({"p": parent.pid}) == tree_usage({"p": parent.pid}, read_stats())
+    finally:
+        os.killpg(parent.pid, 9)
+        parent.wait(timeout=10)
