@@ -399,3 +399,33 @@ def test_a_process_tree_is_read_by_walking_children_as_a_full_scan_would():
     finally:
         os.killpg(parent.pid, 9)
         parent.wait(timeout=10)
+
+
+def test_the_listener_serves_a_bounded_number_of_peers_and_answers_garbage_briefly(core):
+    import socket
+
+    from aigis._http import MAX_CONNECTIONS
+
+    _, _, port = core
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET / HTTP/1.1\r\n")  # a request never finished: holds its slot
+            idle.append(sock)
+
+        # Every slot is taken once the server has accepted them all: the next peer is closed.
+        def refused() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                return extra.recv(100) == b""
+
+        wait_until(refused, timeout=20, what="a peer beyond the limit refused")
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(lambda: get(port, "/metrics")[0] == 200, timeout=20, what="slots freed")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01<script>alert(1)</script> garbage\r\n\r\n")
+        answer = sock.recv(65536)
+    assert b"400" in answer[:20] and b"script" not in answer  # nothing echoed back
