@@ -252,18 +252,23 @@ def _rows_from_systemd(names: list[str]) -> list[dict[str, Any]]:
     from aigis._status import unit_row
     from aigis._supervise.dbus import Systemd, SystemdError
     from aigis._supervise.units import unit_name
+    from aigis._supervise.usage import process_usage, unit_usage
 
     bus = Systemd(timeout=5.0)
     try:
         units = [unit_name(n) for n in names] or sorted(bus.list_units("aigis-plugin@*"))
         states = bus.states(units)
+        running = {s.unit: s for s in states if s.main_pid}
+        usage = unit_usage(bus, {unit: unit for unit in running})
     except (OSError, SystemdError) as exc:
         raise CtlError(
             f"cannot ask systemd about the plugin units: {exc}", EXIT_NOT_RUNNING
         ) from None
     finally:
         bus.close()
-    return [unit_row(unit) for unit in states]
+    # Without cgroup accounting: the unit's main process tree.
+    usage.update(process_usage({u: s.main_pid for u, s in running.items() if u not in usage}))
+    return [unit_row(unit, usage=usage.get(unit.unit)) for unit in states]
 
 
 def _verb(args: argparse.Namespace) -> int:

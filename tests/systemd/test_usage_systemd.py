@@ -52,3 +52,17 @@ def test_status_shows_the_units_cgroup_usage_and_metrics_are_served(aigis: Aigis
         aigis.box.run(PYTHON, "-c", FETCH, "http://127.0.0.1:9120/status.json").stdout
     )
     assert {p["name"] for p in page["plugins"]} == {"dnd", "oracle", "clock"}
+
+
+def test_status_while_the_core_is_down_still_shows_usage(aigis: Aigis) -> None:
+    aigis.examples()
+    aigis.write_config()
+    aigis.dropin("60-no-restart.conf", "[Service]\nRestart=no\n")
+    aigis.box.systemctl("start", "aigis")
+    aigis.box.run("kill", "-9", str(aigis.main_pid("aigis.service")))
+    aigis.wait_prop("aigis.service", "ActiveState", "failed")
+    code, out, err = aigis.ctl("status", "--json")
+    assert code == 3, err
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["clock"]["state"] == "running"
+    assert rows["clock"]["memory_bytes"] > 0 and rows["clock"]["cpu_seconds"] is not None
