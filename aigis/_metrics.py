@@ -1,8 +1,9 @@
 """The core's counters: skill calls per (skill, caller), plugin log volume, connections.
 
-Always on, so every hook is a dict lookup and a few additions under one lock (about a
-microsecond). Nothing here formats or serves anything: ``snapshot()`` hands plain data to the
-control channel (``aigisctl top``) and to the Prometheus exposition (``aigis._exposition``).
+Always on, so a call's hook only queues a record (no lock; a fraction of a microsecond); the
+records are folded into the counters in batches. Nothing here formats or serves anything:
+``snapshot()`` hands plain data to the control channel (``aigisctl top``) and to the Prometheus
+exposition (``aigis._exposition``).
 Cardinality is bounded: at most MAX_SERIES (skill, caller) pairs and MAX_ERROR_TYPES error types
 per pair; what does not fit is counted under OVERFLOW. Pure standard library, no I/O.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +22,7 @@ BUCKETS: tuple[float, ...] = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+FLUSH_AT = 4096  # call records queued before the call that queues one more folds them in
 MAX_SERIES = 2048  # (skill, caller) pairs; skill paths are known, callers are plugin names
 MAX_ERROR_TYPES = 16  # exception type names per pair
 MAX_LABEL = 200  # characters of a label value kept
@@ -52,7 +55,9 @@ class Metrics:
     """Thread-safe counters; one instance per core (``Daemon.metrics``)."""
 
     def __init__(self, max_series: int = MAX_SERIES) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the counters below
+        self._queue: deque[tuple | None] = deque()  # call records not folded in yet
+        self._append = self._queue.append
         self._max_series = max_series
         self._series: dict[tuple[str, str], _Series] = {}
         self._in_flight = 0
@@ -63,10 +68,12 @@ class Metrics:
         self._refused: dict[str, int] = {}  # refused handshakes, by listener
 
     # -- skill calls ---------------------------------------------------------------------------
+    # The hot path only appends to a deque (atomic, no lock, little memory touched: it runs in
+    # the middle of every call); the records are folded into the counters in batches, by
+    # whoever reads the counters or appends the FLUSH_AT-th record.
     def call_started(self) -> None:
         """A call begins (every ``call_started`` is followed by one ``observe_call``)."""
-        with self._lock:
-            self._in_flight += 1
+        self._append(None)
 
     def observe_call(
         self,
@@ -83,35 +90,51 @@ class Metrics:
         ``seconds``, raising an exception of type ``error`` (its class name) or not, with
         ``bytes_in`` bytes of request and ``bytes_out`` of reply. ``started``: whether
         ``call_started`` was called for it (the in-flight gauge)."""
-        key = (skill_path, caller)
-        index = bisect_left(BUCKETS, seconds)
-        with self._lock:
-            if started:
-                self._in_flight -= 1
-            series = self._series.get(key)
-            if series is None:
-                series = self._add(key)
-            series.calls += 1
-            series.seconds += seconds
-            series.buckets[index] += 1
-            series.bytes_in += bytes_in
-            series.bytes_out += bytes_out
-            if error is not None:
-                errors = series.errors
-                if error not in errors and len(errors) >= MAX_ERROR_TYPES:
-                    error = OVERFLOW
-                errors[error] = errors.get(error, 0) + 1
+        self._append((skill_path, caller, seconds, error, bytes_in, bytes_out, started))
+        if len(self._queue) >= FLUSH_AT:
+            self._fold(wait=False)
+
+    def _fold(self, wait: bool = True) -> None:
+        """Fold the records queued so far into the counters (``wait``: even if another thread
+        is folding; else leave them to it)."""
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
+            popleft, series_of = self._queue.popleft, self._series.get
+            for _ in range(len(self._queue)):  # what is queued now: bounded work
+                record = popleft()
+                if record is None:
+                    self._in_flight += 1
+                    continue
+                skill, caller, seconds, error, bytes_in, bytes_out, started = record
+                if started:
+                    self._in_flight -= 1
+                series = series_of((skill, caller))
+                if series is None:
+                    series = self._add((skill, caller))
+                series.calls += 1
+                series.seconds += seconds
+                series.buckets[bisect_left(BUCKETS, seconds)] += 1
+                series.bytes_in += bytes_in
+                series.bytes_out += bytes_out
+                if error is not None:
+                    errors = series.errors
+                    if error not in errors and len(errors) >= MAX_ERROR_TYPES:
+                        error = OVERFLOW
+                    errors[error] = errors.get(error, 0) + 1
+        finally:
+            self._lock.release()
 
     def _add(self, key: tuple[str, str]) -> _Series:
-        """A new pair, or the overflow pair once MAX_SERIES exist (lock held)."""
-        if len(self._series) >= self._max_series:
-            key = (OVERFLOW, OVERFLOW)
-            found = self._series.get(key)
-            if found is not None:
-                return found
-        else:
-            key = (label(key[0]), label(key[1]))
-        series = self._series[key] = _Series()
+        """The series of a pair not seen under this exact key (lock held): the pair with its
+        labels cut, or the overflow pair once MAX_SERIES exist."""
+        cut = (label(key[0]), label(key[1]))
+        series = self._series.get(cut)
+        if series is None and len(self._series) >= self._max_series:
+            cut = (OVERFLOW, OVERFLOW)
+            series = self._series.get(cut)
+        if series is None:
+            series = self._series[cut] = _Series()
         return series
 
     # -- plugin output -------------------------------------------------------------------------
@@ -142,6 +165,7 @@ class Metrics:
     # -- reading -------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """Every counter as plain data (JSON-ready), consistent at one instant."""
+        self._fold()
         with self._lock:
             skills = [
                 {

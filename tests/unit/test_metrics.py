@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aigis._exposition import FAMILIES, exposition, families, registry
 from aigis._metrics import (
     BUCKETS,
+    FLUSH_AT,
     MAX_ERROR_TYPES,
     MAX_LABEL,
     OVERFLOW,
@@ -79,10 +80,26 @@ def test_error_types_beyond_the_limit_are_counted_as_other():
     assert errors[OVERFLOW] == 3
 
 
-def test_long_label_values_are_cut():
+def test_long_label_values_are_cut_and_their_calls_add_up():
     metrics = Metrics()
     metrics.observe_call("x" * 1000, "c", 0.001, started=False)
-    assert list(series(metrics)) == [("x" * MAX_LABEL, "c")]
+    metrics.observe_call("x" * 1000, "c", 0.001, started=False)
+    series(metrics)
+    metrics.observe_call("x" * 1000, "c", 0.001, started=False)  # once the cut pair exists
+    assert [(key, row["calls"]) for key, row in series(metrics).items()] == [
+        (("x" * MAX_LABEL, "c"), 3)
+    ]
+
+
+def test_records_are_folded_in_before_the_queue_grows_past_its_bound():
+    metrics = Metrics()
+    for _ in range(FLUSH_AT * 3):
+        metrics.call_started()
+        metrics.observe_call("s", "c", 0.001)
+    assert len(metrics._queue) < FLUSH_AT
+    assert metrics._series[("s", "c")].calls > FLUSH_AT * 2  # folded without a reader
+    assert series(metrics)[("s", "c")]["calls"] == FLUSH_AT * 3
+    assert metrics.snapshot()["in_flight"] == 0
 
 
 def test_concurrent_calls_are_all_counted():
