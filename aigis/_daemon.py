@@ -174,6 +174,7 @@ class Daemon:
             else:
                 last_error = ""
             self.notifier.watchdog()
+            self.metrics.fold()  # here, not on the calls' path
             try:
                 signum = self.signals.get(timeout=TICK)
             except queue.Empty:

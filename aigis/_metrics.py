@@ -10,6 +10,7 @@ per pair; what does not fit is counted under OVERFLOW. Pure standard library, no
 
 from __future__ import annotations
 
+import itertools
 import threading
 from bisect import bisect_left
 from collections import deque
@@ -22,7 +23,9 @@ BUCKETS: tuple[float, ...] = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-FLUSH_AT = 4096  # call records queued before the call that queues one more folds them in
+#: Call records queued at most: the call that queues one more folds them in itself (the core's
+#: main loop folds them every tick, so this bounds memory when it cannot).
+MAX_QUEUED = 65536
 MAX_SERIES = 2048  # (skill, caller) pairs; skill paths are known, callers are plugin names
 MAX_ERROR_TYPES = 16  # exception type names per pair
 MAX_LABEL = 200  # characters of a label value kept
@@ -56,11 +59,12 @@ class Metrics:
 
     def __init__(self, max_series: int = MAX_SERIES) -> None:
         self._lock = threading.Lock()  # the counters below
-        self._queue: deque[tuple | None] = deque()  # call records not folded in yet
+        self._queue: deque[tuple] = deque()  # call records not folded in yet
         self._append = self._queue.append
+        self._starts = itertools.count()  # calls started (C-level: atomic without a lock)
+        self._finished = 0  # calls started and folded in
         self._max_series = max_series
         self._series: dict[tuple[str, str], _Series] = {}
-        self._in_flight = 0
         self._log_lines: dict[str, int] = {}
         self._log_dropped: dict[str, int] = {}
         self._connections: dict[str, int] = {}  # open now, by listener
@@ -69,11 +73,11 @@ class Metrics:
 
     # -- skill calls ---------------------------------------------------------------------------
     # The hot path only appends to a deque (atomic, no lock, little memory touched: it runs in
-    # the middle of every call); the records are folded into the counters in batches, by
-    # whoever reads the counters or appends the FLUSH_AT-th record.
+    # the middle of every call); the records are folded into the counters in batches by
+    # ``fold``: the core's main loop, whoever reads the counters, or the MAX_QUEUED-th call.
     def call_started(self) -> None:
         """A call begins (every ``call_started`` is followed by one ``observe_call``)."""
-        self._append(None)
+        next(self._starts)
 
     def observe_call(
         self,
@@ -91,24 +95,20 @@ class Metrics:
         ``bytes_in`` bytes of request and ``bytes_out`` of reply. ``started``: whether
         ``call_started`` was called for it (the in-flight gauge)."""
         self._append((skill_path, caller, seconds, error, bytes_in, bytes_out, started))
-        if len(self._queue) >= FLUSH_AT:
-            self._fold(wait=False)
+        if len(self._queue) >= MAX_QUEUED:
+            self.fold(wait=False)
 
-    def _fold(self, wait: bool = True) -> None:
-        """Fold the records queued so far into the counters (``wait``: even if another thread
-        is folding; else leave them to it)."""
+    def fold(self, wait: bool = True) -> None:
+        """Fold the call records queued so far into the counters, off the calls' path (the
+        core's main loop does it every tick; readers do it first). ``wait``: even if another
+        thread is folding; else leave them to it."""
         if not self._lock.acquire(blocking=wait):
             return
         try:
-            popleft, series_of = self._queue.popleft, self._series.get
+            popleft, series_of, finished = self._queue.popleft, self._series.get, 0
             for _ in range(len(self._queue)):  # what is queued now: bounded work
-                record = popleft()
-                if record is None:
-                    self._in_flight += 1
-                    continue
-                skill, caller, seconds, error, bytes_in, bytes_out, started = record
-                if started:
-                    self._in_flight -= 1
+                skill, caller, seconds, error, bytes_in, bytes_out, started = popleft()
+                finished += started
                 series = series_of((skill, caller))
                 if series is None:
                     series = self._add((skill, caller))
@@ -122,6 +122,7 @@ class Metrics:
                     if error not in errors and len(errors) >= MAX_ERROR_TYPES:
                         error = OVERFLOW
                     errors[error] = errors.get(error, 0) + 1
+            self._finished += finished
         finally:
             self._lock.release()
 
@@ -165,7 +166,7 @@ class Metrics:
     # -- reading -------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """Every counter as plain data (JSON-ready), consistent at one instant."""
-        self._fold()
+        self.fold()
         with self._lock:
             skills = [
                 {
@@ -183,13 +184,18 @@ class Metrics:
             return {
                 "bounds": list(BUCKETS),
                 "skills": skills,
-                "in_flight": self._in_flight,
+                "in_flight": max(0, _count(self._starts) - self._finished),
                 "log_lines": dict(self._log_lines),
                 "log_dropped_bytes": dict(self._log_dropped),
                 "connections": dict(self._connections),
                 "accepted": dict(self._accepted),
                 "refused": dict(self._refused),
             }
+
+
+def _count(counter: itertools.count) -> int:
+    """How many values ``counter`` gave so far, without taking one (its repr is ``count(N)``)."""
+    return int(repr(counter)[6:-1])
 
 
 def quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> float | None:

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from aigis._exposition import FAMILIES, exposition, families, registry
 from aigis._metrics import (
     BUCKETS,
-    FLUSH_AT,
     MAX_ERROR_TYPES,
     MAX_LABEL,
+    MAX_QUEUED,
     OVERFLOW,
     Metrics,
     merged,
@@ -93,13 +93,23 @@ def test_long_label_values_are_cut_and_their_calls_add_up():
 
 def test_records_are_folded_in_before_the_queue_grows_past_its_bound():
     metrics = Metrics()
-    for _ in range(FLUSH_AT * 3):
+    for _ in range(MAX_QUEUED * 3):
         metrics.call_started()
         metrics.observe_call("s", "c", 0.001)
-    assert len(metrics._queue) < FLUSH_AT
-    assert metrics._series[("s", "c")].calls > FLUSH_AT * 2  # folded without a reader
-    assert series(metrics)[("s", "c")]["calls"] == FLUSH_AT * 3
+    assert len(metrics._queue) <= MAX_QUEUED
+    assert metrics._series[("s", "c")].calls >= MAX_QUEUED * 2  # folded without a reader
+    assert series(metrics)[("s", "c")]["calls"] == MAX_QUEUED * 3
     assert metrics.snapshot()["in_flight"] == 0
+
+
+def test_fold_moves_queued_calls_into_the_counters():
+    metrics = Metrics()
+    metrics.call_started()
+    metrics.observe_call("s", "c", 0.001)
+    assert metrics._series == {}  # queued only: the call's path does no more
+    metrics.fold()
+    assert metrics._series[("s", "c")].calls == 1
+    assert len(metrics._queue) == 0
 
 
 def test_concurrent_calls_are_all_counted():
