@@ -214,9 +214,9 @@ class HttpServer:
         )
         self._thread.daemon = True
         self._thread.start()
-        host, port = self._server.server_address[:2]
-        shown = f"[{host}]" if ":" in str(host) else host
-        log.info("listening: http://%s:%d/ (status page, /metrics)", shown, port)
+        bound = str(self._server.server_address[0])
+        shown = f"[{bound}]" if ":" in bound else bound
+        log.info("listening: http://%s:%d/ (status page, /metrics)", shown, self.port)
 
     def stop(self) -> None:
         """Stop serving; idempotent."""

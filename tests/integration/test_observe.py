@@ -71,8 +71,11 @@ def core(tmp_path_factory):
         port = http_port(daemon)
         daemon.wait_for("ready:")
         wait_until(
-            lambda: "oracle: turn 0" in daemon.log and "clock" in daemon.log,
-            what="the oracle and the clock running",
+            lambda: (
+                {r["name"]: r["state"] for r in request(config, "status")}
+                == {"dnd": "loaded", "leaky": "failed", "oracle": "running", "clock": "running"}
+            ),
+            what="the oracle and the clock running (past their start-up second)",
         )
         yield config, daemon, port
     finally:
@@ -109,7 +112,7 @@ def labels(**values: str) -> tuple:
 
 
 def test_metrics_count_every_call_by_skill_and_caller_and_errors_by_type(core):
-    config, _, port = core
+    config, daemon, port = core
     for _ in range(1000):
         assert 1 <= int(request(config, "call", "dnd.roll", ["6"])) <= 6
     status, body = get(port, "/metrics")
@@ -148,7 +151,14 @@ def test_metrics_count_every_call_by_skill_and_caller_and_errors_by_type(core):
     error = labels(skill="_unresolved", caller="aigisctl", error="AttributeError")
     assert found[("aigis_skill_errors_total", error)] == 1
     assert not any("nosuchskill" in str(labels) for _, labels in found)
-    assert found[("aigis_plugin_state", (("plugin", "oracle"), ("state", "running")))] == 1
+    states = {
+        dict(key)["plugin"]: dict(key)["state"]
+        for (name, key), value in found.items()
+        if name == "aigis_plugin_state" and value == 1
+    }
+    rows = {row["name"]: row["state"] for row in request(config, "status")}
+    assert states == rows, daemon.log[-3000:]  # one state each, the one status shows
+    assert states["dnd"] == "loaded"
     assert found[("aigis_plugin_state", (("plugin", "leaky"), ("state", "failed")))] == 1
     assert found[("aigis_plugin_memory_bytes", (("plugin", "oracle"),))] > 1_000_000
     assert ("aigis_plugin_cpu_seconds_total", (("plugin", "clock"),)) in found
@@ -197,13 +207,15 @@ def test_status_shows_cpu_and_memory_columns(core):
 
 
 def test_top_prints_one_snapshot_when_not_on_a_terminal(core):
-    config, _, _ = core
+    config, daemon, _ = core
     request(config, "call", "dnd.roll", ["20"])
     proc = ctl(config, "top")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("AIGIS ")
-    assert any(line.startswith("oracle ") and "running" in line for line in lines)
+    assert any(line.startswith("oracle ") and "running" in line for line in lines), (
+        proc.stdout + daemon.log
+    )
     skill = lines.index(next(line for line in lines if line.startswith("SKILL")))
     assert lines[skill + 1].startswith("dnd.roll ")  # the busiest skill first
 
@@ -267,12 +279,17 @@ def test_the_status_page_in_headless_chromium_shows_the_example_plugins(core, tm
         WebDriverWait(driver, 30).until(
             lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "yes"
         )
-        rows = driver.find_elements(By.CSS_SELECTOR, "#plugins tbody tr")
-        shown = {row.get_attribute("data-plugin"): row.text for row in rows}
+        # One script reads the tables at once: the page replaces its rows every refresh.
+        shown = dict(driver.execute_script(
+            "return Array.from(document.querySelectorAll('#plugins tbody tr'))"
+            ".map(r => [r.dataset.plugin, r.innerText])"
+        ))  # fmt: skip
         assert set(shown) == {"dnd", "leaky", "oracle", "clock"}
         assert "running" in shown["oracle"] and "loaded" in shown["dnd"]
-        skills = [r.get_attribute("data-skill") for r in
-                  driver.find_elements(By.CSS_SELECTOR, "#skills tbody tr")]  # fmt: skip
+        skills = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#skills tbody tr'))"
+            ".map(r => r.dataset.skill)"
+        )
         assert "dnd.roll" in skills
         assert not driver.find_elements(By.CSS_SELECTOR, "button, form, input")  # read-only
         assert URL_TOKEN not in driver.page_source and SECRET not in driver.page_source
@@ -392,9 +409,15 @@ def test_a_process_tree_is_read_by_walking_children_as_a_full_scan_would():
 
     parent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
     try:
-        walked = wait_until(lambda: len(s := tree_stats({"p": parent.pid})) == 3 and s,
-                            timeout=10, what="the two sleeps started")  # fmt: skip
-        assert set(walked) - {parent.pid} <= set(read_stats())
+
+        def sleeping() -> dict | None:
+            found = tree_stats({"p": parent.pid})
+            children = set(found) - {parent.pid}
+            names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in children}
+            return found if len(children) == 2 and names == {"sleep"} else None
+
+        walked = wait_until(sleeping, timeout=10, what="the two sleeps running")
+        assert set(walked) <= set(read_stats())
         assert process_usage({"p": parent.pid}) == tree_usage({"p": parent.pid}, read_stats())
     finally:
         os.killpg(parent.pid, 9)
@@ -424,8 +447,27 @@ def test_the_listener_serves_a_bounded_number_of_peers_and_answers_garbage_brief
     finally:
         for sock in idle:
             sock.close()
-    wait_until(lambda: get(port, "/metrics")[0] == 200, timeout=20, what="slots freed")
+
+    def served() -> bool:
+        try:
+            return get(port, "/metrics")[0] == 200
+        except OSError:  # still refused: the closed peers' slots are being released
+            return False
+
+    wait_until(served, timeout=20, what="slots freed")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"\x16\x03\x01<script>alert(1)</script> garbage\r\n\r\n")
         answer = sock.recv(65536)
     assert b"400" in answer[:20] and b"script" not in answer  # nothing echoed back
+
+
+def test_the_operator_commands_never_import_prometheus_client(core):
+    config, _, _ = core
+    probe = (
+        "import sys, io, contextlib, aigis._ctl as c\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    codes = [c.main(['-c', {str(config)!r}, *a]) for a in (['status'], ['top'])]\n"
+        "print(codes, 'prometheus_client' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "[0, 0] False", out.stderr
