@@ -28,7 +28,16 @@ setup(
     ],
     extras_require={
         "systemd": ["systemd-python>=234"],
-        "dev": ["pytest>=7", "ruff>=0.4", "mypy>=1.8", "hypothesis>=6.90"],
+        # The optional HTTP listener ([aigis] http): /metrics and the status page.
+        "metrics": ["prometheus_client>=0.16"],
+        "dev": [
+            "pytest>=7",
+            "ruff>=0.4",
+            "mypy>=1.8",
+            "hypothesis>=6.90",
+            "prometheus_client>=0.16",
+            "selenium>=4.10",
+        ],
     },
     entry_points={
         "console_scripts": [

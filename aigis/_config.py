@@ -6,6 +6,7 @@ environment for defaults); ``load_config(path)`` reads the file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -60,6 +61,8 @@ class Settings:
     load_timeout: float = _settings.LOAD_TIMEOUT
     log_max_bytes: int = _settings.LOG_MAX_BYTES
     log_backups: int = _settings.LOG_BACKUPS
+    http: tuple[str, int] | None = None
+    http_token_file: Path | None = None
 
     @property
     def plugins_dir(self) -> Path:
@@ -391,6 +394,14 @@ def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Set
                 f"got {type(value).__name__} {shown(value)}",
             )
     tcp = _parse_tcp(problems, values["tcp"]) if values.get("tcp") else None
+    http = _parse_tcp(problems, values["http"], "http") if values.get("http") else None
+    if http is not None and not is_loopback(http[0]) and not values.get("http_token_file"):
+        problems.add(
+            "aigis",
+            "http",
+            f'[aigis] http "{escape(values["http"], 80)}" is not a loopback address: set '
+            "http_token_file too (a file with the bearer token every request must carry)",
+        )
     if problems.items:
         return None
 
@@ -421,10 +432,22 @@ def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Set
         load_timeout=float(get("load_timeout")),  # type: ignore[arg-type]
         log_max_bytes=int(get("log_max_bytes")),  # type: ignore[call-overload]
         log_backups=int(get("log_backups")),  # type: ignore[call-overload]
+        http=http,
+        http_token_file=path_of("http_token_file") if values.get("http_token_file") else None,
     )
 
 
-def _parse_tcp(problems: _Problems, raw: object) -> tuple[str, int] | None:
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1); any other name is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_tcp(problems: _Problems, raw: object, key: str = "tcp") -> tuple[str, int] | None:
     """``host:port`` or ``[v6]:port`` (an invalid type was already reported)."""
     if not isinstance(raw, str) or "\0" in raw:
         return None
@@ -432,14 +455,14 @@ def _parse_tcp(problems: _Problems, raw: object) -> tuple[str, int] | None:
     if not match:
         problems.add(
             "aigis",
-            "tcp",
-            f'[aigis] tcp must be "host:port" (e.g. "127.0.0.1:7878"), got {shown(raw)}',
+            key,
+            f'[aigis] {key} must be "host:port" (e.g. "127.0.0.1:7878"), got {shown(raw)}',
         )
         return None
     host = match.group(1) or match.group(3)
     port = int(match.group(2) or match.group(4))
     if not 0 <= port <= 65535:
-        problems.add("aigis", "tcp", f"[aigis] tcp port must be 0-65535, got {port}")
+        problems.add("aigis", key, f"[aigis] {key} port must be 0-65535, got {port}")
         return None
     return host, port
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aigis import _ctlwire as wire
 from aigis._errors import AigisError, PluginError
+from aigis._metrics import OPERATOR, UNRESOLVED, Metrics
 from aigis._redact import redact
 from aigis._rpc.wire import refusal
 from aigis._settings import HANDSHAKE_TIMEOUT
@@ -63,7 +64,9 @@ def parse_call_args(tokens: list[str]) -> tuple[list[Any], dict[str, Any]]:
 class Control:
     """The operations (an allowlist), each taking and returning plain data."""
 
-    OPERATIONS = ("ping", "status", "start", "stop", "restart", "reload", "skills", "logs", "call")
+    OPERATIONS = (
+        "ping", "status", "start", "stop", "restart", "reload", "skills", "logs", "call", "top",
+    )  # fmt: skip
     #: Operations that may take long (stopping, reloading, a slow skill): the client waits.
     SLOW = frozenset({"start", "stop", "restart", "reload", "call"})
 
@@ -89,7 +92,7 @@ class Control:
             isinstance(names, list) and all(isinstance(n, str) for n in names)
         ):
             raise TypeError("status takes a list of plugin names")
-        return self.daemon.status_rows(names or None)
+        return self.daemon.status_rows(names or None, usage=True)
 
     def _known(self, name: object) -> str:
         if not isinstance(name, str) or name not in self.daemon.plugins:
@@ -134,13 +137,39 @@ class Control:
         why = refusal(names)
         if why is not None:
             raise PermissionError(why)
-        args, kwargs = parse_call_args([str(t) for t in tokens])
-        target = self.daemon.namespace.resolve(names)
-        result = target(*args, **kwargs) if callable(target) else target
-        text = pprint.pformat(result)
+        tokens = [str(t) for t in tokens]
+        args, kwargs = parse_call_args(tokens)
+        metrics: Metrics = self.daemon.metrics
+        skill, error, text = ".".join(names), None, ""
+        metrics.call_started()
+        began = time.perf_counter()
+        try:
+            try:
+                target = self.daemon.namespace.resolve(names)
+            except Exception:
+                skill = UNRESOLVED  # a mistyped path must not become a label of its own
+                raise
+            result = target(*args, **kwargs) if callable(target) else target
+            text = pprint.pformat(result)
+        except BaseException as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            metrics.observe_call(
+                skill,
+                OPERATOR,
+                time.perf_counter() - began,
+                error,
+                bytes_in=len(path) + sum(len(t) for t in tokens),
+                bytes_out=len(text),
+            )
         if len(text) > MAX_RESULT:
             text = text[:MAX_RESULT] + f"... ({len(text)} characters, cut)"
         return text
+
+    def top(self) -> dict[str, Any]:
+        """What ``aigisctl top`` shows: plugins with usage, skills, call metrics, the core."""
+        return self.daemon.view()
 
 
 class _Peer:
@@ -162,8 +191,11 @@ class _Peer:
 class ControlServer:
     """Serves ``Control`` on a Unix socket: a thread per connection, at most MAX_CONNECTIONS."""
 
-    def __init__(self, control: Control, path: Path, key: bytes) -> None:
+    def __init__(
+        self, control: Control, path: Path, key: bytes, metrics: Metrics | None = None
+    ) -> None:
         self.control, self.path, self._key = control, Path(path), key
+        self.metrics = metrics if metrics is not None else Metrics()
         self._listener: socket.socket | None = None
         self._inode: int | None = None
         self._peers: list[_Peer] = []
@@ -254,13 +286,16 @@ class ControlServer:
                     return False
                 oldest = min(pending, key=lambda p: p.accepted)
                 self._peers.remove(oldest)
+                self.metrics.connection_closed("control")
                 oldest.evict()
                 self._refuse(oldest, "evicted: unauthenticated while the socket is crowded")
             self._peers.append(peer)
+            self.metrics.connection_opened("control")
             return True
 
     def _refuse(self, peer: _Peer, why: str) -> None:
         """At most one line every LOG_EVERY seconds, with the count since the last one."""
+        self.metrics.handshake_refused("control")
         self._refused += 1
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY:
@@ -277,6 +312,7 @@ class ControlServer:
             with self._lock:
                 if peer in self._peers:
                     self._peers.remove(peer)
+                    self.metrics.connection_closed("control")
             peer.sock.close()
 
     def _exchange(self, peer: _Peer) -> None:

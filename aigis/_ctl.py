@@ -80,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="Python literals (strings may be bare); NAME=VALUE for keywords",
     )
     add("shell", "an interactive Python shell with `aigis` connected to the core")
+    top = add("top", "live view: plugins' state, CPU, memory; the busiest skills (q quits)")
+    top.add_argument(
+        "-d",
+        "--delay",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="refresh interval (default 1)",
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one snapshot (also when not on a terminal)"
+    )
+    # For the shell completion scripts (not listed): plugin names or skill paths, one a line.
+    names = commands.add_parser(
+        "_complete",
+        description="print the running core's plugin names or skill paths, one a line "
+        "(for shell completion; prints nothing and exits 1 when the core is down)",
+    )
+    names.add_argument("what", choices=("plugins", "skills"))
+    names.add_argument("-c", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -203,8 +223,10 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    from aigis._top import cpu_time, size
+
     table: list[tuple[str, ...]] = [
-        ("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "REASON")
+        ("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "CPU", "MEM", "REASON")
     ]
     for row in rows:
         table.append(
@@ -215,6 +237,8 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
                 str(row["pid"] or "-"),
                 str(row["restarts"]),
                 _duration(row["uptime"]),
+                cpu_time(row.get("cpu_seconds")),
+                size(row.get("memory_bytes")),
                 row["reason"] or (row["last_exit"] or ""),
             )
         )
@@ -228,18 +252,23 @@ def _rows_from_systemd(names: list[str]) -> list[dict[str, Any]]:
     from aigis._status import unit_row
     from aigis._supervise.dbus import Systemd, SystemdError
     from aigis._supervise.units import unit_name
+    from aigis._supervise.usage import process_usage, unit_usage
 
     bus = Systemd(timeout=5.0)
     try:
         units = [unit_name(n) for n in names] or sorted(bus.list_units("aigis-plugin@*"))
         states = bus.states(units)
+        running = {s.unit: s for s in states if s.main_pid}
+        usage = unit_usage(bus, {unit: unit for unit in running})
     except (OSError, SystemdError) as exc:
         raise CtlError(
             f"cannot ask systemd about the plugin units: {exc}", EXIT_NOT_RUNNING
         ) from None
     finally:
         bus.close()
-    return [unit_row(unit) for unit in states]
+    # Without cgroup accounting: the unit's main process tree.
+    usage.update(process_usage({u: s.main_pid for u, s in running.items() if u not in usage}))
+    return [unit_row(unit, usage=usage.get(unit.unit)) for unit in states]
 
 
 def _verb(args: argparse.Namespace) -> int:
@@ -351,6 +380,60 @@ def cmd_shell(args: argparse.Namespace) -> int:
         local={"aigis": proxy},
         exitmsg="",
     )
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """A live table refreshed every ``--delay`` seconds until ``q``; one snapshot when stdout
+    is not a terminal (or with ``--once``)."""
+    from aigis._top import render
+
+    if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
+        view = _control(args, "top")
+        print("\n".join(render(None, view, width=1000, height=1000, interactive=False)))
+        return EXIT_OK
+    if not 0.1 <= args.delay <= 3600:
+        raise CtlError("--delay must be between 0.1 and 3600 seconds", EXIT_USAGE)
+    import contextlib
+    import curses
+
+    def run(screen: Any) -> None:
+        with contextlib.suppress(curses.error):
+            curses.curs_set(0)
+        previous = None
+        while True:
+            current = _control(args, "top")
+            height, width = screen.getmaxyx()
+            screen.erase()
+            for y, line in enumerate(render(previous, current, width - 1, height)):
+                with contextlib.suppress(curses.error):
+                    screen.addstr(y, 0, line)
+            screen.refresh()
+            previous = current
+            screen.timeout(int(args.delay * 1000))
+            key = screen.getch()
+            if key in (ord("q"), ord("Q"), 27):
+                return
+
+    curses.wrapper(run)
+    return EXIT_OK
+
+
+def cmd__complete(args: argparse.Namespace) -> int:
+    """Plugin names or skill paths of the running core, one a line; nothing when it is down."""
+    from aigis import _ctlclient as client
+    from aigis._ctlwire import control_key_path
+
+    try:
+        settings = _settings(args)
+        op = "status" if args.what == "plugins" else "skills"
+        rows = client.request(
+            settings.control_socket, control_key_path(settings.state_dir), op, timeout=2.0
+        )
+    except (CtlError, client.ControlError):
+        return EXIT_ERROR
+    for row in rows:
+        print(row["name"] if args.what == "plugins" else row["path"].removeprefix("aigis."))
     return EXIT_OK
 
 

@@ -28,6 +28,7 @@ from aigis._keys import load_or_create_key
 from aigis._launch import process_spec
 from aigis._loader import Loader, Plugin
 from aigis._log import about, setup_logging
+from aigis._metrics import Metrics
 from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
 from aigis._paths import make_dir
@@ -38,6 +39,7 @@ from aigis._states import Kind, State
 from aigis._status import Row, plugin_row, summary
 from aigis._supervise import pick_supervisor
 from aigis._supervise.base import LogLocation, Status, Supervisor
+from aigis._supervise.usage import UsageReader, own_usage
 from aigis._version import __version__
 
 log = logging.getLogger("aigis.core")
@@ -76,6 +78,9 @@ class Daemon:
             progress=self._on_progress,
         )
         self.supervisor = supervisor
+        self.metrics = Metrics()
+        self.usage = UsageReader(supervisor.name)
+        self.http: Any = None  # aigis._http.HttpServer when [aigis] http is set
         self.plugins: dict[str, Plugin] = {}
         # The plugin set is changed by the main loop, control calls and AIGISReload.
         self.lock = threading.RLock()
@@ -115,6 +120,7 @@ class Daemon:
         )
         try:
             self.start_server("control")
+            self.start_http()
             loaded = []
             for index, entry in enumerate(self.config.plugins, 1):
                 if self._startup_signals():
@@ -170,6 +176,7 @@ class Daemon:
             else:
                 last_error = ""
             self.notifier.watchdog()
+            self.metrics.fold()  # here, not on the calls' path
             try:
                 signum = self.signals.get(timeout=TICK)
             except queue.Empty:
@@ -200,8 +207,45 @@ class Daemon:
             self.servers.append(server)
         else:
             key = load_or_create_key(control_key_path(settings.state_dir), "control key")
-            self.control = ControlServer(Control(self), settings.control_socket, key)
+            self.control = ControlServer(
+                Control(self), settings.control_socket, key, metrics=self.metrics
+            )
             self.control.start()
+
+    def start_http(self) -> None:
+        """The optional HTTP listener (``[aigis] http``): /metrics and the status page. It is
+        an observer: when it cannot listen, the error is logged and the core runs without it."""
+        settings = self.config.settings
+        if settings.http is None:
+            return
+        from aigis._http import HttpServer, json_body, read_token
+
+        try:
+            from aigis import _exposition as expo
+        except ImportError as exc:
+            log.error("failed: http listener needs prometheus_client: %s", exc)
+            return
+        from aigis import _page as page
+
+        registry = expo.registry(self.view)
+        routes = {
+            "/": ("text/html; charset=utf-8", lambda: page.HTML.encode()),
+            "/status.js": ("text/javascript; charset=utf-8", lambda: page.JS.encode()),
+            "/status.css": ("text/css; charset=utf-8", lambda: page.CSS.encode()),
+            "/status.json": (
+                "application/json",
+                lambda: json_body(page.page_data(self.view())),
+            ),
+            "/metrics": (expo.CONTENT_TYPE, lambda: expo.exposition(registry)),
+        }
+        try:
+            token = read_token(settings.http_token_file) if settings.http_token_file else None
+            server = HttpServer(settings.http, routes, self.metrics, token)
+            server.start()
+        except AigisError as exc:
+            log.error("failed: %s; running without the http listener", exc)
+            return
+        self.http = server
 
     def _timed_out(self, entry: PluginEntry) -> Plugin:
         """The plugin whose load ran past ``load_timeout``: failed, with the step it was in."""
@@ -341,8 +385,11 @@ class Daemon:
         self._quietly("closing the supervisor", self.supervisor.close)
         for server in self.servers:
             self._quietly("closing a socket", server.stop)  # idempotent for the one stopped
+        if self.http is not None:
+            self._quietly("closing the http listener", self.http.stop)
         if self.control is not None:
             self._quietly("closing the control socket", self.control.stop)
+        self._quietly("closing the usage reader", self.usage.close)
         log.info("stopped: AIGIS")
 
     def _core_restarting(self) -> bool:
@@ -548,8 +595,9 @@ class Daemon:
         self.supervisor.restart(name)
         return self.status_rows([name])[0]
 
-    def status_rows(self, names: list[str] | None = None) -> list[Row]:
-        """Status of ``names`` (all when None), in load order; unknown names raise."""
+    def status_rows(self, names: list[str] | None = None, usage: bool = False) -> list[Row]:
+        """Status of ``names`` (all when None), in load order; unknown names raise. ``usage``:
+        with the CPU time and memory of each plugin's processes (else null)."""
         # No lock: a snapshot of the dict is enough, and status must answer during a reload.
         current: dict[str, Plugin] = dict(self.plugins)
         loading = self.loading
@@ -566,7 +614,28 @@ class Daemon:
                 raise PluginError(name, f"no such plugin in {self.config.path}")
         plugins = [current[n] for n in wanted]
         procs = self._snapshots([p.name for p in plugins if p.supervised])
-        return [plugin_row(p, procs.get(p.name)) for p in plugins]
+        costs = {}
+        if usage:
+            pids = {name: proc.pid for name, proc in procs.items() if proc.pid}
+            try:
+                costs = self.usage.read(pids)
+            except Exception:  # usage is a nicety: status must answer without it
+                log.exception("failed: reading plugin usage")
+        return [plugin_row(p, procs.get(p.name), usage=costs.get(p.name)) for p in plugins]
+
+    def view(self) -> dict[str, Any]:
+        """Everything an observer sees, as plain data: the core, every plugin's row (with
+        usage), every skill and its owner, and the call metrics. Never plugin output."""
+        return {
+            "time": time.time(),
+            "core": {**self.describe(), **own_usage()},
+            "plugins": self.status_rows(usage=True),
+            "skills": [
+                {"path": f"aigis.{s.path}", "kind": s.kind, "plugin": s.plugin}
+                for s in self.namespace.skills()
+            ],
+            "metrics": self.metrics.snapshot(),
+        }
 
     def _snapshots(self, names: list[str]) -> dict[str, Status]:
         """The supervisor's snapshots of ``names`` in one round; a name removed meanwhile (by a

@@ -31,7 +31,7 @@ class Setting:
     """
 
     name: str
-    kind: str  # path | address | choice | seconds | count
+    kind: str  # path | optional_path | address | choice | seconds | count
     default: object
     doc: str
     choices: tuple[str, ...] = ()
@@ -44,6 +44,9 @@ class Setting:
         """What a valid value looks like, for error messages."""
         if self.kind == "path":
             return "a path (a non-empty string without NUL)"
+        if self.kind == "optional_path":
+            return 'a path, or "" for none'
+
         if self.kind == "address":
             return 'an address "host:port" or "" to disable'
         if self.kind == "choice":
@@ -57,10 +60,12 @@ class Setting:
 
     def valid(self, value: object) -> bool:
         """Whether ``value`` (as TOML gave it) is acceptable for this setting."""
-        if self.kind in ("path", "address", "choice"):
+        if self.kind in ("path", "optional_path", "address", "choice"):
             if not isinstance(value, str) or "\0" in value:
                 return False
-            if self.kind == "path":
+            if self.kind == "optional_path" and value == "":
+                return True
+            if self.kind in ("path", "optional_path"):
                 return 0 < len(value.encode("utf-8", "surrogateescape")) <= MAX_PATH
             return self.kind == "address" or value in self.choices
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -93,6 +98,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("socket", "path", None, "the plugins' Unix socket; default <runtime_dir>/aigis.sock"),
     Setting("tcp", "address", "", 'TCP listener "host:port" for remote plugins; "" disables it'),
     Setting("authkey_file", "path", None, "shared secret; default <state_dir>/authkey"),
+    Setting(
+        "http",
+        "address",
+        "",
+        'HTTP listener "host:port" for /metrics and the status page; "" disables it; an '
+        "address other than loopback needs http_token_file",
+    ),
+    Setting(
+        "http_token_file",
+        "optional_path",
+        "",
+        'file whose first line is a bearer token every HTTP request must carry; "" for none',
+    ),
     Setting("supervisor", "choice", "auto", "process supervisor", choices=SUPERVISORS),
     Setting(
         "requirements",

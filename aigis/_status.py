@@ -21,6 +21,8 @@ STATUS_FIELDS = (
     "restarts",
     "uptime",
     "since",
+    "cpu_seconds",
+    "memory_bytes",
     "host",
     "source",
     "ref",
@@ -57,14 +59,29 @@ class PluginFacts(Protocol):
     def ref(self) -> str | None: ...
 
 
+class Usage(Protocol):
+    """What a plugin's processes cost (``aigis._supervise.usage.Usage`` has these)."""
+
+    @property
+    def cpu_seconds(self) -> float: ...
+    @property
+    def memory_bytes(self) -> int: ...
+
+
 def _row(**values: Any) -> Row:
     """A row with exactly STATUS_FIELDS, in order."""
     assert values.keys() == set(STATUS_FIELDS), sorted(values.keys() ^ set(STATUS_FIELDS))
     return {key: values[key] for key in STATUS_FIELDS}
 
 
-def plugin_row(plugin: PluginFacts, proc: Status | None, now: float | None = None) -> Row:
-    """One plugin's row: the core's view, with the supervisor's snapshot when it has a process.
+def plugin_row(
+    plugin: PluginFacts,
+    proc: Status | None,
+    now: float | None = None,
+    usage: Usage | None = None,
+) -> Row:
+    """One plugin's row: the core's view, with the supervisor's snapshot when it has a process
+    and what that process costs (``usage``: CPU seconds and memory; null when not read).
 
     A supervised plugin without a snapshot is ``unknown`` (the supervisor could not be asked).
     """
@@ -91,6 +108,8 @@ def plugin_row(plugin: PluginFacts, proc: Status | None, now: float | None = Non
         restarts=restarts,
         uptime=uptime,
         since=since,
+        cpu_seconds=None if usage is None else round(usage.cpu_seconds, 3),
+        memory_bytes=None if usage is None else usage.memory_bytes,
         host=plugin.host,
         source=redact(plugin.source),
         ref=plugin.ref,
@@ -100,9 +119,9 @@ def plugin_row(plugin: PluginFacts, proc: Status | None, now: float | None = Non
     )
 
 
-def unit_row(unit: UnitState, now: float | None = None) -> Row:
+def unit_row(unit: UnitState, now: float | None = None, usage: Usage | None = None) -> Row:
     """The row of a plugin unit read from systemd while the core is down: the core's own facts
-    (host, source, ref, commit) are unknown, so null."""
+    (host, source, ref, commit) are unknown, so null; ``usage`` from the unit's cgroup."""
     now = time.time() if now is None else now
     view = describe(unit, restart_limit=None, stop_requested=False)
     reason = view.reason if unit.load_state == "loaded" else f"{unit.unit} {unit.load_state}"
@@ -116,6 +135,8 @@ def unit_row(unit: UnitState, now: float | None = None) -> Row:
         restarts=view.restarts,
         uptime=max(0.0, now - started) if started else None,
         since=unit.state_change or None,
+        cpu_seconds=None if usage is None else round(usage.cpu_seconds, 3),
+        memory_bytes=None if usage is None else usage.memory_bytes,
         host=None,
         source=None,
         ref=None,

@@ -270,6 +270,31 @@ class Systemd:
             states.append(_unit_state(unit, row, props))
         return states
 
+    def unit_properties(
+        self, units: Sequence[str], names: Sequence[str], interface: str = "Service"
+    ) -> dict[str, dict[str, Any]]:
+        """``{unit: {property: value}}`` of ``names`` (properties of
+        ``org.freedesktop.systemd1.<interface>``) for many units, in one pipelined batch; a
+        property systemd cannot give (unknown unit) is left out."""
+        calls: list[Call] = [
+            (
+                DBusAddress(unit_path(unit), bus_name=SYSTEMD, interface=PROPERTIES),
+                "Get",
+                "ss",
+                (f"org.freedesktop.systemd1.{interface}", name),
+            )
+            for unit in units
+            for name in names
+        ]
+        replies = iter(self._call_many(calls))
+        out: dict[str, dict[str, Any]] = {}
+        for unit in units:
+            for name in names:
+                reply = next(replies)
+                if reply.header.message_type is not MessageType.error:
+                    out.setdefault(unit, {})[name] = reply.body[0][1]
+        return out
+
 
 #: What ``states`` reads besides ListUnitsByNames' LoadState, ActiveState, SubState and job.
 _PROPERTIES = (

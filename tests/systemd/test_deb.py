@@ -311,6 +311,8 @@ def test_rpm_builds_with_the_same_layout(tmp_path: Path) -> None:
         "/usr/lib/systemd/system/aigis-plugin@.service",
         "/usr/lib/sysusers.d/aigis.conf",
         "/usr/lib/tmpfiles.d/aigis.conf",
+        "/usr/share/bash-completion/completions/aigisctl",
+        "/usr/share/zsh/site-functions/_aigisctl",
     ):
         assert path in files, path
     requires = {line.split()[0] for line in query("--requires")}
@@ -333,6 +335,8 @@ def test_files_permissions_and_group(aigis: Installed) -> None:
         "/usr/lib/tmpfiles.d/aigis.conf",
         "/usr/share/man/man1/aigis.1.gz",
         "/usr/share/man/man1/aigisctl.1.gz",
+        "/usr/share/bash-completion/completions/aigisctl",
+        "/usr/share/zsh/vendor-completions/_aigisctl",
         "/etc/aigis/secrets",
     ):
         assert path in listed, path

@@ -181,7 +181,10 @@ def test_packaged_config_lists_every_setting_with_its_real_default(monkeypatch):
 def test_settings_dataclass_defaults_come_from_the_table():
     for item in fields(Settings):
         if item.default is not MISSING:
-            assert item.default == BY_NAME[item.name].default, item.name
+            declared = BY_NAME[item.name].default
+            if declared == "" and BY_NAME[item.name].kind in ("address", "optional_path"):
+                declared = None  # a disabled listener, no file: stored as None
+            assert item.default == declared, item.name
     assert parse_config("", CFG).settings.log_backups == 3
 
 
@@ -273,3 +276,35 @@ def test_config_file_that_is_a_device_or_too_big_is_refused(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(big)
     assert info.value.problems == [f"{big}: config file is larger than 1048576 bytes"]
+
+
+def test_the_http_listener_is_off_by_default_and_loopback_needs_no_token():
+    settings = parse_config("", CFG).settings
+    assert (settings.http, settings.http_token_file) == (None, None)
+    settings = parse_config('[aigis]\nhttp = "127.0.0.1:9120"\n', CFG).settings
+    assert (settings.http, settings.http_token_file) == (("127.0.0.1", 9120), None)
+    for host in ("localhost", "[::1]", "127.0.0.2"):
+        assert parse_config(f'[aigis]\nhttp = "{host}:1"\n', CFG).settings.http[1] == 1
+
+
+def test_a_non_loopback_http_listener_needs_a_token_file():
+    for host in ("0.0.0.0", "192.0.2.1", "[::]", "example.org"):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(f'[aigis]\nhttp = "{host}:9120"\n', CFG)
+        assert caught.value.problems == [
+            f'/etc/aigis/aigis.toml:2: [aigis] http "{host}:9120" is not a loopback address: '
+            "set http_token_file too (a file with the bearer token every request must carry)"
+        ]
+    settings = parse_config(
+        '[aigis]\nhttp = "0.0.0.0:9120"\nhttp_token_file = "http.token"\n', CFG
+    ).settings
+    assert settings.http_token_file == Path("/etc/aigis/http.token")
+
+
+def test_a_bad_http_address_names_the_key():
+    with pytest.raises(ConfigError) as caught:
+        parse_config('[aigis]\nhttp = "9120"\n', CFG)
+    assert caught.value.problems == [
+        '/etc/aigis/aigis.toml:2: [aigis] http must be "host:port" (e.g. "127.0.0.1:7878"), '
+        "got '9120'"
+    ]

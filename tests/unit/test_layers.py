@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).parents[2] / "aigis"
 
 LEAVES = {
     "aigis._errors", "aigis._version", "aigis._states", "aigis._redact", "aigis._settings",
-    "aigis._quote",
+    "aigis._quote", "aigis._metrics",
 }  # fmt: skip
 LEAVES |= {"aigis._remote.syncer"}  # runs on remote hosts: the standard library only
 PURE = {
@@ -23,6 +23,7 @@ PURE = {
     "aigis._supervise.base", "aigis._supervise.policy", "aigis._supervise.unitstate",
     "aigis._rpc.wire", "aigis._status", "aigis._launch",
     "aigis._remote.hosts", "aigis._rpc.handshake", "aigis._rpc.admission",
+    "aigis._page", "aigis._exposition", "aigis._top",
 }  # fmt: skip
 TOP = {"aigis._daemon", "aigis._ctl", "aigis._control", "aigis.__main__"}
 
