@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := git libsystemd-dev pkg-config gcc python3-dev python3-venv iproute2 util-linux \
-	openssh-server openssh-client
+	openssh-server openssh-client chromium chromium-driver tmux zsh
 
 .PHONY: demo test venv dev-venv system-packages lint format bench fuzz check clean
 
