@@ -201,7 +201,11 @@ class Daemon:
         if which == "plugins":
             authkey = load_or_create_authkey(settings.authkey_file)
             server = CoreServer(
-                self.namespace.resolve, unix_path=settings.socket, tcp=settings.tcp, authkey=authkey
+                self.namespace.resolve,
+                unix_path=settings.socket,
+                tcp=settings.tcp,
+                authkey=authkey,
+                metrics=self.metrics,
             )
             server.start()
             self.servers.append(server)

@@ -25,10 +25,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from aigis._errors import AigisError
 from aigis._keys import load_or_create_key
+from aigis._metrics import UNKNOWN_PLUGIN, UNRESOLVED
 from aigis._rpc import wire
 from aigis._rpc.admission import Admission, RefusalLog
 from aigis._rpc.handshake import MAX_FRAME, Refused, ServerHandshake
@@ -46,6 +47,23 @@ SOCKET_MODE = 0o660
 AUTHKEY_MODE = 0o600
 
 Resolve = Callable[[tuple[str, ...]], object]
+
+
+class CallMetrics(Protocol):
+    """What the server reports each call to (``aigis._metrics.Metrics``)."""
+
+    def call_started(self) -> None: ...
+    def observe_call(
+        self,
+        skill_path: str,
+        caller: str,
+        seconds: float,
+        error: str | None = None,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+    ) -> None: ...
+
+
 _ALLOWED_CACHE = 4096
 _PLAIN_CALL_MAX = 512  # bytes of a plain call's payload kept as a key (longer paths: decoded)
 _NONE_FRAME = wire.HEADER.pack(len(wire.NONE_RESULT)) + wire.NONE_RESULT
@@ -122,10 +140,12 @@ class CoreServer:
         frame_timeout: float = FRAME_TIMEOUT,
         inflight_budget: int = INFLIGHT_BUDGET,
         inline_limit: float = INLINE_LIMIT,
+        metrics: CallMetrics | None = None,
     ) -> None:
         if not authkey:
             raise ValueError("CoreServer needs a non-empty authkey")
         self._resolve = resolve
+        self._metrics = metrics
         self.unix_path = Path(unix_path)
         self._tcp_request = tcp
         self._authkey = bytes(authkey)
@@ -902,7 +922,24 @@ class CoreServer:
     # --- calls -----------------------------------------------------------------------------
 
     def _dispatch(self, request: memoryview) -> bytes | list[wire.Buffer]:
-        """The reply to one request: a whole frame (bytes), or the parts of its payload."""
+        """The reply to one request: a whole frame (bytes), or the parts of its payload; each
+        call is counted when metrics are on (two clock reads and one append)."""
+        metrics = self._metrics
+        if metrics is None:
+            return self._call(request)[0]
+        metrics.call_started()
+        started = time.perf_counter()
+        reply, path, error = self._call(request)
+        elapsed = time.perf_counter() - started
+        sent = len(reply) if isinstance(reply, bytes) else sum(map(len, reply))
+        skill = ".".join(path) if path is not None and error != "PermissionError" else UNRESOLVED
+        metrics.observe_call(skill, UNKNOWN_PLUGIN, elapsed, error, len(request), sent)
+        return reply
+
+    def _call(
+        self, request: memoryview
+    ) -> tuple[bytes | list[wire.Buffer], tuple[str, ...] | None, str | None]:
+        """(the reply, the path called or None if undecodable, the error's type name or None)."""
         key = bytes(request) if len(request) <= _PLAIN_CALL_MAX else None
         path = self._plain_calls.get(key) if key is not None else None
         if path is not None:
@@ -912,7 +949,7 @@ class CoreServer:
                 path, args, kwargs = wire.decode_request(request)
             except Exception as exc:
                 exc.add_note("raised in the AIGIS core while decoding the request")
-                return self._error(exc)
+                return self._error(exc), None, type(exc).__name__
         try:
             if path not in self._allowed:
                 self._check(path)
@@ -931,18 +968,18 @@ class CoreServer:
             else:
                 value = target() if callable(target) else target
         except BaseException as exc:  # even SystemExit from a skill goes back to its caller
-            return self._error(exc)
+            return self._error(exc), path, type(exc).__name__
         if value is None:
-            return _NONE_FRAME
+            return _NONE_FRAME, path, None
         try:
-            return wire.encode_result(value)
+            return wire.encode_result(value), path, None
         except Exception as exc:
             error = TypeError(
                 f"{wire.dotted(path)} returned {type(value).__qualname__}, which cannot be "
                 f"sent to a plugin: {exc}"
             )
             error.__cause__ = exc
-            return self._error(error)
+            return self._error(error), path, "TypeError"
 
     @staticmethod
     def _error(exc: BaseException) -> list[wire.Buffer]:
