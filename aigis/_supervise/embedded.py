@@ -103,7 +103,7 @@ class EmbeddedSupervisor:
                 console=self._console,
             )
             run = self._runs[spec.name] = _Run(spec, sink, since=self._os.time())
-            self._spawn(run, "starting")
+            self._spawn(run, "started")
             if self._housekeeping is None:
                 self._housekeeping = self._os.call_at(self._os.monotonic() + REAP_EVERY, self._reap)
 

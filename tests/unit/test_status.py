@@ -49,18 +49,9 @@ EMBEDDED = Status("p", Kind.EXTERNAL, State.RUNNING, 42, 1, 150.0, 150.0, "exit 
 SYSTEMD = Status("p", Kind.EXTERNAL, State.RUNNING, 42, 1, 150.0, 150.0, None, "unit active")
 
 
-#: Added with plugin usage; the README text for them is proposed with that change. Remove this
-#: once the README lists them (the test then checks the README alone).
-PENDING_README = ("cpu_seconds", "memory_bytes")
-
-
 def expected_fields() -> tuple[str, ...]:
-    """The README's fields, with PENDING_README after ``since`` while the README lacks them."""
-    documented = documented_fields()
-    if not set(PENDING_README) & set(documented):
-        at = documented.index("since") + 1
-        documented = documented[:at] + PENDING_README + documented[at:]
-    return documented
+    """The README's fields."""
+    return documented_fields()
 
 
 def test_the_readme_documents_exactly_the_fields():
