@@ -59,6 +59,7 @@ class Settings:
     restart_delay_max: float = _settings.RESTART_DELAY_MAX
     stop_timeout: float = _settings.STOP_TIMEOUT
     load_timeout: float = _settings.LOAD_TIMEOUT
+    reload_skill: str = _settings.default("reload_skill")  # type: ignore[assignment]
     log_max_bytes: int = _settings.LOG_MAX_BYTES
     log_backups: int = _settings.LOG_BACKUPS
     http: tuple[str, int] | None = None
@@ -73,6 +74,11 @@ class Settings:
     def control_socket(self) -> Path:
         """The operators' socket (``aigisctl``), beside the plugins' socket; never on TCP."""
         return self.runtime_dir / "control.sock"
+
+    def plugin_key_file(self, name: str) -> Path:
+        """Plugin ``name``'s own key, ``<state>/keys/<name>.key``: it opens the plugins' socket
+        as that plugin, and only that plugin receives it."""
+        return self.state_dir / "keys" / f"{name}.key"
 
     @property
     def log_dir(self) -> Path:
@@ -430,6 +436,7 @@ def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Set
         restart_delay_max=float(get("restart_delay_max")),  # type: ignore[arg-type]
         stop_timeout=float(get("stop_timeout")),  # type: ignore[arg-type]
         load_timeout=float(get("load_timeout")),  # type: ignore[arg-type]
+        reload_skill=" ".join(str(get("reload_skill")).split()),
         log_max_bytes=int(get("log_max_bytes")),  # type: ignore[call-overload]
         log_backups=int(get("log_backups")),  # type: ignore[call-overload]
         http=http,

@@ -24,7 +24,7 @@ from aigis._control import Control, ControlServer
 from aigis._ctlwire import control_key_path
 from aigis._errors import AigisError, ConfigError, NotSupervised, PluginError
 from aigis._instance import InstanceLock
-from aigis._keys import load_or_create_key
+from aigis._keys import PLUGIN_KEY_MODE, load_or_create_key
 from aigis._launch import process_spec
 from aigis._loader import Loader, Plugin
 from aigis._log import about, setup_logging
@@ -33,7 +33,7 @@ from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
 from aigis._paths import make_dir
 from aigis._reload import diff
-from aigis._rpc.server import CoreServer, load_or_create_authkey
+from aigis._rpc.server import ROOT, CoreServer, load_or_create_authkey
 from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API, SUPERVISORS
 from aigis._states import Kind, State
 from aigis._status import Row, plugin_row, summary
@@ -92,6 +92,7 @@ class Daemon:
         self.started_at = time.time()
         self.servers: list[CoreServer] = []
         self.control: ControlServer | None = None
+        self.plugin_keys: dict[str, bytes] = {}  # each plugin process's own key, by name
         self.loading: tuple[int, int, str] | None = None  # (3, 12, name) while start-up loads
         self.step: tuple[str, float] = ("", 0.0)  # what the load in progress does, since when
         self.activity: str | None = None  # the same as one line, while a load runs
@@ -206,6 +207,8 @@ class Daemon:
                 tcp=settings.tcp,
                 authkey=authkey,
                 metrics=self.metrics,
+                keys=lambda: self.plugin_keys,
+                authorize=self.authorize_call,
             )
             server.start()
             self.servers.append(server)
@@ -469,9 +472,14 @@ class Daemon:
                         user=plugin.entry.user,
                         sandbox=plugin.entry.sandbox,
                     )
+                    self.plugin_keys[plugin.name] = load_or_create_key(
+                        self.config.settings.plugin_key_file(plugin.name),
+                        f'key of plugin "{plugin.name}"',
+                        PLUGIN_KEY_MODE,
+                    )
                     self.supervisor.add(spec)
                     plugin.supervised = True
-                except (PluginError, OSError, ValueError) as exc:
+                except (AigisError, OSError, ValueError) as exc:
                     reason = exc.reason if isinstance(exc, PluginError) else str(exc)
                     plugin.state, plugin.reason = State.FAILED, f"could not start: {reason}"
                     log.error(
@@ -498,9 +506,23 @@ class Daemon:
                 return
             self._take_down(plugin)  # raises if the process could not be stopped: keep it listed
             del self.plugins[name]
+            self.plugin_keys.pop(name, None)  # its key no longer opens anything
             log.info('removed: plugin "%s"', name, **about(name))
 
     # -- operations (control socket, AIGISReload, SIGHUP) ----------------------------------------
+    def authorize_call(self, path: tuple[str, ...], caller: str) -> None:
+        """What a plugin may call: every skill, and ``AIGISReload`` as ``[aigis] reload_skill``
+        allows (the authkey's holder, root, may call everything)."""
+        if path[0] != "AIGISReload" or caller == ROOT:
+            return
+        allowed = self.config.settings.reload_skill
+        if allowed == "all" or caller in allowed.split():
+            return
+        raise PermissionError(
+            f'plugin "{caller}" may not call aigis.AIGISReload ([aigis] reload_skill = '
+            f'"{allowed}" in {self.config.path})'
+        )
+
     def register_builtins(self) -> None:
         """``aigis.AIGISReload(name)``."""
         holder = type("Builtins", (), {"AIGISReload": staticmethod(self.reload_plugin)})

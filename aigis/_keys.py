@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 KEY_MODE = 0o640  # the core's group (aigis under systemd) may read it; nobody else
+PLUGIN_KEY_MODE = 0o600  # a plugin's own key: root's; its unit gets it as a credential
+
 
 
 def load_or_create_key(path: Path, what: str, mode: int = KEY_MODE) -> bytes:

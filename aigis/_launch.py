@@ -33,7 +33,7 @@ def runner_argv(name: str, manifest: Manifest, python: str = sys.executable) -> 
     )
 
 
-#: The credential carrying the core's authkey into a plugin unit (``$CREDENTIALS_DIRECTORY``).
+#: The credential carrying the plugin's own key into its unit (``$CREDENTIALS_DIRECTORY``).
 AUTHKEY_CREDENTIAL = "authkey"
 
 
@@ -56,7 +56,7 @@ def process_spec(
         "AIGIS_PLUGIN": name,
         "AIGIS_PLUGIN_DIR": root,
         "AIGIS_ADDRESS": str(settings.socket),
-        "AIGIS_AUTHKEY_FILE": str(settings.authkey_file),
+        "AIGIS_AUTHKEY_FILE": str(settings.plugin_key_file(name)),
         "PYTHONUNBUFFERED": "1",
     }
     argv = runner_argv(name, manifest) if kind is Kind.INTERNAL else tuple(manifest.launch)

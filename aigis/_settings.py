@@ -31,7 +31,7 @@ class Setting:
     """
 
     name: str
-    kind: str  # path | optional_path | address | choice | seconds | count
+    kind: str  # path | optional_path | address | choice | seconds | count | plugins
     default: object
     doc: str
     choices: tuple[str, ...] = ()
@@ -47,6 +47,8 @@ class Setting:
         if self.kind == "optional_path":
             return 'a path, or "" for none'
 
+        if self.kind == "plugins":
+            return '"all", "none", or plugin names separated by spaces'
         if self.kind == "address":
             return 'an address "host:port" or "" to disable'
         if self.kind == "choice":
@@ -59,6 +61,11 @@ class Setting:
         return f"{unit} {low}{top}"
 
     def valid(self, value: object) -> bool:
+        if self.kind == "plugins":
+            if not isinstance(value, str) or "\0" in value or len(value) > MAX_PATH:
+                return False
+            words = value.split()
+            return value in ("all", "none") or (bool(words) and all(map(_plugin_name, words)))
         """Whether ``value`` (as TOML gave it) is acceptable for this setting."""
         if self.kind in ("path", "optional_path", "address", "choice"):
             if not isinstance(value, str) or "\0" in value:
@@ -144,6 +151,13 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=MAX_SECONDS,
     ),
     Setting(
+        "reload_skill",
+        "plugins",
+        "all",
+        "who may call the built-in aigis.AIGISReload(name): all plugins, none, or the plugins "
+        "named (the operator's aigisctl reload is not affected)",
+    ),
+    Setting(
         "load_timeout",
         "seconds",
         0.0,
@@ -167,6 +181,17 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def _plugin_name(word: str) -> bool:
+    """Whether ``word`` is a plugin name (aigis._config's NAME_RE, kept free of imports here)."""
+    head, tail = word[:1], word[1:]
+    return (
+        head.isascii()
+        and head.isalnum()
+        and len(tail) <= 63
+        and all(c.isascii() and (c.isalnum() or c in "_.-") for c in tail)
+    )
 
 
 def default(name: str) -> object:

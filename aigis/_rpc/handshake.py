@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Mapping
 
 from multiprocess.connection import CHALLENGE, FAILURE, MESSAGE_LENGTH, WELCOME
 
@@ -29,12 +30,17 @@ def _digest(authkey: bytes, message: bytes) -> bytes:
 
 
 class ServerHandshake:
-    """Challenge the peer, then answer its challenge; ``done`` once both sides are proven."""
+    """Challenge the peer, then answer its challenge; ``done`` once both sides are proven.
 
-    __slots__ = ("_authkey", "_nonce", "_state")
+    ``authkey`` is one key, or ``{identity: key}``: the peer proves it holds one of them, and
+    ``identity`` says which (each plugin holds a key of its own)."""
 
-    def __init__(self, authkey: bytes, nonce: bytes | None = None) -> None:
-        self._authkey = authkey
+    __slots__ = ("_authkey", "_keys", "_nonce", "_state", "identity")
+
+    def __init__(self, authkey: bytes | Mapping[str, bytes], nonce: bytes | None = None) -> None:
+        self._keys = {"": authkey} if isinstance(authkey, bytes) else dict(authkey)
+        self._authkey = b""
+        self.identity: str | None = None
         self._nonce = os.urandom(MESSAGE_LENGTH) if nonce is None else nonce
         self._state = "digest"
 
@@ -54,8 +60,12 @@ class ServerHandshake:
         """
         state = self._state
         if state == "digest":
-            if not hmac.compare_digest(payload, _digest(self._authkey, self._nonce)):
+            for identity, key in self._keys.items():  # every key is tried: no early exit
+                if hmac.compare_digest(payload, _digest(key, self._nonce)):
+                    self.identity, self._authkey = identity, key
+            if self.identity is None:
                 raise Refused("bad authkey", FAILURE)
+            self._keys = {}
             self._state = "challenge"
             return WELCOME
         if state == "challenge":

@@ -23,7 +23,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -47,6 +47,7 @@ SOCKET_MODE = 0o660
 AUTHKEY_MODE = 0o600
 
 Resolve = Callable[[tuple[str, ...]], object]
+ROOT = "root"  # the identity of whoever holds the authkey (aigisctl shell, AIGISTerminal)
 
 
 class CallMetrics(Protocol):
@@ -101,7 +102,7 @@ class _Conn:
 
     __slots__ = (
         "sock", "peer", "peer_key", "listener", "handshake", "deadline", "buf", "have",
-        "frame_deadline", "out", "events", "busy", "leftover", "failed", "closed",
+        "frame_deadline", "out", "events", "busy", "leftover", "failed", "closed", "identity",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, peer: str, peer_key: object, listener: str) -> None:
@@ -120,6 +121,7 @@ class _Conn:
         self.leftover = b""  # bytes received behind the frame of a slow call
         self.failed = False  # the reply of a slow call could not be sent
         self.closed = False
+        self.identity = ""  # who proved a key: a plugin's name, or ROOT for the authkey
 
 
 class CoreServer:
@@ -141,11 +143,15 @@ class CoreServer:
         inflight_budget: int = INFLIGHT_BUDGET,
         inline_limit: float = INLINE_LIMIT,
         metrics: CallMetrics | None = None,
+        keys: Callable[[], Mapping[str, bytes]] | None = None,
+        authorize: Callable[[tuple[str, ...], str], None] | None = None,
     ) -> None:
         if not authkey:
             raise ValueError("CoreServer needs a non-empty authkey")
         self._resolve = resolve
         self._metrics = metrics
+        self._keys = keys  # each plugin's own key, by plugin name (besides the authkey)
+        self._authorize = authorize  # raises PermissionError when a caller may not call a path
         self.unix_path = Path(unix_path)
         self._tcp_request = tcp
         self._authkey = bytes(authkey)
@@ -517,9 +523,12 @@ class CoreServer:
                 log.debug("closed: connection on %s: %s", label, _why(exc))
                 sock.close()
 
-    def _authkey_for(self, conn: _Conn) -> bytes:
-        """The key ``conn`` must prove it holds: the one place to choose a key per peer."""
-        return self._authkey
+    def _authkey_for(self, conn: _Conn) -> bytes | dict[str, bytes]:
+        """The keys ``conn`` may prove it holds, by identity: the authkey (the full proxy, ROOT)
+        and, when the core hands out per-plugin keys, each plugin's own."""
+        if self._keys is None:
+            return self._authkey
+        return {**self._keys(), ROOT: self._authkey}
 
     def _admit(self, sock: socket.socket, address: Any, label: str) -> None:
         sock.setblocking(False)
@@ -580,6 +589,7 @@ class CoreServer:
                 if conn.closed:
                     return
             if conn.handshake.done:
+                conn.identity = conn.handshake.identity or ROOT
                 conn.handshake = None
                 self._admission.release(conn, conn.listener)
                 log.debug("accepted: connection from %s", conn.peer)
@@ -704,7 +714,7 @@ class CoreServer:
             self._calling = calling = [conn]
             if self._watch_parked:
                 self._watch_event.set()
-            reply = self._dispatch(data[start:pos])
+            reply = self._dispatch(data[start:pos], conn.identity)
             self._calling = None
             try:
                 calling.pop()
@@ -921,23 +931,24 @@ class CoreServer:
 
     # --- calls -----------------------------------------------------------------------------
 
-    def _dispatch(self, request: memoryview) -> bytes | list[wire.Buffer]:
+    def _dispatch(self, request: memoryview, caller: str = "") -> bytes | list[wire.Buffer]:
         """The reply to one request: a whole frame (bytes), or the parts of its payload; each
         call is counted when metrics are on (two clock reads and one append)."""
         metrics = self._metrics
         if metrics is None:
-            return self._call(request)[0]
+            return self._call(request, caller)[0]
         metrics.call_started()
         started = time.perf_counter()
-        reply, path, error = self._call(request)
+        reply, path, error = self._call(request, caller)
         elapsed = time.perf_counter() - started
         sent = len(reply) if isinstance(reply, bytes) else sum(map(len, reply))
         skill = ".".join(path) if path is not None and error != "PermissionError" else UNRESOLVED
-        metrics.observe_call(skill, UNKNOWN_PLUGIN, elapsed, error, len(request), sent)
+        who = UNKNOWN_PLUGIN if caller in ("", ROOT) and self._keys is None else caller or ROOT
+        metrics.observe_call(skill, who, elapsed, error, len(request), sent)
         return reply
 
     def _call(
-        self, request: memoryview
+        self, request: memoryview, caller: str = ""
     ) -> tuple[bytes | list[wire.Buffer], tuple[str, ...] | None, str | None]:
         """(the reply, the path called or None if undecodable, the error's type name or None)."""
         key = bytes(request) if len(request) <= _PLAIN_CALL_MAX else None
@@ -957,6 +968,8 @@ class CoreServer:
                     if len(self._plain_calls) >= _ALLOWED_CACHE:
                         self._plain_calls.clear()
                     self._plain_calls[key] = path
+            if self._authorize is not None:
+                self._authorize(path, caller)
             target = self._resolve(path)
             if args or kwargs:
                 if not callable(target):

@@ -89,7 +89,7 @@ def test_the_launch_spec_of_a_default_internal_plugin():
     assert spec.own_dir == Path("/var/lib/aigis/ext/o")  # its checkout, not only ENTRYPOINT
     assert spec.hidden_dir == Path("/var/lib/aigis")
     assert spec.credentials == {"AIGIS_AUTHKEY_FILE": "authkey"}
-    assert spec.env["AIGIS_AUTHKEY_FILE"] == "/var/lib/aigis/authkey"  # the embedded backend's
+    assert spec.env["AIGIS_AUTHKEY_FILE"] == "/var/lib/aigis/keys/o.key"  # its own key
     assert spec.connects_to == (Path("/run/aigis/aigis.sock"),)
 
 
