@@ -21,7 +21,6 @@ KEY_MODE = 0o640  # the core's group (aigis under systemd) may read it; nobody e
 PLUGIN_KEY_MODE = 0o600  # a plugin's own key: root's; its unit gets it as a credential
 
 
-
 def load_or_create_key(path: Path, what: str, mode: int = KEY_MODE) -> bytes:
     """The key in ``path``, created once (random bytes, ``mode``) if it does not exist; an
     existing file readable by more than ``mode`` allows is tightened to ``mode``."""
