@@ -179,20 +179,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _duration(seconds: float | None) -> str:
-    """``42s``, ``5m07s``, ``3h12m``, ``2d04h``."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """A table (or JSON) of plugins; exit 3 when a named plugin is not running. When the core is
     down, say so and show what systemd knows of the plugin units."""
@@ -223,7 +209,7 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    from aigis._top import cpu_time, size
+    from aigis._top import cpu_time, duration, size
 
     table: list[tuple[str, ...]] = [
         ("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "CPU", "MEM", "REASON")
@@ -236,7 +222,7 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
                 row["state"],
                 str(row["pid"] or "-"),
                 str(row["restarts"]),
-                _duration(row["uptime"]),
+                duration(row["uptime"]),
                 cpu_time(row.get("cpu_seconds")),
                 size(row.get("memory_bytes")),
                 row["reason"] or (row["last_exit"] or ""),

@@ -25,11 +25,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from aigis._errors import AigisError
 from aigis._keys import load_or_create_key
-from aigis._metrics import UNKNOWN_PLUGIN, UNRESOLVED
+from aigis._metrics import UNKNOWN_PLUGIN, UNRESOLVED, Metrics
 from aigis._rpc import wire
 from aigis._rpc.admission import Admission, RefusalLog
 from aigis._rpc.handshake import MAX_FRAME, Refused, ServerHandshake
@@ -48,21 +48,6 @@ AUTHKEY_MODE = 0o600
 
 Resolve = Callable[[tuple[str, ...]], object]
 ROOT = "root"  # the identity of whoever holds the authkey (aigisctl shell, AIGISTerminal)
-
-
-class CallMetrics(Protocol):
-    """What the server reports each call to (``aigis._metrics.Metrics``)."""
-
-    def call_started(self) -> None: ...
-    def observe_call(
-        self,
-        skill_path: str,
-        caller: str,
-        seconds: float,
-        error: str | None = None,
-        bytes_in: int = 0,
-        bytes_out: int = 0,
-    ) -> None: ...
 
 
 _ALLOWED_CACHE = 4096
@@ -142,7 +127,7 @@ class CoreServer:
         frame_timeout: float = FRAME_TIMEOUT,
         inflight_budget: int = INFLIGHT_BUDGET,
         inline_limit: float = INLINE_LIMIT,
-        metrics: CallMetrics | None = None,
+        metrics: Metrics | None = None,
         keys: Callable[[], Mapping[str, bytes]] | None = None,
         authorize: Callable[[tuple[str, ...], str], None] | None = None,
     ) -> None:
