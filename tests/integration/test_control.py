@@ -153,7 +153,10 @@ def test_status_during_start_up_says_what_is_loading(tmp_path, make_plugin, daem
     daemon = DaemonProcess(config)
     daemons.append(daemon)
     try:
-        rows = wait_until(lambda: _rows_if_up(config), what="the control socket")
+        rows = wait_until(
+            lambda: (r := _rows_if_up(config)) and "importing" in r[0]["reason"] and r,
+            what="the slow plugin's import, as status says",
+        )
         assert [(r["name"], r["state"]) for r in rows] == [
             ("slow", "starting"),
             ("later", "starting"),
