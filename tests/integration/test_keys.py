@@ -3,6 +3,9 @@ nothing but the skills, and ``[aigis] reload_skill`` limits the seed's AIGISRelo
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from aigis import _ctlclient
@@ -105,3 +108,52 @@ def test_calls_are_counted_under_the_calling_plugins_name(core_with, tmp_path):
     )
     calls = {(s["skill"], s["caller"]): s["calls"] for s in top["metrics"]["skills"]}
     assert calls[("who", "a")] == 3
+
+
+ROLLER = """\
+import pathlib
+import time
+
+import aigis
+
+
+def launch():
+    for _ in range(1000):
+        aigis.dnd.roll(20)
+    pathlib.Path("done").touch()
+    time.sleep(600)
+"""
+
+
+def test_1000_calls_from_an_internal_plugin_count_1000_under_its_name(
+    tmp_path, make_plugin, daemons
+):
+    make_plugin(
+        "roller",
+        'PLUGIN_TYPE = "internal"\nENTRYPOINT = "{root}"\nLAUNCH = "main"\n',
+        files={"main.py": ROLLER},
+    )
+    dnd = Path(__file__).parents[2] / "examples" / "plugins" / "dnd"
+    config = tmp_path / "aigis.toml"
+    config.write_text(
+        '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nsupervisor = "embedded"\n'
+        f'[core]\ndnd = "{dnd}"\n[internal]\nroller = "src/roller"\n'
+    )
+    daemon = DaemonProcess(config)
+    daemons.append(daemon)
+    daemon.wait_for("ready:")
+    done = tmp_path / "state" / "ext" / "roller" / "done"
+    deadline = time.monotonic() + 60
+    while not done.exists():
+        assert time.monotonic() < deadline, daemon.log[-2000:]
+        time.sleep(0.05)
+    top = _ctlclient.request(
+        config.parent / "run" / "control.sock",
+        control_key_path(config.parent / "state"),
+        "top",
+        [],
+    )
+    calls = {(s["skill"], s["caller"]): s for s in top["metrics"]["skills"]}
+    roll = calls[("dnd.roll", "roller")]
+    assert roll["calls"] == 1000 and not roll["errors"]
+    assert roll["seconds"] > 0  # the latency histogram got every call
