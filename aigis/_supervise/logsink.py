@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aigis._log import about
+from aigis._paths import make_dir
 from aigis._settings import LOG_BACKUPS, LOG_MAX_BYTES
 
+LOG_MODE = 0o640  # the core and its group (aigis) may read plugin logs; nobody else
 log = logging.getLogger(__name__)
 
 MAX_PARTIAL = 65536  # a "line" longer than this is written in pieces rather than held forever
@@ -57,12 +59,15 @@ class RotatingFile:
         try:
             self._fd = self._open()
         except FileNotFoundError:  # the first plugin's log: one mkdir, not one per plugin
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dir(path.parent)
             self._fd = self._open()
         self.size = os.fstat(self._fd).st_size
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """The log file, 0640 whatever the umask: plugins print tokens too."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_MODE)
+        os.fchmod(fd, LOG_MODE)
+        return fd
 
     def write(self, data: bytes) -> int:
         """Append ``data`` (whole lines), rotating first if it would not fit; return the bytes

@@ -101,3 +101,22 @@ def test_a_log_that_cannot_be_opened_drops_until_it_can(tmp_path, caplog, monkey
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["dropped", "resumed"]
     stream.close()
     sink.close(timeout=0)
+
+
+def test_log_files_and_their_directory_are_not_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from aigis._supervise.logsink import RotatingFile
+
+    old = os.umask(0o022)  # what a shell leaves: files would be 0644, directories 0755
+    try:
+        log = RotatingFile(tmp_path / "log" / "p.log", max_bytes=10, backups=1)
+        log.write(b"a token the plugin printed\n")
+        log.write(b"more than ten bytes\n")  # rotates: the new file too
+        log.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "log").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "log" / "p.log").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "log" / "p.log.1").stat().st_mode) == 0o640
