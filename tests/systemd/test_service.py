@@ -79,22 +79,24 @@ class Aigis:
         self._reach_the_interpreter()
 
     def _reach_the_interpreter(self) -> None:
-        """Plugin units run as their own unprivileged accounts: when the venv's interpreter lives
-        under a directory they cannot enter (a pyenv in /root), show them that interpreter alone
+        """Plugin units run as their own unprivileged accounts with a private /tmp: show them the
+        checkout and its venv (a fresh clone lives under /tmp) and, when the venv's interpreter
+        lives under a directory they cannot enter (a pyenv in /root), that interpreter alone
         (test-only drop-in; the package's /usr/bin/python3 needs nothing)."""
+        lines = ["[Service]", f"BindReadOnlyPaths={REPO}"]
         base = Path(sys.base_prefix)
         closed = [p for p in (base, *base.parents) if not p.stat().st_mode & 0o001]
-        if not closed:
-            return
-        top = closed[-1]
-        homes = [Path("/root"), Path("/home"), Path("/run/user")]
-        hide = f"TemporaryFileSystem={top}:ro"
-        if any(top == home or top.is_relative_to(home) for home in homes):
-            # ProtectHome= would mount over that tmpfs: keep its read-only homes by hand.
-            hide += "\nProtectHome=no\nReadOnlyPaths=-/home -/run/user"
+        if closed:
+            top = closed[-1]
+            homes = [Path("/root"), Path("/home"), Path("/run/user")]
+            lines.append(f"TemporaryFileSystem={top}:ro")
+            if any(top == home or top.is_relative_to(home) for home in homes):
+                # ProtectHome= would mount over that tmpfs: keep its read-only homes by hand.
+                lines += ["ProtectHome=no", "ReadOnlyPaths=-/home -/run/user"]
+            lines.append(f"BindReadOnlyPaths={base}")
         self.box.write(
             "/etc/systemd/system/aigis-plugin@.service.d/60-test-python.conf",
-            f"[Service]\n{hide}\nBindReadOnlyPaths={base}\n",
+            "\n".join(lines) + "\n",
         )
 
     def dropin(self, name: str, text: str) -> None:
