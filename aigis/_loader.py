@@ -201,6 +201,7 @@ class Loader:
         """Run the plugin's cleanup once (errors logged) and remove its skills."""
         self.namespace.remove(plugin.name)
         core, plugin.core = plugin.core, None
+        imported = core is not None
         if core is not None and core.cleanup is not None:
             try:
                 core.cleanup()
@@ -214,5 +215,5 @@ class Loader:
                     exc_info=True,
                     **about(plugin.name),
                 )
-        if plugin.manifest is not None:
+        if imported:  # only an AIGIS.core brings modules into the core (a scan of sys.modules)
             forget_modules_under(plugin.root)
