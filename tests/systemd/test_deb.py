@@ -417,15 +417,34 @@ def test_aigisctl_call(aigis: Installed) -> None:
     assert 1 <= int(aigis.run("aigisctl", "call", "dnd.roll", "20")) <= 20
 
 
-def test_aigis_group_member_can_use_aigisctl(aigis: Installed) -> None:
-    aigis.run("useradd", "--system", "--no-create-home", "--groups", "aigis", "aigis-test-user")
-    out = aigis.box.run(
-        *("setpriv", "--reuid", "aigis-test-user", "--regid", "aigis-test-user"),
-        *("--init-groups", "aigisctl", "status", "--json"),
-        check=False,
+def as_user(aigis: Installed, user: str, *cmd: str):
+    """``cmd`` run inside the box as ``user`` with its groups."""
+    return aigis.box.run(
+        *("setpriv", "--reuid", user, "--regid", user, "--init-groups", *cmd), check=False
     )
+
+
+def test_aigis_group_member_can_operate_but_not_run_code_in_the_core(aigis: Installed) -> None:
+    aigis.run("useradd", "--system", "--no-create-home", "--groups", "aigis", "aigis-test-user")
+    out = as_user(aigis, "aigis-test-user", "aigisctl", "status", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     assert {row["name"] for row in json.loads(out.stdout)} == {"dnd", "oracle", "clock"}
+    restarted = as_user(aigis, "aigis-test-user", "aigisctl", "restart", "clock")
+    assert restarted.returncode == 0 and restarted.stdout.startswith("clock: running"), restarted
+    rolled = as_user(aigis, "aigis-test-user", "aigisctl", "call", "dnd.roll", "20")
+    assert rolled.returncode == 0 and 1 <= int(rolled.stdout) <= 20, rolled
+    # the full proxy (pickles) is root's: the authkey cannot be read, so no shell
+    shell = as_user(aigis, "aigis-test-user", "cat", "/var/lib/aigis/authkey")
+    assert shell.returncode != 0 and "Permission denied" in shell.stderr
+
+
+def test_a_local_user_outside_the_group_reads_nothing_of_aigis(aigis: Installed) -> None:
+    aigis.run("useradd", "--system", "--no-create-home", "aigis-stranger")
+    for path in ("/var/lib/aigis", "/var/lib/aigis/ext/oracle", "/run/aigis", "/etc/aigis/secrets"):
+        listed = as_user(aigis, "aigis-stranger", "ls", path)
+        assert listed.returncode != 0 and "Permission denied" in listed.stderr, (path, listed)
+    status = as_user(aigis, "aigis-stranger", "aigisctl", "status")
+    assert status.returncode == 1 and "permission denied" in status.stderr, status
 
 
 def test_reload_applies_a_config_change(aigis: Installed) -> None:

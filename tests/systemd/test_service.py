@@ -439,3 +439,19 @@ def test_units_of_plugins_no_longer_configured_are_retired_at_start(aigis: Aigis
         "aigis-plugin@clock.service",
         "aigis-plugin@oracle.service",
     ]
+
+
+def test_a_token_in_a_git_url_reaches_neither_the_journal_nor_status(aigis: Aigis) -> None:
+    token = "j0urnalT0ken"
+    aigis.examples()
+    aigis.plugins["leaky"] = ("core", f"https://deploy:{token}@127.0.0.1:9/x.git")
+    aigis.write_config()
+    aigis.box.systemctl("start", "aigis")
+    rows = aigis.status()
+    assert rows["leaky"]["state"] == "failed"
+    assert rows["leaky"]["source"] == "https://deploy:***@127.0.0.1:9/x.git"
+    code, out, err = aigis.ctl("status", "--json")
+    journal = aigis.box.journal()  # every unit: the core, PID 1, the plugins
+    assert 'failed: plugin "leaky"' in journal
+    for text in (journal, out, err):
+        assert token not in text
