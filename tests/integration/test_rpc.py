@@ -1106,10 +1106,15 @@ def test_threads_do_not_grow_with_connections(core):
         return sum(t.name.startswith("aigis-rpc") for t in threading.enumerate())
 
     before = rpc_threads()
-    clients = [core.client(transport) for transport in TRANSPORTS * 50]
-    for client in clients:
-        assert client.call(("t", "const")) == 42
-    idle = [raw_connect(core, "unix") for _ in range(50)]  # and 50 mid-handshake
-    assert rpc_threads() == before
-    for sock in idle:
-        sock.close()
+    idle: list[socket.socket] = []
+    try:
+        clients = [core.client(transport) for transport in TRANSPORTS * 50]
+        for client in clients:
+            assert client.call(("t", "const")) == 42
+        idle += [raw_connect(core, "unix") for _ in range(50)]  # and 50 mid-handshake
+        # 150 connections, and at most the two threads a handover may add on a busy machine
+        # (the loop's successor and one spare): never a thread per connection
+        assert rpc_threads() - before <= 2
+    finally:
+        for sock in idle:
+            sock.close()
