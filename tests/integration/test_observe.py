@@ -423,7 +423,14 @@ def test_a_process_tree_is_read_by_walking_children_as_a_full_scan_would():
 
         walked = wait_until(sleeping, timeout=10, what="the two sleeps running")
         assert set(walked) <= set(read_stats())
-        assert process_usage({"p": parent.pid}) == tree_usage({"p": parent.pid}, read_stats())
+        # two reads of live processes: the sleeps' memory may still move for a moment after
+        # exec, so wait (bounded) until both ways of reading agree; they never would if the
+        # walk missed a process the full scan sees
+        wait_until(
+            lambda: process_usage({"p": parent.pid}) == tree_usage({"p": parent.pid}, read_stats()),
+            timeout=10,
+            what="the walk and the full scan to agree",
+        )
     finally:
         os.killpg(parent.pid, 9)
         parent.wait(timeout=10)
