@@ -592,39 +592,34 @@ class CoreServer:
 
     def _on_readable(self, conn: _Conn, scratch: memoryview, generation: int) -> None:
         room = self._budget - self._inflight
-        try:
-            if room >= _SCRATCH:
-                got = conn.sock.recv_into(scratch)
-            elif room > 0:
-                got = conn.sock.recv_into(scratch, room)  # what is left over fits the budget
-            else:
-                self._read_whole_frames(conn, scratch, generation)
-                return
-        except BlockingIOError:
+        if room <= 0:
+            self._read_whole_frames(conn, scratch, generation)
             return
+        # what is left over of the budget, when less than the scratch buffer
+        got = self._receive(conn, scratch, min(room, _SCRATCH))
+        if got:
+            self._frames(conn, scratch, 0, got, generation)
+
+    def _receive(self, conn: _Conn, scratch: memoryview, size: int, flags: int = 0) -> int:
+        """Bytes received into ``scratch`` (0 when none are there now); a peer that closed or
+        failed is closed here and gives 0 too."""
+        try:
+            got = conn.sock.recv_into(scratch, size, flags)
+        except BlockingIOError:
+            return 0
         except OSError as exc:
             log.debug("closed: connection from %s: %s", conn.peer, _why(exc))
             self._close(conn)
-            return
+            return 0
         if not got:
             log.debug("closed: connection from %s", conn.peer)
             self._close(conn)
-            return
-        self._frames(conn, scratch, 0, got, generation)
+        return got
 
     def _read_whole_frames(self, conn: _Conn, scratch: memoryview, generation: int) -> None:
         """No room to buffer a partial frame: take only complete frames, or wait for room."""
-        try:
-            got = conn.sock.recv_into(scratch, len(scratch), socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            log.debug("closed: connection from %s: %s", conn.peer, _why(exc))
-            self._close(conn)
-            return
+        got = self._receive(conn, scratch, len(scratch), socket.MSG_PEEK)
         if not got:
-            log.debug("closed: connection from %s", conn.peer)
-            self._close(conn)
             return
         pos = 0
         while got - pos >= 4:
