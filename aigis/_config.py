@@ -71,6 +71,11 @@ class Settings:
         return self.state_dir / "ext"
 
     @property
+    def snapshots_dir(self) -> Path:
+        """The core's own copies of the plugins' sources: ``<state>/snapshots``."""
+        return self.state_dir / "snapshots"
+
+    @property
     def control_socket(self) -> Path:
         """The operators' socket (``aigisctl``), beside the plugins' socket; never on TCP."""
         return self.runtime_dir / "control.sock"

@@ -17,12 +17,13 @@ from aigis._config import PluginEntry, Settings
 from aigis._coreplugin import CoreModule, forget_modules_under, import_core
 from aigis._errors import AigisError, ManifestError, PluginError, SkillError
 from aigis._log import about, plugin_logger
-from aigis._manifest import CORE_FILE, Manifest
+from aigis._manifest import CORE_FILE, MANIFEST, Manifest
 from aigis._namespace import Namespace, Skill
 from aigis._paths import make_dir
 from aigis._plugindir import validate_plugin
 from aigis._requirements import check_system, install
 from aigis._secrets import copy_secrets
+from aigis._snapshot import in_snapshot, take_snapshot
 from aigis._states import PROCESS_KINDS, Kind, State
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class Plugin:
     skills: list[Skill] = field(default_factory=list)
     loaded_at: float = 0.0
     supervised: bool = False  # its process is handed to the supervisor
+    #: The core's own copy of the source (aigis._snapshot): everything the core reads, imports
+    #: or runs comes from here, never from ``root``, which the plugin's account may rewrite.
+    files: Path | None = None
 
     @property
     def name(self) -> str:
@@ -104,9 +108,11 @@ class Loader:
         plugin = Plugin(entry=entry, root=self.root_of(entry.name))
         try:
             self._prepare(plugin)
+            files = plugin.files
             if (
                 plugin.manifest
-                and (self.root_of(entry.name) / CORE_FILE).is_file()
+                and files is not None
+                and (files / CORE_FILE).is_file()
                 and plugin.manifest.plugin_type in (Kind.CORE, Kind.INTERNAL)
             ):
                 self._load_core(plugin)
@@ -145,17 +151,18 @@ class Loader:
             entry.name, entry.source, plugin.root, ref=entry.ref, base_dir=self.base_dir
         )
         plugin.commit = fetched.commit
+        plugin.files = files = take_snapshot(
+            entry.name, fetched, entry.source, self.base_dir, self.settings.snapshots_dir
+        )
         self._progress(entry.name, "reading its manifest")
-        checked = validate_plugin(plugin.root, entry.name, entry.table)
+        checked = validate_plugin(plugin.root, entry.name, entry.table, files)
         plugin.manifest = manifest = checked.manifest
         for warning in checked.warnings:
             log.warning('manifest: plugin "%s": %s', entry.name, warning, **about(entry.name))
         if checked.errors:
             raise ManifestError(entry.name, checked.errors)
         assert manifest is not None
-        check_system(
-            entry.name, manifest.system_requirements, str(plugin.root / "AIGIS" / "AIGIS.config")
-        )
+        check_system(entry.name, manifest.system_requirements, str(plugin.root / MANIFEST))
         if self.skip_requirements:
             if manifest.requirements_command:
                 log.info(
@@ -165,11 +172,14 @@ class Loader:
                 )
         else:
             self._progress(entry.name, "running requirements")
+            # As the core's account, so from the snapshot only: the command, its file and its
+            # working directory are the operator's source, never files the plugin can write.
+            file = manifest.requirements_file
             install(
                 entry.name,
                 manifest.requirements_command,
-                manifest.requirements_file,
-                cwd=manifest.entrypoint,
+                str(in_snapshot(Path(file), plugin.root, files)) if file else None,
+                cwd=in_snapshot(manifest.entrypoint, plugin.root, files),
                 marker=self.settings.state_dir / "requirements" / f"{entry.name}.sha256",
                 timeout=self.settings.requirements_timeout,
                 logger=plugin_logger(entry.name),
@@ -184,9 +194,12 @@ class Loader:
 
     def _load_core(self, plugin: Plugin) -> None:
         """Import AIGIS.core and register its SKILLS (all or nothing)."""
-        assert plugin.manifest is not None
+        assert plugin.manifest is not None and plugin.files is not None
         self._progress(plugin.name, "importing AIGIS.core")
-        core = import_core(plugin.name, plugin.root / CORE_FILE, plugin.manifest.entrypoint)
+        entrypoint = in_snapshot(plugin.manifest.entrypoint, plugin.root, plugin.files)
+        core = import_core(
+            plugin.name, plugin.files / CORE_FILE, entrypoint, plugin.root / CORE_FILE
+        )
         plugin.skills = self.namespace.register(
             plugin.name, core.module, core.skills, core.origin, plugin_logger(plugin.name)
         )
@@ -195,7 +208,8 @@ class Loader:
     def forget(self, plugin: Plugin) -> None:
         """Undo whatever an interrupted load left: its skills and its imported modules."""
         self.namespace.remove(plugin.name)
-        forget_modules_under(plugin.root)
+        if plugin.files is not None:
+            forget_modules_under(plugin.files)
 
     def unload(self, plugin: Plugin) -> None:
         """Run the plugin's cleanup once (errors logged) and remove its skills."""
@@ -215,5 +229,6 @@ class Loader:
                     exc_info=True,
                     **about(plugin.name),
                 )
-        if imported:  # only an AIGIS.core brings modules into the core (a scan of sys.modules)
-            forget_modules_under(plugin.root)
+        if imported and plugin.files is not None:
+            # only an AIGIS.core brings modules into the core (a scan of sys.modules)
+            forget_modules_under(plugin.files)
