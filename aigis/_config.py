@@ -37,8 +37,6 @@ class PluginEntry:
     sandbox: bool = True
 
 
-#: What aigis.toml accepts as ``user``: a user name (as useradd and systemd-sysusers do).
-USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}")
 ENTRY_KEYS = ("source", "ref", "user", "sandbox")
 
 
@@ -64,6 +62,7 @@ class Settings:
     log_backups: int = _settings.LOG_BACKUPS
     http: tuple[str, int] | None = None
     http_token_file: Path | None = None
+    plugin_user: str = _settings.DEFAULT_PLUGIN_USER
 
     @property
     def plugins_dir(self) -> Path:
@@ -365,7 +364,7 @@ def _check_privilege(problems: _Problems, table: str, name: str, value: dict) ->
     """``user`` (an account name) and ``sandbox`` (a boolean) of one plugin entry."""
     ok = True
     user = value.get("user")
-    if user is not None and not (isinstance(user, str) and USER_RE.fullmatch(user)):
+    if user is not None and not (isinstance(user, str) and _settings.is_user_name(user)):
         problems.add(
             table,
             name,
@@ -446,6 +445,7 @@ def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Set
         log_backups=int(get("log_backups")),  # type: ignore[call-overload]
         http=http,
         http_token_file=path_of("http_token_file") if values.get("http_token_file") else None,
+        plugin_user=str(get("plugin_user")),
     )
 
 

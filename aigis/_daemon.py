@@ -464,12 +464,16 @@ class Daemon:
             if plugin.has_process:
                 try:
                     assert plugin.manifest is not None
+                    settings = self.config.settings
+                    # Under systemd each plugin gets its own account (aigis-NAME); the embedded
+                    # backend has one default account, [aigis] plugin_user.
+                    default = settings.plugin_user if self.supervisor.name == "embedded" else None
                     spec = process_spec(
                         plugin.name,
                         str(plugin.root),
                         plugin.manifest,
-                        self.config.settings,
-                        user=plugin.entry.user,
+                        settings,
+                        user=plugin.entry.user or default,
                         sandbox=plugin.entry.sandbox,
                     )
                     self.plugin_keys[plugin.name] = load_or_create_key(

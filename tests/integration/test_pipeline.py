@@ -183,7 +183,7 @@ def test_every_failure_kind_fails_alone(tmp_path, make_plugin, loaded, caplog):
     assert 'failed: plugin "syntax": ' in failed_lines[0]
 
 
-def test_secrets_copied_0600_and_confined(tmp_path, make_plugin, loaded):
+def test_secrets_copied_0400_and_confined(tmp_path, make_plugin, loaded):
     secrets = tmp_path / "secrets" / "s"
     secrets.mkdir(parents=True)
     (secrets / "k.secret").write_text("hush")
@@ -206,7 +206,7 @@ def test_secrets_copied_0600_and_confined(tmp_path, make_plugin, loaded):
     plugins = load_all(loader, entries, loaded)
     root = tmp_path / "state" / "ext" / "s"
     assert (root / "etc" / "k.secret").read_text() == "hush"
-    assert stat.S_IMODE(os.stat(root / "etc" / "k.secret").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(root / "etc" / "k.secret").st_mode) == 0o400
     assert (root / "conf" / "o.txt").read_text() == "x"
     assert plugins["escape"].state == "failed"
     assert "secret destinations outside the plugin directory" in plugins["escape"].reason

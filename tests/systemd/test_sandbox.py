@@ -103,7 +103,7 @@ def test_a_plugin_cannot_read_another_plugins_secret_or_checkout(aigis: Sandboxe
     aigis.probe("beta")
     aigis.start()
     beta = f"{EXT}/beta"
-    # Its own secret: readable by it, by nobody else (0600, its own account).
+    # Its own secret: readable by it, by nobody else (0400, its own account).
     code, out = aigis.attempt("alpha", "cat secrets/token.secret")
     assert (code, out) == (0, "secret of alpha\n")
     for command in (
@@ -131,7 +131,7 @@ def test_a_plugin_cannot_read_another_plugins_secret_or_checkout(aigis: Sandboxe
     assert outside.returncode != 0 and "Permission denied" in outside.stderr
     secret = aigis.box.host_path(f"{beta}/secrets/token.secret").stat()
     beta_uid = int(aigis.proc_status("aigis-plugin@beta")["Uid"].split()[0])
-    assert (secret.st_uid, secret.st_mode & 0o777) == (beta_uid, 0o600)
+    assert (secret.st_uid, secret.st_mode & 0o777) == (beta_uid, 0o400)
 
 
 def test_a_plugin_cannot_signal_another_plugins_processes(aigis: Sandboxed) -> None:
