@@ -306,3 +306,44 @@ def test_the_packaged_settings_name_the_account_the_packages_create() -> None:
     assert "\nu aigis-plugin " in sysusers
     assert 'plugin_user = "aigis-plugin"' in (REPO / "etc" / "aigis" / "aigis.toml").read_text()
     assert "useradd" in (REPO / "packaging" / "rpm" / "aigis.spec").read_text()
+
+
+def test_a_plugin_rewriting_its_checkout_runs_nothing_as_root_on_reload(world: World) -> None:
+    """The attack: the plugin rewrites the module its AIGIS.core imports, plants a module
+    where its ENTRYPOINT would sit on the core's sys.path, and rewrites the script its
+    requirements command runs; then the core reloads it (any reload: the plugin's own
+    aigis.AIGISReload, aigisctl, SIGHUP). The core imports and runs its snapshot only."""
+    uid = world.user("aigis-ta")
+    root = world.base / "src" / "alpha"
+    (root / "AIGIS").mkdir(parents=True)
+    (root / "AIGIS" / "AIGIS.config").write_text(
+        'PLUGIN_TYPE = "internal"\nENTRYPOINT = "{root}"\nLAUNCH = "main"\n'
+        'REQUIREMENTS_COMMAND = "sh"\nREQUIREMENTS_FILE = "{root}/install.sh"\n'
+    )
+    (root / "AIGIS" / "AIGIS.core").write_text("from helper import value\nSKILLS = ['value']\n")
+    (root / "helper.py").write_text("def value():\n    return 'from the source'\n")
+    (root / "install.sh").write_text("true\n")
+    (root / "probe.sh").write_text(PROBE)
+    # An internal plugin whose process becomes the probe (as the plugin's account).
+    (root / "main.py").write_text(
+        "import os\ndef launch():\n    os.execvp('sh', ['sh', 'probe.sh'])\n"
+    )
+    world.plugins.append(("internal", "alpha", '{ source = "src/alpha", user = "aigis-ta" }'))
+    world.start().wait_for("ready: ", timeout=60)
+    assert world.attempt("alpha", "id -u") == (0, f"{uid}\n")
+    marker = world.base / "ran-as-root"  # root may write there, the plugin may not
+    evil = f"import os\nopen('{marker}', 'a').write('imported %d\\n' % os.getuid())\n"
+    code, out = world.attempt(
+        "alpha",
+        f"printf '%s' \"{evil}def value(): return 'planted'\n\" > helper.py && "
+        f"printf '%s' \"{evil}\" > csv.py && printf '%s' \"{evil}\" > json.py && "
+        f"echo 'id -u >> {marker}' > install.sh && echo rewritten",
+    )
+    assert (code, out) == (0, "rewritten\n")
+    assert not marker.exists()  # the plugin itself could not write it
+    ctl = [sys.executable, "-m", "aigis._ctl", "-c", str(world.config)]
+    done = subprocess.run([*ctl, "call", "AIGISReload", "alpha"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([*ctl, "call", "value"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "'from the source'"), done.stderr
+    assert not marker.exists(), marker.read_text()
