@@ -308,3 +308,11 @@ def test_a_bad_http_address_names_the_key():
         '/etc/aigis/aigis.toml:2: [aigis] http must be "host:port" (e.g. "127.0.0.1:7878"), '
         "got '9120'"
     ]
+
+
+def test_plugin_user_defaults_to_the_packaged_account_and_must_be_a_user_name():
+    assert parse_config("", CFG).settings.plugin_user == "aigis-plugin"
+    assert parse_config('[aigis]\nplugin_user = "bots"\n', CFG).settings.plugin_user == "bots"
+    for bad in ('"bad name"', '"9lives"', '""', "1", '"' + "x" * 33 + '"'):
+        (problem,) = problems(f"[aigis]\nplugin_user = {bad}\n")
+        assert 'plugin_user must be a user name such as "aigis-plugin", got ' in problem, bad
