@@ -267,6 +267,13 @@ def test_plugins_with_distinct_users_cannot_read_or_signal_each_other(world: Wor
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert other.returncode != 0 and "Permission denied" in other.stderr, path
+    # Stopping still takes the whole tree down, even what left the process group as the plugin.
+    code, out = world.attempt("alpha", "setsid sleep 1000 > /dev/null 2>&1 & echo left")
+    assert (code, out) == (0, "left\n")
+    wait_until(lambda: len(uids_of_processes_under(world.state)) >= 3, 10, "the escapee")
+    assert set(uids_of_processes_under(world.state).values()) == {alpha_uid, beta_uid}
+    assert world.daemon is not None and world.daemon.signal(signal.SIGTERM) == 0
+    assert uids_of_processes_under(world.state) == {}
 
 
 def test_the_default_account_runs_the_examples_and_stop_kills_every_process(
