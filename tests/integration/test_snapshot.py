@@ -205,3 +205,38 @@ def test_a_local_checkout_copied_before_snapshots_is_snapshotted_from_the_source
     assert plugin.state == "loaded", plugin.reason
     snapshot = tmp_path / "state" / "snapshots" / "old" / "AIGIS" / "AIGIS.core"
     assert snapshot.read_text() == "SKILLS=[]\n"
+
+
+def test_a_git_update_never_writes_through_a_link_the_plugin_planted(tmp_path, loaded):
+    upstream = tmp_path / "upstream"
+    (upstream / "AIGIS").mkdir(parents=True)
+    (upstream / "AIGIS" / "AIGIS.config").write_text(
+        'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n'
+    )
+    (upstream / "AIGIS" / "AIGIS.core").write_text("SKILLS = []\n")
+    (upstream / "lib").mkdir()
+    (upstream / "lib" / "x.py").write_text("one\n")
+    git(upstream, "init", "-q", "-b", "master")
+    git(upstream, "add", ".")
+    git(upstream, "commit", "-qm", "one")
+    loader, entries = loader_for(tmp_path, f'[core]\ng = "file://{upstream}"\n')
+    plugin = loader.load(entries[0])
+    loaded.append((loader, plugin))
+    # The plugin swaps a directory of its checkout for a link to a place only root may write.
+    checkout, elsewhere = tmp_path / "state" / "ext" / "g", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for path in (checkout / "lib" / "x.py", checkout / "lib"):
+        path.unlink() if path.is_file() else path.rmdir()
+    (checkout / "lib").symlink_to(elsewhere)
+    (upstream / "lib" / "x.py").write_text("two\n")
+    (upstream / "lib" / "new.py").write_text("new\n")
+    git(upstream, "add", ".")
+    git(upstream, "commit", "-qm", "two")
+    loader.unload(plugin)
+    plugin = loader.load(entries[0])
+    loaded.append((loader, plugin))
+    assert plugin.state == "loaded", plugin.reason
+    assert list(elsewhere.iterdir()) == []  # libgit2 refused the checkout: a conflict
+    # The core's copy stays at the commit the checkout is at (the update was not applied).
+    snapshot = tmp_path / "state" / "snapshots" / "g"
+    assert (snapshot / "lib" / "x.py").read_text() == "one\n"
