@@ -64,11 +64,24 @@ class Settings:
     log_backups: int = _settings.LOG_BACKUPS
     http: tuple[str, int] | None = None
     http_token_file: Path | None = None
+    tcp_plaintext: bool = _settings.default("tcp_plaintext")  # type: ignore[assignment]
 
     @property
     def plugins_dir(self) -> Path:
         """Where plugin sources are fetched to: ``<state>/ext``."""
         return self.state_dir / "ext"
+
+    @property
+    def tls_cert_file(self) -> Path:
+        """The core's TLS certificate (PEM, 0644), made at its first start with TCP on:
+        ``<state>/tls/cert.pem``. Remote plugins pin it (``AIGIS_TLS_CERT_FILE``)."""
+        return self.state_dir / "tls" / "cert.pem"
+
+    @property
+    def tls_key_file(self) -> Path:
+        """The private key of ``tls_cert_file``, beside it (0600): the core's alone, never
+        shipped."""
+        return self.state_dir / "tls" / "key.pem"
 
     @property
     def control_socket(self) -> Path:
@@ -441,6 +454,7 @@ def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Set
         log_backups=int(get("log_backups")),  # type: ignore[call-overload]
         http=http,
         http_token_file=path_of("http_token_file") if values.get("http_token_file") else None,
+        tcp_plaintext=bool(get("tcp_plaintext")),
     )
 
 

@@ -31,7 +31,7 @@ class Setting:
     """
 
     name: str
-    kind: str  # path | optional_path | address | choice | seconds | count | plugins
+    kind: str  # path | optional_path | address | choice | seconds | count | plugins | flag
     default: object
     doc: str
     choices: tuple[str, ...] = ()
@@ -49,6 +49,8 @@ class Setting:
 
         if self.kind == "plugins":
             return '"all", "none", or plugin names separated by spaces'
+        if self.kind == "flag":
+            return "true or false"
         if self.kind == "address":
             return 'an address "host:port" or "" to disable'
         if self.kind == "choice":
@@ -61,6 +63,8 @@ class Setting:
         return f"{unit} {low}{top}"
 
     def valid(self, value: object) -> bool:
+        if self.kind == "flag":
+            return isinstance(value, bool)
         if self.kind == "plugins":
             if not isinstance(value, str) or "\0" in value or len(value) > MAX_PATH:
                 return False
@@ -104,6 +108,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("socket", "path", None, "the plugins' Unix socket; default <runtime_dir>/aigis.sock"),
     Setting("tcp", "address", "", 'TCP listener "host:port" for remote plugins; "" disables it'),
+    Setting(
+        "tcp_plaintext",
+        "flag",
+        False,
+        "false: the TCP listener speaks TLS with the core's own certificate, which plugins pin; "
+        "true: plaintext, for a trusted network only (anyone on the path reads every call)",
+    ),
     Setting("authkey_file", "path", None, "shared secret; default <state_dir>/authkey"),
     Setting(
         "http",
