@@ -637,11 +637,7 @@ class CoreServer:
         """Why a pending connection is refused at its deadline."""
         if not conn.securing:
             return "bad handshake (timed out)"
-        return (
-            f"no TLS handshake within {self._handshake_timeout:g} s (a plaintext client? this "
-            f"listener requires TLS: set AIGIS_TLS_CERT_FILE for the plugin, or allow "
-            f"plaintext on a trusted network with [aigis] tcp_plaintext = true)"
-        )
+        return f"no TLS handshake within {self._handshake_timeout:g} s ({tls.PLAINTEXT_HINT})"
 
     def _readable(self, conn: _Conn) -> bool:
         return conn.events == _READ and not conn.busy and not conn.closed

@@ -36,6 +36,13 @@ _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 
 
+# why a peer that never spoke TLS is refused, for the core's log
+PLAINTEXT_HINT = (
+    "a plaintext client? this listener requires TLS: set AIGIS_TLS_CERT_FILE for the plugin, "
+    "or allow plaintext on a trusted network with [aigis] tcp_plaintext = true"
+)
+
+
 class TlsError(AigisError):
     """A TLS peer or file that cannot be used (a certificate that is not the pinned one)."""
 
@@ -234,6 +241,8 @@ class ServerSocket(ssl.SSLSocket):
             return "read"
         except ssl.SSLWantWriteError:
             return "write"
+        except ssl.SSLEOFError:
+            raise TlsError(f"closed during the TLS handshake ({PLAINTEXT_HINT})") from None
         except ssl.SSLError as exc:
             raise TlsError(f"bad TLS handshake ({why(exc)})") from None
         except OSError as exc:
@@ -357,7 +366,8 @@ class Pin:
             raise  # an OSError: the caller retries, as for any connection that broke
         except ssl.SSLCertVerificationError as exc:
             raise TlsError(
-                f"its TLS certificate is not the one pinned in {self.file} ({exc.verify_message})"
+                f"its TLS certificate is not the one pinned in {self.file} "
+                f"(verification: {exc.verify_message})"
             ) from None
         except ssl.SSLError as exc:
             raise TlsError(
