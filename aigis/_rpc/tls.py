@@ -223,6 +223,7 @@ def accept(context: ssl.SSLContext, sock: socket.socket) -> ServerSocket:
 class ServerSocket(ssl.SSLSocket):
     """A non-blocking TLS socket with a plain one's manners (see the module's docstring)."""
 
+    _sslobj: Any  # the TLS object (ssl's own), set by SSLSocket
     _peeked = b""  # decrypted bytes a MSG_PEEK read took out of TLS, served first
     _watch: MutableMapping[Any, None] | None = None
     _owner: object = None
@@ -253,8 +254,11 @@ class ServerSocket(ssl.SSLSocket):
         """Decrypted bytes held here or inside TLS, which epoll does not see."""
         return len(self._peeked) + super().pending()
 
+    # The reads and writes below call the TLS object itself (``_sslobj``), not SSLSocket's
+    # read/write layers: one Python call per operation on the calls' path.
+
     def _noted(self) -> None:
-        if self._watch is not None and (self._peeked or super().pending()):
+        if self._watch is not None and (self._peeked or self._sslobj.pending()):
             self._watch[self._owner] = None
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
@@ -264,34 +268,53 @@ class ServerSocket(ssl.SSLSocket):
             self._noted()
             return peeked[:buflen]
         try:
-            data = super().recv(buflen)
+            data = self._sslobj.read(buflen)
         except _WANT:
             raise BlockingIOError from None
+        except ssl.SSLEOFError:
+            return b""  # closed without TLS's goodbye: a plain EOF to the caller
         self._noted()
         return data
 
     def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-        view = memoryview(buffer)
-        size = nbytes or len(view)
-        if flags & socket.MSG_PEEK:
-            return self._peek(view, size)
-        got = 0
-        peeked = self._peeked
-        if peeked:
-            got = min(size, len(peeked))
-            view[:got] = peeked[:got]
-            self._peeked = peeked[got:]
-        read = super().recv_into
+        size = nbytes or len(buffer)
+        if flags:  # only MSG_PEEK is ever asked for
+            return self._peek(memoryview(buffer), size)
+        if self._peeked:
+            return self._recv_after_peek(memoryview(buffer), size)
+        try:
+            got = self._sslobj.read(size, buffer)
+        except _WANT:
+            raise BlockingIOError from None
+        except ssl.SSLEOFError:
+            return 0
+        if got == _RECORD and got < size:  # a full record: more may be behind it already
+            got += self._more(memoryview(buffer), got, size)
+        if self._watch is not None and self._sslobj.pending():
+            self._watch[self._owner] = None
+        return got
+
+    def _more(self, view: memoryview, got: int, size: int) -> int:
+        """Further records already in, into ``view[got:size]`` (0 when none are)."""
+        start = got
+        read = self._sslobj.read
         while got < size:
             try:
-                n = read(view[got:size], size - got)
-            except _WANT:
-                if got:
-                    break
-                raise BlockingIOError from None
+                n = read(size - got, view[got:])
+            except (*_WANT, ssl.SSLEOFError):
+                break  # the next read reports it
             got += n
-            if n < _RECORD:  # less than a full record: most likely nothing more for now
+            if n < _RECORD:
                 break
+        return got - start
+
+    def _recv_after_peek(self, view: memoryview, size: int) -> int:
+        peeked = self._peeked
+        got = min(size, len(peeked))
+        view[:got] = peeked[:got]
+        self._peeked = peeked[got:]
+        if got < size and not self._peeked:
+            got += self._more(view, got, size)
         self._noted()
         return got
 
@@ -299,20 +322,22 @@ class ServerSocket(ssl.SSLSocket):
         """Up to one TLS record, kept to be read again (TLS cannot leave bytes in the kernel)."""
         if not self._peeked:
             try:
-                self._peeked = super().recv(min(size, _RECORD))
+                self._peeked = self._sslobj.read(min(size, _RECORD))
             except _WANT:
                 raise BlockingIOError from None
+            except ssl.SSLEOFError:
+                return 0
         got = min(size, len(self._peeked))
         view[:got] = self._peeked[:got]
         return got
 
     def send(self, data: Any, flags: int = 0) -> int:
         try:
-            return super().send(data)
+            return self._sslobj.write(data)
         except _WANT:
             raise BlockingIOError from None
 
-    def sendmsg(self, buffers: Sequence[Any], *_args: Any) -> int:
+    def sendmsg(self, buffers: Sequence[Any], *_args: Any) -> int:  # type: ignore[override]
         return self.send(_joined(buffers))
 
     def shutdown(self, how: int) -> None:
@@ -383,16 +408,34 @@ class Pin:
 
 
 class ClientSocket(ssl.SSLSocket):
-    """A blocking TLS socket that also takes ``sendmsg`` and a peek for a closed peer."""
+    """A blocking TLS socket that also takes ``sendmsg`` and a peek for a closed peer; reads and
+    writes call the TLS object itself (its timeout still applies)."""
 
-    def sendmsg(self, buffers: Sequence[Any], *_args: Any) -> int:
-        return self.send(_joined(buffers))
+    _sslobj: Any
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
+        write = self._sslobj.write
+        sent = write(view)
+        while sent < len(view):
+            sent += write(view[sent:])
+
+    def sendmsg(self, buffers: Sequence[Any], *_args: Any) -> int:  # type: ignore[override]
+        return self._sslobj.write(_joined(buffers))
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        if flags:
+            return super().recv_into(buffer, nbytes, flags)  # refused, as SSLSocket does
+        try:
+            return self._sslobj.read(nbytes or len(buffer), buffer)
+        except ssl.SSLEOFError:
+            return 0  # closed without TLS's goodbye: a plain EOF to the caller
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         if not flags:
             return super().recv(buflen)
         # a peek only asks whether the peer closed or talked unasked: look at the wire
-        if super().pending():
+        if self._sslobj.pending():
             return b"\0"
         return socket.socket.recv(self, buflen, flags)
 
