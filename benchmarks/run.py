@@ -7,7 +7,8 @@ order) it launches each tool with N ``sleep`` plugins and measures, by watching 
 launch -> all running, supervisor RSS and threads, status command wall time, restart after
 kill -9, restart of one plugin via the control command, SIGTERM -> all gone. Then it runs
 ``bench_proxy.py`` and ``bench_tls.py``. It prints one table per measure, with AIGIS / peer
-ratios from this run, and a Markdown summary. Numbers from a shared machine: read the ratios, not the absolutes.
+ratios from this run, and a Markdown summary. Numbers from a shared machine: read the ratios,
+not the absolutes.
 """
 
 from __future__ import annotations
