@@ -12,6 +12,7 @@ them through ``watch``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -215,8 +216,14 @@ def listener_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
 
 def accept(context: ssl.SSLContext, sock: socket.socket) -> ServerSocket:
     """Wrap an accepted non-blocking TCP socket (``ServerSocket.advance`` runs the handshake)."""
+    # a peer that already reset: an OSError here, where the accept loop expects one (ssl's own
+    # check would leave its half-made socket open, or make one without TLS)
+    sock.getpeername()
     wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     assert isinstance(wrapped, ServerSocket)
+    if wrapped._sslobj is None:  # the peer left in between: ssl made no TLS object
+        wrapped.close()
+        raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
     return wrapped
 
 
@@ -262,6 +269,9 @@ class ServerSocket(ssl.SSLSocket):
             self._watch[self._owner] = None
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if getattr(self, "_sslobj", None) is None:
+            # being made: ssl looks for bytes sent before TLS on a peer that already left
+            return super().recv(buflen, flags)
         peeked = self._peeked
         if peeked:
             self._peeked = peeked[buflen:]

@@ -11,6 +11,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 import types
@@ -370,6 +371,42 @@ def test_a_request_behind_the_authkey_handshake_in_one_record_is_served(tls_core
     sock.sendall(HEADER(len(WELCOME)) + WELCOME + HEADER(len(request)) + request)
     assert wire.decode_reply(chan.recv_message()) == (True, 42)
     sock.close()
+
+
+def test_peers_that_reset_before_the_core_accepts_them_do_not_stop_it(tls_core, sockdir):  # noqa: F811
+    """The I/O loop is held by a call (no handover: inline_limit is long) while peers connect
+    and reset; then it accepts them. Wrapping a reset socket in TLS used to raise out of the
+    accept loop and stop the server."""
+    from aigis._rpc.server import CoreServer
+
+    server = CoreServer(
+        lambda path: (lambda: time.sleep(1.0)) if path == ("sleep",) else None,
+        unix_path=sockdir / "slow.sock",
+        tcp=("127.0.0.1", 0),
+        authkey=tls_core.authkey,
+        tls_context=tls.server_context(tls_core.cert, tls_core.key),
+        inline_limit=60.0,
+    )
+    server.start()
+    try:
+        client = CoreClient(server.tcp_address, tls_core.authkey, tls_cert_file=tls_core.cert)
+        client.connect()
+        sleeper = threading.Thread(target=client.call, args=(("sleep",),))
+        sleeper.start()
+        time.sleep(0.2)  # the call holds the I/O loop for 1 s (a bound, not a wait for a result)
+        for _ in range(5):
+            peer = socket.create_connection(server.tcp_address)
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()
+        sleeper.join(30)
+        fresh = CoreClient(server.tcp_address, tls_core.authkey, tls_cert_file=tls_core.cert)
+        fresh.retry_for = 5.0
+        fresh.connect()  # the server still accepts and serves
+        assert fresh.connections_opened == 1
+        fresh.close()
+        client.close()
+    finally:
+        server.stop()
 
 
 # --- the daemon: [aigis] tcp is TLS unless tcp_plaintext -------------------------------------

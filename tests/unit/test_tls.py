@@ -4,7 +4,9 @@ pin's errors name the file."""
 from __future__ import annotations
 
 import os
+import socket
 import ssl
+import struct
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,26 @@ def test_tcp_plaintext_must_be_a_boolean():
     assert str(caught.value) == (
         "/etc/aigis/aigis.toml:2: [aigis] tcp_plaintext must be true or false, got str 'yes'"
     )
+
+
+def reset_connection(listener: socket.socket) -> socket.socket:
+    """An accepted connection whose peer reset it before the core could look at it."""
+    peer = socket.create_connection(listener.getsockname()[:2])
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()  # RST, processed before close() returns on loopback
+    sock, _ = listener.accept()
+    sock.setblocking(False)
+    return sock
+
+
+def test_a_peer_that_reset_before_tls_wraps_it_is_an_os_error(tmp_path):
+    cert, key = pair(tmp_path)
+    tls.load_or_create_certificate(cert, key)
+    context = tls.server_context(cert, key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sock = reset_connection(listener)
+    try:
+        with pytest.raises(OSError):  # what the accept loop handles (it closes the socket)
+            tls.accept(context, sock)
+    finally:
+        sock.close()
