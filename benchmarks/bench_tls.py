@@ -5,7 +5,7 @@ Each figure is a ratio measured in the same run, on loopback, with the core's ow
   (goal for the no-op call: <= 1.5x)
   the same no-op call over TLS  vs  over plaintext TCP ([aigis] tcp_plaintext = true)
   a raw TLS ping-pong  vs  a raw plaintext TCP ping-pong (what TLS itself costs)
-  the no-op call over plaintext TCP  vs  a raw TCP ping-pong (the proxy's own cost, for context)
+  no-op and 1 KiB echo over plaintext TCP  vs  raw TCP (the proxy's own cost, for context)
   connect + first call over TLS  vs  over plaintext TCP (the TLS handshake)
 Placement, priority and alternating batches as in ``bench_proxy.py``.
 """
@@ -259,6 +259,7 @@ def report(
             ("no-op: aigis TLS / aigis TCP", over_tcp.noop, over_tls.noop, 300, ""),
             ("no-op: raw TLS / raw TCP", ping(raw_tcp), ping(raw_tls), 300, ""),
             ("no-op: aigis TCP / raw TCP", ping(raw_tcp), over_tcp.noop, 300, ""),
+            ("1 KiB echo: aigis TCP / raw TCP", ping(raw_tcp, KIB), echo_kib(over_tcp.echo), 300, ""),  # noqa: E501
             (
                 "connect+call: TLS / TCP",
                 connect_and_call(ports["aigis tcp"], keyfile, None),
