@@ -298,6 +298,8 @@ class ServerSocket(ssl.SSLSocket):
             raise BlockingIOError from None
         except ssl.SSLEOFError:
             return 0
+        except AttributeError:  # closed: ssl dropped its TLS object
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
         if got == _RECORD and got < size:  # a full record: more may be behind it already
             got += self._more(memoryview(buffer), got, size)
         if self._watch is not None and self._sslobj.pending():
@@ -346,6 +348,8 @@ class ServerSocket(ssl.SSLSocket):
             return self._sslobj.write(data)
         except _WANT:
             raise BlockingIOError from None
+        except AttributeError:  # closed (e.g. by a stop while a slow call still replies)
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
 
     def sendmsg(self, buffers: Sequence[Any], *_args: Any) -> int:  # type: ignore[override]
         return self.send(_joined(buffers))

@@ -143,3 +143,22 @@ def test_a_peer_that_reset_before_tls_wraps_it_is_an_os_error(tmp_path):
             tls.accept(context, sock)
     finally:
         sock.close()
+
+
+def test_a_closed_tls_socket_fails_like_a_closed_socket(tmp_path):
+    """A slow call's reply may be sent after a stop closed its connection: an OSError, which
+    the server handles, as with a plain socket."""
+    cert, key = pair(tmp_path)
+    tls.load_or_create_certificate(cert, key)
+    context = tls.server_context(cert, key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname()[:2])
+        sock, _ = listener.accept()
+    sock.setblocking(False)
+    wrapped = tls.accept(context, sock)
+    wrapped.close()
+    peer.close()
+    with pytest.raises(OSError):
+        wrapped.send(b"reply")
+    with pytest.raises(OSError):
+        wrapped.recv_into(bytearray(10))
