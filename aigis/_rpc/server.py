@@ -543,8 +543,6 @@ class CoreServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SEND_BUFFER)
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls is not None:
-                sock = tls.accept(self._tls, sock)
         peer, peer_key = _identify(sock, address)
         conn = _Conn(sock, peer, peer_key, label)
         conn.handshake = ServerHandshake(self._authkey_for(conn))
@@ -554,10 +552,11 @@ class CoreServer:
             self._refuse(
                 old, f"evicted by a newer one ({self._admission.count(label)} pending on {label})"
             )
-        if isinstance(sock, tls.ServerSocket):
+        if self._tls is not None and sock.family != socket.AF_UNIX:
+            # TLS is set up once the client speaks (its ClientHello): an idle connection costs
+            # no TLS state (~40 KiB each with OpenSSL 3)
             conn.securing = True
-            sock.watch(self._buffered, conn)
-            self._secure(conn)  # the client speaks first: usually this waits to read
+            self._set_events(conn, _READ)
             return
         self._send_small(conn, conn.handshake.challenge())
         if not conn.closed:
@@ -618,6 +617,8 @@ class CoreServer:
 
     def _secure(self, conn: _Conn) -> None:
         """Advance a TLS handshake; once it is done, start the authkey handshake inside it."""
+        if not isinstance(conn.sock, tls.ServerSocket) and not self._wrap(conn):
+            return
         sock = cast("tls.ServerSocket", conn.sock)
         try:
             wants = sock.advance()
@@ -632,6 +633,25 @@ class CoreServer:
         self._send_small(conn, conn.handshake.challenge())
         if not conn.closed:
             self._set_events(conn, _WRITE if conn.out is not None else _READ)
+
+    def _wrap(self, conn: _Conn) -> bool:
+        """Put TLS on a connection whose client has spoken; False if it is gone (refused)."""
+        assert self._tls is not None
+        raw = conn.sock
+        fd = raw.fileno()
+        # out of the loop's books while ssl takes the descriptor over: if it fails half-way,
+        # nothing points at a descriptor the raw socket no longer owns
+        self._set_events(conn, 0)
+        del self._connections[fd]
+        try:
+            sock = tls.accept(self._tls, raw)
+        except OSError as exc:
+            self._refuse(conn, f"bad TLS handshake ({_why(exc)})")
+            return False
+        conn.sock = sock
+        self._connections[fd] = conn
+        sock.watch(self._buffered, conn)
+        return True
 
     def _late(self, conn: _Conn) -> str:
         """Why a pending connection is refused at its deadline."""
