@@ -63,6 +63,7 @@ class Settings:
     http: tuple[str, int] | None = None
     http_token_file: Path | None = None
     plugin_user: str = _settings.DEFAULT_PLUGIN_USER
+    tcp_plaintext: bool = _settings.default("tcp_plaintext")  # type: ignore[assignment]
 
     @property
     def plugins_dir(self) -> Path:
@@ -73,6 +74,18 @@ class Settings:
     def snapshots_dir(self) -> Path:
         """The core's own copies of the plugins' sources: ``<state>/snapshots``."""
         return self.state_dir / "snapshots"
+
+    @property
+    def tls_cert_file(self) -> Path:
+        """The core's TLS certificate (PEM, 0644), made at its first start with TCP on:
+        ``<state>/tls/cert.pem``. Remote plugins pin it (``AIGIS_TLS_CERT_FILE``)."""
+        return self.state_dir / "tls" / "cert.pem"
+
+    @property
+    def tls_key_file(self) -> Path:
+        """The private key of ``tls_cert_file``, beside it (0600): the core's alone, never
+        shipped."""
+        return self.state_dir / "tls" / "key.pem"
 
     @property
     def control_socket(self) -> Path:
@@ -446,6 +459,7 @@ def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Set
         http=http,
         http_token_file=path_of("http_token_file") if values.get("http_token_file") else None,
         plugin_user=str(get("plugin_user")),
+        tcp_plaintext=bool(get("tcp_plaintext")),
     )
 
 

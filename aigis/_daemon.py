@@ -201,6 +201,11 @@ class Daemon:
         make_dir(settings.runtime_dir)
         if which == "plugins":
             authkey = load_or_create_authkey(settings.authkey_file)
+            tls_context = None
+            if settings.tcp is not None and not settings.tcp_plaintext:
+                from aigis._rpc import tls  # ssl and cryptography only for a TLS listener
+
+                tls_context = tls.listener_context(settings.tls_cert_file, settings.tls_key_file)
             server = CoreServer(
                 self.namespace.resolve,
                 unix_path=settings.socket,
@@ -209,6 +214,7 @@ class Daemon:
                 metrics=self.metrics,
                 keys=lambda: self.plugin_keys,
                 authorize=self.authorize_call,
+                tls_context=tls_context,
             )
             server.start()
             self.servers.append(server)

@@ -32,7 +32,7 @@ class Setting:
     """
 
     name: str
-    kind: str  # path | optional_path | address | choice | seconds | count | plugins | user
+    kind: str  # path | optional_path | address | choice | seconds | count | plugins | user | flag
     default: object
     doc: str
     choices: tuple[str, ...] = ()
@@ -52,6 +52,8 @@ class Setting:
             return '"all", "none", or plugin names separated by spaces'
         if self.kind == "user":
             return 'a user name such as "aigis-plugin"'
+        if self.kind == "flag":
+            return "true or false"
         if self.kind == "address":
             return 'an address "host:port" or "" to disable'
         if self.kind == "choice":
@@ -66,6 +68,8 @@ class Setting:
     def valid(self, value: object) -> bool:
         if self.kind == "user":
             return isinstance(value, str) and is_user_name(value)
+        if self.kind == "flag":
+            return isinstance(value, bool)
         if self.kind == "plugins":
             if not isinstance(value, str) or "\0" in value or len(value) > MAX_PATH:
                 return False
@@ -109,6 +113,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("socket", "path", None, "the plugins' Unix socket; default <runtime_dir>/aigis.sock"),
     Setting("tcp", "address", "", 'TCP listener "host:port" for remote plugins; "" disables it'),
+    Setting(
+        "tcp_plaintext",
+        "flag",
+        False,
+        "false: the TCP listener speaks TLS with the core's own certificate, which plugins pin; "
+        "true: plaintext, for a trusted network only (anyone on the path reads every call)",
+    ),
     Setting("authkey_file", "path", None, "shared secret; default <state_dir>/authkey"),
     Setting(
         "http",

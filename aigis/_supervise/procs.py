@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from aigis._supervise.base import ProcessSpec
 from aigis._supervise.identity import prepare_local
@@ -234,7 +234,7 @@ class LocalOs:
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
         # The child drops to the plugin's account before exec: no supplementary groups (root's
         # would leak), then gid, then uid.
-        drop = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
+        drop: dict[str, Any] = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
         try:
             proc = subprocess.Popen(
                 argv,

@@ -316,7 +316,7 @@ def test_rpm_builds_with_the_same_layout(tmp_path: Path) -> None:
     ):
         assert path in files, path
     requires = {line.split()[0] for line in query("--requires")}
-    deps = ("pygit2", "dill", "multiprocess", "sdnotify", "systemd", "jeepney")
+    deps = ("pygit2", "dill", "multiprocess", "sdnotify", "systemd", "jeepney", "cryptography")
     assert {f"python3-{d}" for d in deps} <= requires
     assert "/etc/aigis/aigis.toml" in query("-c")  # %config(noreplace)
     scripts = "\n".join(query("--scripts"))
