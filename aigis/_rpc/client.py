@@ -20,12 +20,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from multiprocess.connection import answer_challenge, deliver_challenge
-from multiprocess.context import AuthenticationError
-
 from aigis._errors import AigisError, CallTimeout, CoreUnavailable
 from aigis._rpc import wire
 from aigis._rpc.channel import Channel
+from aigis._rpc.handshake import AuthenticationError, Refused, authenticate
 from aigis._settings import HANDSHAKE_TIMEOUT
 
 # The one place the plugin-side defaults live (AIGISTerminal, the runner, aigisctl).
@@ -249,7 +247,7 @@ class CoreClient:
                 raise self._unavailable(
                     f"permission denied ({exc.strerror}); is this user in the socket's group?"
                 ) from exc
-            except AssertionError as exc:
+            except Refused as exc:
                 raise self._unavailable("unexpected handshake: is this an AIGIS core?") from exc
             except (OSError, EOFError) as exc:
                 remaining = deadline - time.monotonic()
@@ -276,8 +274,7 @@ class CoreClient:
             if not isinstance(self.address, tuple):
                 sock.connect(self.address)
             chan = Channel(sock, limit=self.limit)
-            answer_challenge(chan, self._authkey)
-            deliver_challenge(chan, self._authkey)
+            authenticate(chan, self._authkey)
             sock.settimeout(self.call_timeout)  # by default none: calls may take long
         except BaseException:
             sock.close()
