@@ -24,7 +24,7 @@ from aigis._control import Control, ControlServer
 from aigis._ctlwire import control_key_path
 from aigis._errors import AigisError, ConfigError, NotSupervised, PluginError
 from aigis._instance import InstanceLock
-from aigis._keys import PLUGIN_KEY_MODE, load_or_create_key
+from aigis._keys import PLUGIN_KEY_MODE, create_missing_keys, load_or_create_key
 from aigis._launch import process_spec
 from aigis._loader import Loader, Plugin
 from aigis._log import about, setup_logging
@@ -152,6 +152,7 @@ class Daemon:
         except (OSError, AigisError) as exc:
             log.error("failed: cannot listen: %s", exc)
             return False
+        self.create_plugin_keys(loaded)
         for plugin in loaded:
             if self._startup_signals():
                 break
@@ -457,6 +458,18 @@ class Daemon:
             plugin = self.loader.load(entry)
             self.plugins[entry.name] = plugin
             return plugin
+
+    def create_plugin_keys(self, plugins: list[Plugin]) -> None:
+        """Create the missing keys of ``plugins`` with processes in one batch (start_process
+        reads them, or creates one itself and names the file when that fails)."""
+        settings = self.config.settings
+        create_missing_keys(
+            [
+                (settings.plugin_key_file(p.name), f'key of plugin "{p.name}"', PLUGIN_KEY_MODE)
+                for p in plugins
+                if p.has_process
+            ]
+        )
 
     def start_process(self, plugin: Plugin) -> Plugin:
         """Hand a loaded internal/external plugin's process to the supervisor."""
