@@ -16,15 +16,18 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 from aigis._errors import AigisError, CallTimeout, CoreUnavailable
 from aigis._rpc import wire
 from aigis._rpc.channel import Channel
-from aigis._rpc.handshake import AuthenticationError, Refused, authenticate
-from aigis._settings import HANDSHAKE_TIMEOUT
+from aigis._rpc.handshake import HANDSHAKE_TIMEOUT, AuthenticationError, Refused, authenticate
+
+# not at run time: the plugin runner starts faster without typing and pathlib
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+    from typing import Any
 
 # The one place the plugin-side defaults live (AIGISTerminal, the runner, aigisctl).
 DEFAULT_ADDRESS = "/run/aigis/aigis.sock"
@@ -59,10 +62,11 @@ def parse_address(text: str) -> Address:
     raise AigisError(f'{ADDRESS_ENV}="{text}": expected a Unix socket path or tcp:HOST:PORT')
 
 
-def read_authkey(path: Path) -> bytes:
+def read_authkey(path: str | Path) -> bytes:
     """The shared secret from an authkey file; errors name the file and the variable to set."""
     try:
-        key = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            key = f.read()
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise AigisError(
@@ -305,7 +309,7 @@ def connect_from_env(environ: Mapping[str, str] | None = None) -> CoreClient:
     """A client for ``AIGIS_ADDRESS`` and ``AIGIS_AUTHKEY_FILE`` (or the packaged defaults)."""
     env = os.environ if environ is None else environ
     address = parse_address(env.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
-    authkey = read_authkey(Path(env.get(AUTHKEY_FILE_ENV) or DEFAULT_AUTHKEY_FILE))
+    authkey = read_authkey(env.get(AUTHKEY_FILE_ENV) or DEFAULT_AUTHKEY_FILE)
     return CoreClient(address, authkey, call_timeout=parse_call_timeout(env.get(CALL_TIMEOUT_ENV)))
 
 

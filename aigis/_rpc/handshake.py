@@ -20,6 +20,8 @@ CHALLENGE = b"#CHALLENGE#"
 WELCOME = b"#WELCOME#"
 FAILURE = b"#FAILURE#"
 MAX_FRAME = 256  # what multiprocess accepts for a handshake frame
+HANDSHAKE_TIMEOUT = 5.0  # seconds a handshake may take: the core drops a slower peer, a plugin
+#                         gives up that attempt (and retries within its window)
 
 
 class AuthenticationError(Exception):
