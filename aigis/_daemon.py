@@ -673,7 +673,20 @@ class Daemon:
                 {"path": f"aigis.{s.path}", "kind": s.kind, "plugin": s.plugin}
                 for s in self.namespace.skills()
             ],
-            "metrics": self.metrics.snapshot(),
+            "metrics": {**self.metrics.snapshot(), **self.output_metrics()},
+        }
+
+    def output_metrics(self) -> dict[str, dict[str, int]]:
+        """Lines each plugin printed and bytes its log lost, as the backend counted them (read
+        when observed: nothing is pushed per line)."""
+        try:
+            counts = self.supervisor.output_counts()
+        except Exception:  # a nicety, like usage: the view must answer without it
+            log.exception("failed: reading plugin output counts")
+            counts = {}
+        return {
+            "log_lines": {name: c.lines for name, c in counts.items()},
+            "log_dropped_bytes": {name: c.dropped_bytes for name, c in counts.items()},
         }
 
     def _snapshots(self, names: list[str]) -> dict[str, Status]:
