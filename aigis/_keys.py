@@ -117,22 +117,27 @@ def _publish(tmp: _Pending, path: Path, what: str, mode: int, key: bytes) -> byt
 
 
 SYNC_THREADS = 16
+BATCH = 128  # keys written before their fsyncs: bounds the files held open at once
 
 
 def create_missing_keys(keys: Sequence[tuple[Path, str, int]]) -> None:
-    """Create each missing key file of ``keys`` (path, what, mode) at once: their fsyncs run
-    side by side, so the file system commits them together (a first start with 100 plugins
-    waits for a few journal commits instead of 100 one after another). A key that fails here
-    is left for ``load_or_create_key``, which tries again and names the file."""
+    """Create each missing key file of ``keys`` (path, what, mode) in batches: the fsyncs of a
+    batch run side by side, so the file system commits them together (a first start with 100
+    plugins waits for a few journal commits instead of 100 one after another). A key that fails
+    here is left for ``load_or_create_key``, which tries again and names the file."""
+    missing = [(Path(path), what, mode) for path, what, mode in keys if not os.path.lexists(path)]
+    for start in range(0, len(missing), BATCH):
+        _create_batch(missing[start : start + BATCH])
+
+
+def _create_batch(keys: list[tuple[Path, str, int]]) -> None:
     pending: list[tuple[_Pending, Path, str, int, bytes]] = []
     for path, what, mode in keys:
-        if os.path.lexists(path):
-            continue
         try:
-            tmp, key = _write(Path(path), mode)
+            tmp, key = _write(path, mode)
         except OSError:
             continue
-        pending.append((tmp, Path(path), what, mode, key))
+        pending.append((tmp, path, what, mode, key))
     synced = _fsync_all([tmp.fd for tmp, *_ in pending])
     for tmp, path, what, mode, key in pending:
         if tmp.fd in synced:

@@ -71,3 +71,20 @@ def test_a_failed_fsync_leaves_no_key_and_no_temp_file(
     monkeypatch.setattr(os, "fsync", fsync)
     create_missing_keys([(tmp_path / "z.key", 'key of plugin "z"', 0o600)])
     assert os.listdir(tmp_path) == []
+
+
+def test_keys_are_written_in_bounded_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from aigis import _keys
+
+    monkeypatch.setattr(_keys, "BATCH", 4)
+    open_at_sync: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        open_at_sync.append(sum(1 for p in tmp_path.iterdir() if p.name.endswith(".tmp")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    create_missing_keys([(tmp_path / f"k{i}.key", f"key {i}", 0o600) for i in range(10)])
+    assert len(open_at_sync) == 10 and max(open_at_sync) <= 4  # 4, 4, then 2 at most
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"k{i}.key" for i in range(10))
