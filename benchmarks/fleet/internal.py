@@ -4,8 +4,9 @@ Each plugin's LAUNCH imports ``aigis`` (the proxy), calls ``aigis.arrived(NAME)`
 and then waits, as a long-running plugin would. The skill, in a core plugin, appends the name to
 a file; the figure is the time from launching ``aigis`` until that file names every plugin.
 Nearly all of it is interpreter start-up of the plugin runner, so its floor, measured in the
-same run, is N bare interpreters (this Python, ``-c``) started at once, each connecting to a
-Unix socket and sending its index: the same processes without AIGIS.
+same run, is N bare interpreters (this Python, ``-c``) started one after another from a launcher
+in a session of its own, each connecting to a Unix socket and sending its index: the same
+processes without AIGIS, scheduled alike.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ ENTRYPOINT = "{root}"
 
 ARRIVALS_CORE = f'''"""Benchmark skill: ``aigis.arrived(name)`` appends name to a file."""
 import os
-import signal
 
 SKILLS = ["arrived"]
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,6 @@ LAUNCH = "probe"
 
 PROBE = '''"""Call the core once, then wait as a long-running plugin would."""
 import os
-import signal
 import threading
 
 import aigis
@@ -164,31 +163,44 @@ def measure_aigis(workdir: Path, n: int, venv: Path, env: dict[str, str], timeou
             _end(proc)
 
 
+#: One bare plugin: connect, say which one it is, wait for the end.
+_BARE = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "s.connect(sys.argv[1])\n"
+    "s.sendall(sys.argv[2].encode() + b'\\n')\n"
+    "s.recv(1)\n"
+)
+#: Starts the bare plugins as AIGIS starts its plugins: one after another, each in its own
+#: process group of the launcher's session. (A session of its own each would give each one a
+#: scheduler autogroup, hence a CPU share of its own on a loaded machine, which AIGIS's plugins,
+#: sharing the core's session, do not get: the floor would not be a floor.)
+_LAUNCHER = (
+    "import subprocess, sys\n"
+    "path, n = sys.argv[1], int(sys.argv[2])\n"
+    "procs = [subprocess.Popen([sys.executable, '-c', sys.argv[3], path, str(i)],\n"
+    "                          stdin=subprocess.DEVNULL, process_group=0) for i in range(n)]\n"
+    "for proc in procs:\n"
+    "    proc.wait()\n"
+)
+
+
 def measure_floor(workdir: Path, n: int, env: dict[str, str], timeout: float) -> float:
-    """``n`` interpreters started at once, each connecting to a socket and sending its index;
-    seconds until all ``n`` arrived."""
+    """``n`` interpreters started one after another by a launcher in a session of its own (as
+    the core is), each connecting to a socket and sending its index; seconds until all ``n``
+    arrived."""
     path = workdir / "floor.sock"
-    code = (
-        "import socket, sys\n"
-        "s = socket.socket(socket.AF_UNIX)\n"
-        "s.connect(sys.argv[1])\n"
-        "s.sendall(sys.argv[2].encode() + b'\\n')\n"
-        "s.recv(1)\n"
-    )
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(path))
         listener.listen(n)
         listener.settimeout(timeout)
         started = time.monotonic()
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", code, str(path), str(i)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            for i in range(n)
-        ]
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, str(path), str(n), _BARE],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         conns = []
         try:
             for _ in range(n):
@@ -199,13 +211,13 @@ def measure_floor(workdir: Path, n: int, env: dict[str, str], timeout: float) ->
             return time.monotonic() - started
         finally:
             for conn in conns:
-                conn.close()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                conn.close()  # each bare plugin exits, then the launcher
+            try:
+                launcher.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait()
 
 
 def _end(proc: subprocess.Popen[bytes]) -> None:
