@@ -33,6 +33,7 @@ from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
 from aigis._paths import make_dir
 from aigis._reload import diff
+from aigis._rpc import wire
 from aigis._rpc.server import ROOT, CoreServer, load_or_create_authkey
 from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API, SUPERVISORS
 from aigis._states import Kind, State
@@ -119,6 +120,9 @@ class Daemon:
             len(self.config.plugins),
             self.supervisor.name,
         )
+        missing = wire.dill_missing()
+        if missing:
+            log.warning("missing: %s", missing)
         try:
             self.start_server("control")
             self.start_http()

@@ -145,6 +145,19 @@ _dill_pickler: Any = None
 _dill_lock = threading.Lock()
 
 
+def dill_missing() -> str | None:
+    """Why values pickle refuses cannot travel, when dill cannot be found (it is imported only
+    when first needed, so a core would otherwise learn it at a call); None when it is there."""
+    import importlib.util
+
+    if importlib.util.find_spec("dill") is not None:
+        return None
+    return (
+        "dill is not installed: results and arguments that pickle cannot encode (lambdas, "
+        "classes defined in a plugin) will fail to travel; install dill (Debian: python3-dill)"
+    )
+
+
 def _dill_pickler_class() -> Any:
     """dill's pickler, set up so non-shared classes and functions ship by value."""
     global _dill_pickler
