@@ -26,8 +26,8 @@ from aigis import _ctlwire as wire
 from aigis._errors import AigisError, PluginError
 from aigis._metrics import OPERATOR, UNRESOLVED, Metrics
 from aigis._redact import redact
+from aigis._rpc.handshake import HANDSHAKE_TIMEOUT
 from aigis._rpc.wire import refusal
-from aigis._settings import HANDSHAKE_TIMEOUT
 
 if TYPE_CHECKING:  # pragma: no cover
     from aigis._daemon import Daemon

@@ -24,7 +24,7 @@ from aigis._control import Control, ControlServer
 from aigis._ctlwire import control_key_path
 from aigis._errors import AigisError, ConfigError, NotSupervised, PluginError
 from aigis._instance import InstanceLock
-from aigis._keys import PLUGIN_KEY_MODE, load_or_create_key
+from aigis._keys import PLUGIN_KEY_MODE, create_missing_keys, load_or_create_key
 from aigis._launch import process_spec
 from aigis._loader import Loader, Plugin
 from aigis._log import about, setup_logging
@@ -33,6 +33,7 @@ from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
 from aigis._paths import make_dir
 from aigis._reload import diff
+from aigis._rpc import wire
 from aigis._rpc.server import ROOT, CoreServer, load_or_create_authkey
 from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API, SUPERVISORS
 from aigis._states import Kind, State
@@ -119,6 +120,9 @@ class Daemon:
             len(self.config.plugins),
             self.supervisor.name,
         )
+        missing = wire.dill_missing()
+        if missing:
+            log.warning("missing: %s", missing)
         try:
             self.start_server("control")
             self.start_http()
@@ -152,6 +156,7 @@ class Daemon:
         except (OSError, AigisError) as exc:
             log.error("failed: cannot listen: %s", exc)
             return False
+        self.create_plugin_keys(loaded)
         for plugin in loaded:
             if self._startup_signals():
                 break
@@ -464,6 +469,18 @@ class Daemon:
             self.plugins[entry.name] = plugin
             return plugin
 
+    def create_plugin_keys(self, plugins: list[Plugin]) -> None:
+        """Create the missing keys of ``plugins`` with processes in one batch (start_process
+        reads them, or creates one itself and names the file when that fails)."""
+        settings = self.config.settings
+        create_missing_keys(
+            [
+                (settings.plugin_key_file(p.name), f'key of plugin "{p.name}"', PLUGIN_KEY_MODE)
+                for p in plugins
+                if p.has_process
+            ]
+        )
+
     def start_process(self, plugin: Plugin) -> Plugin:
         """Hand a loaded internal/external plugin's process to the supervisor."""
         with self.lock:
@@ -670,7 +687,20 @@ class Daemon:
                 {"path": f"aigis.{s.path}", "kind": s.kind, "plugin": s.plugin}
                 for s in self.namespace.skills()
             ],
-            "metrics": self.metrics.snapshot(),
+            "metrics": {**self.metrics.snapshot(), **self.output_metrics()},
+        }
+
+    def output_metrics(self) -> dict[str, dict[str, int]]:
+        """Lines each plugin printed and bytes its log lost, as the backend counted them (read
+        when observed: nothing is pushed per line)."""
+        try:
+            counts = self.supervisor.output_counts()
+        except Exception:  # a nicety, like usage: the view must answer without it
+            log.exception("failed: reading plugin output counts")
+            counts = {}
+        return {
+            "log_lines": {name: c.lines for name, c in counts.items()},
+            "log_dropped_bytes": {name: c.dropped_bytes for name, c in counts.items()},
         }
 
     def _snapshots(self, names: list[str]) -> dict[str, Status]:

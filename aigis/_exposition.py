@@ -144,10 +144,14 @@ def _plugin_families(plugins: list[dict[str, Any]], snap: dict[str, Any]) -> Ite
         labels=["plugin"],
     )
     lines = CounterMetricFamily(
-        "aigis_plugin_log_lines", "Lines of plugin output logged", labels=["plugin"]
+        "aigis_plugin_log_lines",
+        "Lines the plugin printed while the core logs its output (embedded backend)",
+        labels=["plugin"],
     )
     dropped = CounterMetricFamily(
-        "aigis_plugin_log_dropped_bytes", "Bytes of plugin output dropped", labels=["plugin"]
+        "aigis_plugin_log_dropped_bytes",
+        "Bytes of plugin output its log file could not store (a full disk)",
+        labels=["plugin"],
     )
     for row in plugins:
         name = row["name"]

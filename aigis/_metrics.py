@@ -1,4 +1,4 @@
-"""The core's counters: skill calls per (skill, caller), plugin log volume, connections.
+"""The core's counters: skill calls per (skill, caller), connections.
 
 Always on, so a call's hook only queues a record (no lock; a fraction of a microsecond); the
 records are folded into the counters in batches. Nothing here formats or serves anything:
@@ -65,8 +65,6 @@ class Metrics:
         self._finished = 0  # calls started and folded in
         self._max_series = max_series
         self._series: dict[tuple[str, str], _Series] = {}
-        self._log_lines: dict[str, int] = {}
-        self._log_dropped: dict[str, int] = {}
         self._connections: dict[str, int] = {}  # open now, by listener
         self._accepted: dict[str, int] = {}  # since start, by listener
         self._refused: dict[str, int] = {}  # refused handshakes, by listener
@@ -138,14 +136,6 @@ class Metrics:
             series = self._series[cut] = _Series()
         return series
 
-    # -- plugin output -------------------------------------------------------------------------
-    def log_output(self, plugin: str, lines: int, dropped_bytes: int = 0) -> None:
-        """``plugin`` wrote ``lines`` lines; ``dropped_bytes`` of its output were discarded."""
-        with self._lock:
-            self._log_lines[plugin] = self._log_lines.get(plugin, 0) + lines
-            if dropped_bytes:
-                self._log_dropped[plugin] = self._log_dropped.get(plugin, 0) + dropped_bytes
-
     # -- connections ---------------------------------------------------------------------------
     def connection_opened(self, listener: str) -> None:
         """A peer connected to ``listener`` (``control``, ``unix``, ``tcp``, ``http``)."""
@@ -185,8 +175,6 @@ class Metrics:
                 "bounds": list(BUCKETS),
                 "skills": skills,
                 "in_flight": max(0, _count(self._starts) - self._finished),
-                "log_lines": dict(self._log_lines),
-                "log_dropped_bytes": dict(self._log_dropped),
                 "connections": dict(self._connections),
                 "accepted": dict(self._accepted),
                 "refused": dict(self._refused),

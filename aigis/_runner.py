@@ -7,34 +7,62 @@ plugin cannot be started (one line on stderr naming the plugin).
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import importlib.util
 import os
 import sys
-import traceback
-from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 
 from aigis._errors import AigisError, CoreUnavailable
 from aigis._rpc.client import CoreClient, connect_from_env, describe
 from aigis._rpc.proxy import make_proxy_module
+
+# Every plugin process pays for what is imported here at start, so typing, pathlib, argparse
+# and traceback are left out (or imported where needed): they cost about a quarter of start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import ModuleType
 
 
 class LaunchError(AigisError):
     """The plugin's LAUNCH module cannot be imported or has no ``launch()``."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line options of the runner."""
+class Options:
+    """The runner's options: the plugin's name, its ENTRYPOINT, its LAUNCH."""
+
+    __slots__ = ("entrypoint", "launch", "name")
+
+    def __init__(self, name: str, entrypoint: str, launch: str) -> None:
+        self.name, self.entrypoint, self.launch = name, entrypoint, launch
+
+
+_OPTIONS = ("--name", "--entrypoint", "--launch")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    """Command-line options of the runner: the form AIGIS writes (``runner_argv``) is read
+    directly; anything else (``--help``, a mistake) goes through argparse."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if (
+        len(args) == 6
+        and tuple(args[0::2]) == _OPTIONS
+        and not any(a.startswith("-") for a in args[1::2])
+    ):
+        return Options(args[1], args[3], args[5])
+    return _parse_with_argparse(args)
+
+
+def _parse_with_argparse(argv: list[str]) -> Options:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="python -m aigis._runner", description="Run an AIGIS internal plugin."
     )
     parser.add_argument("--name", required=True, help="the plugin's name (for messages)")
     parser.add_argument("--entrypoint", required=True, help="the plugin's ENTRYPOINT directory")
     parser.add_argument("--launch", required=True, help="dotted module name or path to a .py file")
-    return parser.parse_args(argv)
+    parsed = parser.parse_args(argv)
+    return Options(parsed.name, parsed.entrypoint, parsed.launch)
 
 
 def install_proxy(client: CoreClient) -> ModuleType:
@@ -68,14 +96,16 @@ def notify_ready(client: CoreClient) -> None:
 def import_launch(name: str, launch: str) -> ModuleType:
     """The LAUNCH module: a ``.py`` path (relative to the cwd) or a dotted module name."""
     if launch.endswith(".py") or os.sep in launch:
-        path = Path(launch).resolve()
-        if not path.is_file():
+        from importlib.util import module_from_spec, spec_from_file_location
+
+        path = os.path.realpath(launch)
+        if not os.path.isfile(path):
             raise LaunchError(f'plugin "{name}": LAUNCH file {path} does not exist')
-        module_name = path.stem
-        spec = importlib.util.spec_from_file_location(module_name, path)
+        module_name = os.path.splitext(os.path.basename(path))[0]
+        spec = spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
             raise LaunchError(f'plugin "{name}": cannot load LAUNCH file {path}')
-        module = importlib.util.module_from_spec(spec)
+        module = module_from_spec(spec)
         sys.modules[module_name] = module  # registered first, as import does (dataclasses, pickle)
         try:
             spec.loader.exec_module(module)
@@ -108,7 +138,7 @@ def find_launch(name: str, module: ModuleType) -> object:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one internal plugin; returns the process exit status."""
     args = parse_args(argv)
-    entrypoint = Path(args.entrypoint).resolve()
+    entrypoint = os.path.realpath(args.entrypoint)
     try:
         os.chdir(entrypoint)
     except OSError as exc:
@@ -123,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AigisError as exc:
         print(f'aigis runner: plugin "{args.name}": {exc}', file=sys.stderr)
         return 1
-    sys.path.insert(0, str(entrypoint))
+    sys.path.insert(0, entrypoint)
     sys.argv = [args.launch]  # the plugin's argv: not the runner's options
     install_proxy(client)
     try:
@@ -136,16 +166,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'aigis runner: plugin "{args.name}": {exc}', file=sys.stderr)
         return 1
     except Exception:
-        traceback.print_exc()
+        _print_traceback()
         return 1
     try:
         launch()  # type: ignore[operator]
     except Exception:
-        traceback.print_exc()
+        _print_traceback()
         return 1
     finally:
         client.close()
     return 0
+
+
+def _print_traceback() -> None:
+    import traceback
+
+    traceback.print_exc()
 
 
 if __name__ == "__main__":

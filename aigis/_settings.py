@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 DEFAULT_CONFIG_PATH = "/etc/aigis/aigis.toml"
 PUBLIC_API = ("AigisError", "CoreUnavailable", "RemoteError")  # names `import aigis` reserves
-HANDSHAKE_TIMEOUT = 5.0  # seconds a handshake may take: the core drops a slower peer, a plugin
-#                         gives up that attempt (and retries within its window)
 
 SUPERVISORS = ("auto", "systemd", "embedded")
 REQUIREMENT_POLICIES = ("run", "skip")

@@ -1,14 +1,16 @@
 """AIGIS against supervisord and circus, N trivial external plugins each: ``make bench``.
 
-    .venv/bin/python -m benchmarks.run [--n 0,10,100,1000] [--rounds R] [--no-proxy] [--systemd]
+    .venv/bin/python -m benchmarks.run [--n 0,10,100,1000] [--rounds R] [--internal N]
+                                       [--no-proxy] [--systemd]
 
 For every N (interleaved: each round visits every N, and at each N every tool, in a rotating
 order) it launches each tool with N ``sleep`` plugins and measures, by watching the process table:
 launch -> all running, supervisor RSS and threads, status command wall time, restart after
-kill -9, restart of one plugin via the control command, SIGTERM -> all gone. Then it runs
-``bench_proxy.py`` and ``bench_tls.py``. It prints one table per measure, with AIGIS / peer
-ratios from this run, and a Markdown summary. Numbers from a shared machine: read the ratios,
-not the absolutes.
+kill -9, restart of one plugin via the control command, SIGTERM -> all gone. Then AIGIS alone
+with ``--internal`` internal plugins (launch -> each has called the core once, against bare
+interpreters started alike), then ``bench_proxy.py`` and ``bench_tls.py``. It prints one table
+per measure, with AIGIS / peer ratios from this run, and a Markdown summary. Numbers from a shared
+machine: read the ratios, not the absolutes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.fleet import proctable, report  # noqa: E402
+from benchmarks.fleet.internal import internal_table, measure_internal  # noqa: E402
 from benchmarks.fleet.measure import Result, measure  # noqa: E402
 from benchmarks.fleet.peers import ensure_peers  # noqa: E402
 from benchmarks.fleet.tools import (  # noqa: E402
@@ -71,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=parse_ns, default=[0, 10, 100, 1000], help="plugin counts")
     parser.add_argument("--rounds", type=int, default=1, help="visits of every N (median kept)")
     parser.add_argument("--tools", type=parse_tools, default=list(TOOLS), help="which tools")
+    parser.add_argument(
+        "--internal",
+        type=int,
+        default=100,
+        help="internal plugins for the 'all called once' row (0: skip)",
+    )
     parser.add_argument(
         "--no-proxy", action="store_true", help="skip bench_proxy.py and bench_tls.py"
     )
@@ -153,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nleftover processes after the run (killed): {leftovers}", file=sys.stderr)
     if interrupted:
         return 130
+    if args.internal > 0 and "AIGIS" in args.tools:
+        leftovers += _run_internal_bench(args.internal, args.rounds, venv, env, token, args.keep)
     if not args.no_proxy:
         _run_proxy_bench(venv)
     return 1 if leftovers else 0
@@ -198,6 +209,29 @@ def _sweep(token: str) -> list[int]:
     pgrep = subprocess.run(["pgrep", "-f", LEFTOVER_PATTERN], capture_output=True, text=True)
     print(f"\nchecked: pgrep -f '{LEFTOVER_PATTERN}' -> {pgrep.stdout.split() or 'none'}")
     return [p.pid for p in left]
+
+
+def _run_internal_bench(
+    n: int, rounds: int, venv: Path, env: dict[str, str], token: str, keep: bool
+) -> list[int]:
+    """The internal plugins row; returns leftover pids (killed)."""
+    print(f"\n# {n} internal plugins (benchmarks/fleet/internal.py)\n", flush=True)
+    base = Path(tempfile.mkdtemp(prefix="aigis-bench-internal-"))
+    try:
+        result = measure_internal(base, n, rounds, venv, env)
+    except KeyboardInterrupt:
+        print("interrupted: cleaning up", file=sys.stderr)
+        return _sweep(token)
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print(internal_table(result))
+    if result.error:
+        print(f"\nFailures:\n- internal plugins: {result.error}")
+    left = _sweep(token)
+    if left:
+        print(f"\nleftover processes after the internal run (killed): {left}", file=sys.stderr)
+    return left
 
 
 def _run_proxy_bench(venv: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from aigis._config import Settings
 from aigis._errors import NotSupervised, PluginError
 from aigis._states import IDLE, State
-from aigis._supervise.base import LogLocation, ProcessSpec, Status
+from aigis._supervise.base import LogLocation, OutputCounts, ProcessSpec, Status
 
 #: What happened, in order, across the fake and the plugins' cleanups (``cleanup NAME``).
 EVENTS: list[str] = []
@@ -40,6 +40,7 @@ class FakeSupervisor:
         self.restarting = restarting
         self.halting = False
         self._next_pid = 2000
+        self.outputs: dict[str, OutputCounts] = {}  # what output_counts answers
 
     def _record(self, *words: object) -> None:
         EVENTS.append(" ".join(map(str, words)))
@@ -129,6 +130,9 @@ class FakeSupervisor:
 
     def log_location(self, name: str) -> LogLocation:
         return LogLocation(file=Path("/nonexistent") / f"{name}.log")
+
+    def output_counts(self) -> dict[str, OutputCounts]:
+        return dict(self.outputs)
 
     def close(self) -> None:
         self._record("close")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
-from typing import Any
 
 from aigis._rpc import wire
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 _INITIAL_BUFFER = 64 * 1024
 _KEEP_BUFFER = 16 * 1024 * 1024  # reuse receive buffers up to this size; fresh pages are slow

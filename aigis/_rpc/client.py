@@ -16,17 +16,18 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from multiprocess.connection import answer_challenge, deliver_challenge
-from multiprocess.context import AuthenticationError
 
 from aigis._errors import AigisError, CallTimeout, CoreUnavailable
 from aigis._rpc import wire
 from aigis._rpc.channel import Channel
-from aigis._settings import HANDSHAKE_TIMEOUT
+from aigis._rpc.handshake import HANDSHAKE_TIMEOUT, AuthenticationError, Refused, authenticate
+
+# not at run time: the plugin runner starts faster without typing and pathlib
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+    from typing import Any
 
 if TYPE_CHECKING:
     from aigis._rpc.tls import Pin
@@ -65,10 +66,11 @@ def parse_address(text: str) -> Address:
     raise AigisError(f'{ADDRESS_ENV}="{text}": expected a Unix socket path or tcp:HOST:PORT')
 
 
-def read_authkey(path: Path) -> bytes:
+def read_authkey(path: str | Path) -> bytes:
     """The shared secret from an authkey file; errors name the file and the variable to set."""
     try:
-        key = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            key = f.read()
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise AigisError(
@@ -108,7 +110,7 @@ class CoreClient:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         limit: int = wire.MAX_MESSAGE,
         call_timeout: float | None = None,
-        tls_cert_file: Path | None = None,
+        tls_cert_file: str | Path | None = None,
     ) -> None:
         if isinstance(address, tuple):
             self.address: Address = (address[0], int(address[1]))
@@ -260,7 +262,7 @@ class CoreClient:
                 raise self._unavailable(
                     f"permission denied ({exc.strerror}); is this user in the socket's group?"
                 ) from exc
-            except AssertionError as exc:
+            except Refused as exc:
                 raise self._unavailable("unexpected handshake: is this an AIGIS core?") from exc
             except AigisError as exc:  # TLS: not the pinned certificate, or no TLS at all
                 raise self._unavailable(f"{exc} ({TLS_CERT_FILE_ENV})") from exc
@@ -298,8 +300,7 @@ class CoreClient:
             if not isinstance(self.address, tuple):
                 sock.connect(self.address)
             chan = Channel(sock, limit=self.limit)
-            answer_challenge(chan, self._authkey)
-            deliver_challenge(chan, self._authkey)
+            authenticate(chan, self._authkey)
             sock.settimeout(self.call_timeout)  # by default none: calls may take long
         except BaseException:
             sock.close()
@@ -331,13 +332,13 @@ def connect_from_env(environ: Mapping[str, str] | None = None) -> CoreClient:
     speaks TLS pinned to ``AIGIS_TLS_CERT_FILE`` when it is set."""
     env = os.environ if environ is None else environ
     address = parse_address(env.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
-    authkey = read_authkey(Path(env.get(AUTHKEY_FILE_ENV) or DEFAULT_AUTHKEY_FILE))
+    authkey = read_authkey(env.get(AUTHKEY_FILE_ENV) or DEFAULT_AUTHKEY_FILE)
     cert = env.get(TLS_CERT_FILE_ENV)
     return CoreClient(
         address,
         authkey,
         call_timeout=parse_call_timeout(env.get(CALL_TIMEOUT_ENV)),
-        tls_cert_file=Path(cert) if cert else None,
+        tls_cert_file=cert or None,
     )
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any
 
 from aigis._errors import AigisError, CoreUnavailable, RemoteError
 from aigis._rpc import wire
 from aigis._version import __version__
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 _PATH = "__aigis_path__"
 _CLIENT = "__aigis_client__"

@@ -32,8 +32,7 @@ from aigis._keys import load_or_create_key
 from aigis._metrics import UNKNOWN_PLUGIN, UNRESOLVED, Metrics
 from aigis._rpc import tls, wire
 from aigis._rpc.admission import Admission, RefusalLog
-from aigis._rpc.handshake import MAX_FRAME, Refused, ServerHandshake
-from aigis._settings import HANDSHAKE_TIMEOUT
+from aigis._rpc.handshake import HANDSHAKE_TIMEOUT, MAX_FRAME, Refused, ServerHandshake
 
 if TYPE_CHECKING:
     import ssl

@@ -380,7 +380,7 @@ def _joined(buffers: Sequence[Any]) -> Any:
 class Pin:
     """TLS to the core, trusting exactly the certificate in ``cert_file`` (no host names)."""
 
-    def __init__(self, cert_file: Path) -> None:
+    def __init__(self, cert_file: str | Path) -> None:
         self.file = Path(cert_file)
         pem = _read(self.file, "certificate")
         try:

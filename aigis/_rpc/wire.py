@@ -13,14 +13,15 @@ import pickle
 import site
 import struct
 import sys
-import sysconfig
 import threading
-import traceback
-from collections.abc import Sequence
 from types import FunctionType
-from typing import Any
 
 from aigis._errors import RemoteError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:  # not at run time: the plugin runner starts faster without typing
+    from collections.abc import Sequence
+    from typing import Any
 
 Buffer = bytes | bytearray | memoryview
 
@@ -77,6 +78,8 @@ _shared_cache: dict[str, bool] = {}
 def _shared_roots() -> tuple[str, ...]:
     global _shared_dirs
     if _shared_dirs is None:
+        import sysconfig
+
         paths = sysconfig.get_paths()
         dirs = {paths.get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")}
         dirs.update(site.getsitepackages())
@@ -140,6 +143,19 @@ class _SharedPickler(pickle.Pickler):
 
 _dill_pickler: Any = None
 _dill_lock = threading.Lock()
+
+
+def dill_missing() -> str | None:
+    """Why values pickle refuses cannot travel, when dill cannot be found (it is imported only
+    when first needed, so a core would otherwise learn it at a call); None when it is there."""
+    import importlib.util
+
+    if importlib.util.find_spec("dill") is not None:
+        return None
+    return (
+        "dill is not installed: results and arguments that pickle cannot encode (lambdas, "
+        "classes defined in a plugin) will fail to travel; install dill (Debian: python3-dill)"
+    )
 
 
 def _dill_pickler_class() -> Any:
@@ -350,6 +366,8 @@ def builtin_base(cls: type) -> type:
 def pack_exception(exc: BaseException) -> tuple:
     """Plain data describing ``exc``: its pickle when the peer can import it, plus a fallback."""
     cls = type(exc)
+    import traceback  # only when a call fails
+
     text = "".join(traceback.format_exception(exc))
     try:
         blob: bytes | None = _pickle_shared(exc)

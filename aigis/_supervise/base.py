@@ -14,7 +14,7 @@ from aigis._states import ACTIVE, Kind, State
 if TYPE_CHECKING:  # pragma: no cover
     from aigis._config import Settings
 
-__all__ = ["ACTIVE", "LogLocation", "ProcessSpec", "State", "Status", "Supervisor"]
+__all__ = ["ACTIVE", "LogLocation", "OutputCounts", "ProcessSpec", "State", "Status", "Supervisor"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,14 @@ class LogLocation:
     journal_unit: str | None = None
 
 
+@dataclass(frozen=True)
+class OutputCounts:
+    """How much one plugin printed while the core logged its output (since it was added)."""
+
+    lines: int = 0
+    dropped_bytes: int = 0  # could not be stored (a full disk): gone from the log file
+
+
 class Supervisor(Protocol):
     """Everything the daemon needs from a backend. Every backend is constructed as
     ``Backend(settings, **test_hooks)``; ``aigis._supervise.pick_supervisor`` chooses one."""
@@ -132,6 +140,10 @@ class Supervisor(Protocol):
 
     def log_location(self, name: str) -> LogLocation:
         """Where ``name``'s output goes."""
+
+    def output_counts(self) -> dict[str, OutputCounts]:
+        """Per supervised plugin, the lines it printed and the bytes of them the log lost,
+        when the core itself logs their output; empty when another logger does (journald)."""
 
     def close(self) -> None:
         """Release what the backend holds (log files, a bus connection); after stop_all."""

@@ -17,7 +17,7 @@ from aigis._config import Settings
 from aigis._errors import NotSupervised, PluginError
 from aigis._log import about
 from aigis._supervise import leftovers, policy
-from aigis._supervise.base import ACTIVE, LogLocation, ProcessSpec, State, Status
+from aigis._supervise.base import ACTIVE, LogLocation, OutputCounts, ProcessSpec, State, Status
 from aigis._supervise.leftovers import Leftover
 from aigis._supervise.logsink import LogSink, write_console
 from aigis._supervise.procs import TAG_VAR, Cancellable, LocalOs, Os, Stray, new_tag
@@ -185,6 +185,12 @@ class EmbeddedSupervisor:
     def log_location(self, name: str) -> LogLocation:
         """``<log_dir>/<name>.log``."""
         return LogLocation(file=self.log_path(name))
+
+    def output_counts(self) -> dict[str, OutputCounts]:
+        """Each plugin's log sink's counts (they start again when a reload replaces it)."""
+        with self._lock:
+            sinks = [run.sink for run in self._runs.values()]
+        return {sink.name: sink.counts() for sink in sinks}
 
     def close(self) -> None:
         """Close the log files, then end the event loop; never raises (after stop_all)."""

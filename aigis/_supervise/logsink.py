@@ -14,6 +14,7 @@ from pathlib import Path
 from aigis._log import about
 from aigis._paths import make_dir
 from aigis._settings import LOG_BACKUPS, LOG_MAX_BYTES
+from aigis._supervise.base import OutputCounts
 
 LOG_MODE = 0o640  # the core and its group (aigis) may read plugin logs; nobody else
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class LogSink:
         self._open_error: OSError | None = None
         self.dropped = 0  # bytes lost in the current episode of write errors
         self.dropped_total = 0
+        self.lines = 0  # lines emitted (a partial line cut at MAX_PARTIAL or EOF counts as one)
         self._open()
 
     def stream(self) -> Stream:
@@ -176,6 +178,8 @@ class LogSink:
         with self._lock:
             if self._closed:
                 return  # removed while a straggler was still writing
+            # as the console shows it: every newline ends a line, and so does the end of data
+            self.lines += data.count(b"\n") + (not data.endswith(b"\n"))
             if self._file is None and not self._open():
                 self._dropping(len(data), self._open_error or OSError("cannot open"))
             elif self._file is not None:
@@ -225,6 +229,11 @@ class LogSink:
                     **about(self.name),
                 )
                 self.dropped = 0
+
+    def counts(self) -> OutputCounts:
+        """Lines emitted and bytes dropped so far."""
+        with self._lock:
+            return OutputCounts(self.lines, self.dropped_total)
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for every stream to reach EOF; True if all did."""

@@ -20,7 +20,7 @@ from aigis._config import Settings
 from aigis._errors import AigisError, NotSupervised, PluginError
 from aigis._log import about
 from aigis._states import IDLE, State
-from aigis._supervise.base import LogLocation, ProcessSpec, Status
+from aigis._supervise.base import LogLocation, OutputCounts, ProcessSpec, Status
 from aigis._supervise.dbus import Systemd, SystemdError
 from aigis._supervise.dropins import (
     UNIT_DIR,
@@ -292,6 +292,10 @@ class SystemdSupervisor:
     def log_location(self, name: str) -> LogLocation:
         """The journal of ``aigis-plugin@NAME.service`` (``journalctl -u``)."""
         return LogLocation(journal_unit=unit_name(name))
+
+    def output_counts(self) -> dict[str, OutputCounts]:
+        """None: journald keeps the plugins' output, the core never sees it."""
+        return {}
 
     def close(self) -> None:
         """Close the D-Bus connection (systemd then may collect the units it kept for us)."""

@@ -363,6 +363,9 @@ def test_a_full_disk_drops_log_output_but_never_kills_the_plugin(
     assert sup.log_path(name).read_bytes().endswith(b"the last line\n")  # writing resumed
     assert len(records(caplog, "resumed", name)) == 1
     assert len(records(caplog, "dropped", name)) == 1
+    counts = sup.output_counts()[name]  # what the metrics show
+    assert counts.lines == lines + 1  # every line the plugin printed, dropped or not
+    assert 0 < counts.dropped_bytes < lines * len(LINE % 0)
 
 
 def test_stop_all_and_close_on_a_full_disk_raise_nothing_and_leave_nothing(

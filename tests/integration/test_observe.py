@@ -509,3 +509,47 @@ def test_calls_over_the_plugins_socket_are_counted_too(core):
     assert found[("aigis_skill_errors_total", error)] == 1
     oracle = ("aigis_skill_calls_total", labels(skill="dnd.roll", caller="oracle"))
     assert found.get(oracle, 0) >= 1  # the example internal plugin's own calls, under its name
+
+
+PRINTER = '''"""Prints argv[1] lines, one partial line last, then waits."""
+import sys, time
+out = sys.stdout.buffer
+for number in range(int(sys.argv[1])):
+    out.write(b"line %d\\n" % number)
+out.write(b"no newline")
+out.flush()
+time.sleep(3600)
+'''
+
+
+def test_the_lines_a_plugin_prints_are_counted_in_the_metrics(tmp_path, daemons):
+    """The log sink's counts never reached the metrics: the family was always empty."""
+    plugin = tmp_path / "printer"
+    (plugin / "AIGIS").mkdir(parents=True)
+    (plugin / "print.py").write_text(PRINTER)
+    (plugin / "AIGIS" / "AIGIS.config").write_text(
+        'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}"\n'
+        f'LAUNCH = ["{sys.executable}", "{{root}}/print.py", "250"]\n'
+    )
+    config = tmp_path / "aigis.toml"
+    config.write_text(
+        '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nsupervisor = "embedded"\n'
+        f'http = "127.0.0.1:0"\n[external]\nprinter = "{plugin}"\n'
+    )
+    daemon = DaemonProcess(config)
+    daemons.append(daemon)
+    port = http_port(daemon)
+    key = ("aigis_plugin_log_lines_total", labels(plugin="printer"))
+    # 250 lines, then the partial one: the sink holds it until EOF, so 250 while it runs
+    wait_until(
+        lambda: samples(get(port, "/metrics")[1].decode()).get(key) == 250,
+        what="250 lines counted",
+    )
+    found = samples(get(port, "/metrics")[1].decode())
+    assert found[("aigis_plugin_log_dropped_bytes_total", labels(plugin="printer"))] == 0
+    log = config.parent / "state" / "log" / "printer.log"
+    assert log.read_bytes().count(b"\n") == 250
+    assert ctl(config, "stop", "printer").returncode == 0  # EOF: the partial line goes out
+    found = samples(get(port, "/metrics")[1].decode())
+    assert found[key] == 251
+    assert log.read_bytes().endswith(b"line 249\nno newline")

@@ -496,6 +496,30 @@ def test_a_wrong_authkey_fails_at_once_without_retrying(core):
     assert time.monotonic() - started < 5
 
 
+def test_a_server_that_is_no_aigis_core_is_named_as_such(sockdir):
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sockdir / "other.sock"))
+    listener.listen()
+
+    def greet() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            Channel(conn).send_bytes(b"hello, I am something else")
+            conn.recv(1)  # until the client hangs up
+
+    thread = threading.Thread(target=greet)
+    thread.start()
+    client = CoreClient(sockdir / "other.sock", b"key", retry_for=30)
+    with pytest.raises(CoreUnavailable) as info:
+        client.connect()
+    thread.join(10)
+    listener.close()
+    assert str(info.value) == (
+        f"cannot reach the AIGIS core at {sockdir / 'other.sock'}: "
+        "unexpected handshake: is this an AIGIS core?"
+    )
+
+
 # --- security: nothing is unpickled before the handshake, and one line per bad peer ---------
 
 

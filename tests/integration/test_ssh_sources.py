@@ -304,6 +304,6 @@ def test_unknown_host_key_is_refused(sshd, home, upstream, tmp_path) -> None:
     ],
 )
 def test_which_urls_get_ssh_callbacks(url: str, ssh: bool) -> None:
-    from aigis._sources import _is_ssh
+    from aigis._git import _is_ssh
 
     assert _is_ssh(url) is ssh

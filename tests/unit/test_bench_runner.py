@@ -191,3 +191,32 @@ def test_start_goal_is_judged_against_the_peers_only_not_the_systemd_column():
         "<= 5 s and <= 0.4x each peer",
         True,
     )
+
+
+def test_internal_benchmark_config_and_manifests_are_valid(tmp_path):
+    from benchmarks.fleet import internal
+
+    config = parse_config(internal.internal_config(2), CFG)
+    assert [(p.table, p.name) for p in config.plugins] == [
+        ("core", "arrivals"), ("internal", "i0000"), ("internal", "i0001"),
+    ]  # fmt: skip
+    assert config.settings.supervisor == "embedded"
+    core = parse_manifest(internal.ARRIVALS_MANIFEST, "AIGIS.config", tmp_path, "arrivals")
+    assert core.plugin_type == "core"
+    probe = parse_manifest(internal.INTERNAL_MANIFEST, "AIGIS.config", tmp_path, "i0000")
+    assert (probe.plugin_type, probe.launch) == ("internal", "probe")
+    compile(internal.ARRIVALS_CORE, "AIGIS.core", "exec")
+    compile(internal.PROBE, "probe.py", "exec")
+
+
+def test_internal_benchmark_table_judges_the_goal_at_100_only():
+    from benchmarks.fleet.internal import InternalResult, internal_table
+
+    met = internal_table(InternalResult(100, aigis_s=2.5, floor_s=1.25))
+    assert met.splitlines()[-1] == (
+        "| 100 internal plugins: launch -> all called once | 2.50 s | 1.25 s | 2.00x "
+        "| <= 3 s | yes |"
+    )
+    assert internal_table(InternalResult(100, aigis_s=3.5, floor_s=1.0)).endswith("| no |")
+    assert internal_table(InternalResult(10, aigis_s=1.0, floor_s=0.5)).endswith("|  |  |")
+    assert internal_table(InternalResult(100, error="x")).endswith("| - | - | - | <= 3 s | - |")

@@ -1,4 +1,4 @@
-"""The server's side of multiprocess's challenge, against multiprocess's own client side."""
+"""Both sides of multiprocess's challenge, each against multiprocess's own other side."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import hmac
 import socket
 import threading
 
+import multiprocess.connection as mp
 import pytest
 from multiprocess.connection import CHALLENGE, FAILURE, WELCOME, answer_challenge
 from multiprocess.connection import deliver_challenge as client_challenge
 from multiprocess.context import AuthenticationError
 
+from aigis._rpc import handshake as ours
 from aigis._rpc.channel import Channel
-from aigis._rpc.handshake import Refused, ServerHandshake
+from aigis._rpc.handshake import Refused, ServerHandshake, authenticate
 
 KEY = b"k" * 32
 
@@ -71,3 +73,78 @@ def test_each_step_checks_what_it_gets():
     assert handshake.done
     with pytest.raises(Refused, match="after it was over"):
         handshake.feed(b"more")
+
+
+def test_the_bytes_are_multiprocess_s():
+    got = (ours.MESSAGE_LENGTH, ours.CHALLENGE, ours.WELCOME, ours.FAILURE)
+    assert got == (mp.MESSAGE_LENGTH, mp.CHALLENGE, mp.WELCOME, mp.FAILURE)
+
+
+def mp_server(chan: Channel, key: bytes) -> str:
+    """multiprocess's own server side (as its Listener runs it) over a blocking channel."""
+    try:
+        mp.deliver_challenge(chan, key)
+        mp.answer_challenge(chan, key)
+    except AuthenticationError as exc:
+        return f"refused: {exc}"
+    except EOFError:
+        return "closed"
+    return "ok"
+
+
+@pytest.mark.parametrize(
+    "server_key, outcome, error",
+    [
+        (KEY, "ok", None),
+        (b"other", "refused: digest received was wrong", "digest sent was rejected"),
+    ],
+)
+def test_the_plugin_side_authenticates_against_multiprocess(server_key, outcome, error):
+    a, b = socket.socketpair()
+    server, client = Channel(a), Channel(b)
+    result: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(mp_server(server, server_key)))
+    thread.start()
+    try:
+        authenticate(client, KEY)
+        raised = None
+    except ours.AuthenticationError as exc:
+        raised = str(exc)
+    b.close()
+    thread.join(10)
+    a.close()
+    assert (result, raised) == ([outcome], error)
+
+
+def test_the_plugin_side_refuses_a_core_that_cannot_prove_the_key():
+    a, b = socket.socketpair()
+    server, client = Channel(a), Channel(b)
+    sent: list[bytes] = []
+
+    def impostor() -> None:
+        # answers our challenge with a wrong digest after accepting ours
+        nonce = b"n" * 20
+        server.send_bytes(CHALLENGE + nonce)
+        server.recv_bytes(256)
+        server.send_bytes(WELCOME)
+        server.recv_bytes(256)
+        server.send_bytes(b"x" * 16)
+        sent.append(server.recv_bytes(256))
+
+    thread = threading.Thread(target=impostor)
+    thread.start()
+    with pytest.raises(ours.AuthenticationError, match="digest received was wrong"):
+        authenticate(client, KEY)
+    thread.join(10)
+    a.close()
+    b.close()
+    assert sent == [FAILURE]
+
+
+def test_the_plugin_side_refuses_a_peer_that_does_not_challenge():
+    a, b = socket.socketpair()
+    Channel(a).send_bytes(b"hello")
+    with pytest.raises(Refused, match="expected a challenge"):
+        authenticate(Channel(b), KEY)
+    a.close()
+    b.close()

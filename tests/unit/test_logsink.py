@@ -120,3 +120,20 @@ def test_log_files_and_their_directory_are_not_readable_by_others(tmp_path):
     assert stat.S_IMODE((tmp_path / "log").stat().st_mode) == 0o750
     assert stat.S_IMODE((tmp_path / "log" / "p.log").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "log" / "p.log.1").stat().st_mode) == 0o640
+
+
+def test_counts_are_lines_as_the_console_shows_them_and_bytes_dropped(sink):
+    from aigis._supervise.base import OutputCounts
+    from aigis._supervise.logsink import MAX_PARTIAL
+
+    stream = sink.stream()
+    stream.feed(b"one\ntwo\nthr")  # two whole lines; "thr" waits for its end
+    assert sink.counts() == OutputCounts(lines=2, dropped_bytes=0)
+    stream.feed(b"ee\n\n")  # "three" and an empty line
+    sink._file.full = True
+    stream.feed(b"lost\n")
+    stream.feed(b"x" * MAX_PARTIAL)  # no newline, but too long to hold: out as one line
+    assert sink.counts() == OutputCounts(lines=6, dropped_bytes=5 + MAX_PARTIAL)
+    stream.feed(b"tail")
+    stream.close()  # EOF: the partial line goes out too
+    assert sink.counts() == OutputCounts(lines=7, dropped_bytes=9 + MAX_PARTIAL)

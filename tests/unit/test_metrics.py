@@ -130,20 +130,16 @@ def test_concurrent_calls_are_all_counted():
     assert metrics.snapshot()["in_flight"] == 0
 
 
-def test_connections_and_log_volume():
+def test_connections():
     metrics = Metrics()
     metrics.connection_opened("control")
     metrics.connection_opened("control")
     metrics.connection_closed("control")
     metrics.handshake_refused("http")
-    metrics.log_output("oracle", 3, dropped_bytes=100)
-    metrics.log_output("oracle", 2)
     snap = metrics.snapshot()
     assert snap["connections"] == {"control": 1}
     assert snap["accepted"] == {"control": 2}
     assert snap["refused"] == {"http": 1}
-    assert snap["log_lines"] == {"oracle": 5}
-    assert snap["log_dropped_bytes"] == {"oracle": 100}
 
 
 @pytest.mark.parametrize(
@@ -177,7 +173,8 @@ def view(metrics: Metrics) -> dict:
         "last_exit": "exit 1", "cpu_seconds": 1.5, "memory_bytes": 2048,
     }  # fmt: skip
     core = {"rss_bytes": 1 << 20, "threads": 7}
-    return {"metrics": metrics.snapshot(), "plugins": [plugin], "core": core}
+    output = {"log_lines": {"oracle": 5}, "log_dropped_bytes": {"oracle": 100}}
+    return {"metrics": {**metrics.snapshot(), **output}, "plugins": [plugin], "core": core}
 
 
 def parsed(metrics: Metrics) -> dict[tuple, float]:
@@ -211,6 +208,8 @@ def test_the_exposition_parses_back_to_the_calls_made():
     assert found[("aigis_plugin_restarts", (("plugin", "oracle"),))] == 2
     assert found[("aigis_plugin_cpu_seconds_total", (("plugin", "oracle"),))] == 1.5
     assert found[("aigis_plugin_memory_bytes", (("plugin", "oracle"),))] == 2048
+    assert found[("aigis_plugin_log_lines_total", (("plugin", "oracle"),))] == 5
+    assert found[("aigis_plugin_log_dropped_bytes_total", (("plugin", "oracle"),))] == 100
     info = ("aigis_plugin_last_exit_info", (("last_exit", "exit 1"), ("plugin", "oracle")))
     assert found[info] == 1
     assert found[("aigis_core_threads", ())] == 7
@@ -222,7 +221,6 @@ def test_every_family_follows_the_naming_conventions_and_is_listed():
     metrics.observe_call("s", "c", 0.1, "E", started=False)
     metrics.connection_opened("control")
     metrics.handshake_refused("control")
-    metrics.log_output("oracle", 1, 1)
     names = []
     for family in families(view(metrics)):
         suffix = "_total" if family.type == "counter" else ""

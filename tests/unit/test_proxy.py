@@ -208,7 +208,7 @@ def test_connect_from_env_uses_the_packaged_defaults(tmp_path, monkeypatch):
     monkeypatch.setattr(rpc_client, "read_authkey", lambda p: read.append(p) or b"key")
     client = rpc_client.connect_from_env({})
     assert client.address == "/run/aigis/aigis.sock"
-    assert read == [Path("/var/lib/aigis/authkey")]
+    assert [Path(p) for p in read] == [Path("/var/lib/aigis/authkey")]
 
 
 def test_connect_from_env_reads_the_environment(tmp_path):

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from pathlib import Path
 
 import pygit2
@@ -218,6 +219,34 @@ def test_local_copy_keeps_modes_times_and_repeated_links(src: Path, dest: Path) 
 def test_ref_on_local_source_is_ignored_with_warning(src: Path, dest: Path, caplog) -> None:
     assert fetch("plug", str(src), dest, ref="v1", base_dir=src).updated
     assert warnings(caplog) == ['ignored: plugin "plug": ref "v1" applies to git sources only']
+
+
+@pytest.fixture
+def without_pygit2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pygit2 cannot be imported (as on a host without python3-pygit2), aigis._git not loaded."""
+    import aigis
+
+    monkeypatch.setitem(sys.modules, "pygit2", None)
+    monkeypatch.delitem(sys.modules, "aigis._git", raising=False)
+    monkeypatch.delattr(aigis, "_git", raising=False)
+
+
+def test_git_source_without_pygit2_fails_that_plugin_naming_pygit2(
+    without_pygit2, up: Upstream, dest: Path
+) -> None:
+    with pytest.raises(SourceError) as caught:
+        fetch("plug", up.url, dest, base_dir=dest.parent)
+    assert caught.value.plugin == "plug"
+    assert str(caught.value).startswith(
+        'plugin "plug": git sources need pygit2, which cannot be imported ('
+    )
+    assert "install it (Debian: python3-pygit2) or use a local source" in str(caught.value)
+    assert not dest.exists()
+
+
+def test_local_source_needs_no_pygit2(without_pygit2, src: Path, dest: Path) -> None:
+    assert fetch("plug", str(src), dest, base_dir=src).kind == "local"
+    assert "aigis._git" not in sys.modules
 
 
 # --- git clone -------------------------------------------------------------------------------

@@ -435,3 +435,17 @@ def test_builtin_base_is_the_nearest_builtin_ancestor(local_module):
     assert wire.builtin_base(local_module.LocalError) is ValueError
     assert wire.builtin_base(CoreUnavailable) is ConnectionError
     assert wire.builtin_base(KeyError) is KeyError
+
+
+def test_a_missing_dill_is_named_before_a_call_needs_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    assert wire.dill_missing() is None  # installed here
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "dill" else real(name, *a)
+    )
+    assert wire.dill_missing() == (
+        "dill is not installed: results and arguments that pickle cannot encode (lambdas, "
+        "classes defined in a plugin) will fail to travel; install dill (Debian: python3-dill)"
+    )
