@@ -973,7 +973,7 @@ class CoreServer:
         if value is None:
             return _NONE_FRAME, path, None
         try:
-            return wire.encode_result(value), path, None
+            return wire.reply_frame(value, self._limit), path, None
         except Exception as exc:
             error = TypeError(
                 f"{wire.dotted(path)} returned {type(value).__qualname__}, which cannot be "
