@@ -715,7 +715,11 @@ class CoreServer:
                     self._handback.append(conn)
                 self._wake()
                 return
-            if not self._send(conn, reply):
+            if reply.__class__ is bytes:  # a whole frame: the usual, small reply
+                sent = self._send_frame(conn, reply)
+            else:
+                sent = self._send(conn, reply)
+            if not sent:
                 self._close(conn)
                 return
             if conn.out is not None:
@@ -942,20 +946,23 @@ class CoreServer:
         key = bytes(request) if len(request) <= _PLAIN_CALL_MAX else None
         path = self._plain_calls.get(key) if key is not None else None
         if path is not None:
-            args, kwargs = (), None  # a plain call of an allowed path: seen before
+            args, kwargs = (), None  # a plain call of a path checked when it was kept
         else:
             try:
                 path, args, kwargs = wire.decode_request(request)
             except Exception as exc:
                 exc.add_note("raised in the AIGIS core while decoding the request")
                 return self._error(exc), None, type(exc).__name__
+            try:
+                if path not in self._allowed:  # may raise: a name may be unhashable
+                    self._check(path)
+            except Exception as exc:
+                return self._error(exc), path, type(exc).__name__
+            if key is not None and not args and not kwargs and key == wire.plain_call(path):
+                if len(self._plain_calls) >= _ALLOWED_CACHE:
+                    self._plain_calls.clear()
+                self._plain_calls[key] = path  # from now on looked up, not unpickled
         try:
-            if path not in self._allowed:
-                self._check(path)
-                if key is not None and not args and not kwargs and key == wire.plain_call(path):
-                    if len(self._plain_calls) >= _ALLOWED_CACHE:
-                        self._plain_calls.clear()
-                    self._plain_calls[key] = path
             if self._authorize is not None:
                 self._authorize(path, caller)
             target = self._resolve(path)
