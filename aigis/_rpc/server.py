@@ -353,7 +353,13 @@ class CoreServer:
                         self._accept(*conn)
                     if self._generation != generation:
                         return  # a slow call kept this thread; another one runs the loop now
-                timed = self._deadlines()
+                # anything with a deadline: handshakes, partial frames, a paused listener
+                timed = bool(
+                    self._partial
+                    or self._admission.pending
+                    or self._accept_paused
+                    or self._stopping
+                )
                 if timed:
                     self._expire(time.monotonic())
                 if self._stopping and self._stop_step():
@@ -361,10 +367,6 @@ class CoreServer:
         except BaseException:
             log.exception("failed: rpc I/O loop")
             self._finish()
-
-    def _deadlines(self) -> bool:
-        """Whether anything has a deadline: handshakes, partial frames, a paused listener."""
-        return bool(self._partial or self._admission or self._accept_paused or self._stopping)
 
     def _timeout(self) -> float | None:
         deadline = None
@@ -603,7 +605,7 @@ class CoreServer:
             self._read_whole_frames(conn, scratch, generation)
             return
         # what is left over of the budget, when less than the scratch buffer
-        got = self._receive(conn, scratch, min(room, _SCRATCH))
+        got = self._receive(conn, scratch, room if room < _SCRATCH else _SCRATCH)
         if got:
             self._frames(conn, scratch, 0, got, generation)
 
