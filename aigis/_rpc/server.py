@@ -137,9 +137,10 @@ class CoreServer:
         if not authkey:
             raise ValueError("CoreServer needs a non-empty authkey")
         self._resolve = resolve
-        self._metrics = metrics
-        # the metrics hook, resolved once: C functions to call, the caller label if fixed
-        self._count_start, self._record = metrics.recorder() if metrics else (None, None)
+        # the metrics hook, resolved once: the C functions to call, and where they fold
+        self._hook: tuple[Callable[[], int], Callable[[tuple], None], Metrics] | None = (
+            (*metrics.recorder(), metrics) if metrics is not None else None
+        )
         # without per-plugin keys every caller holds the authkey: they are all "plugin"
         self._fixed_caller = UNKNOWN_PLUGIN if keys is None else ""
         self._keys = keys  # each plugin's own key, by plugin name (besides the authkey)
@@ -928,17 +929,18 @@ class CoreServer:
         """The reply to one request: a whole frame (bytes), or the parts of its payload; each
         call is counted when metrics are on (two clock reads and two C calls: the skill's name
         is dotted, its series looked up, its bucket found later, when the records are folded)."""
-        record = self._record
-        if record is None:
+        hook = self._hook
+        if hook is None:
             return self._call(request, caller)[0]
-        if not self._count_start() % FOLD_EVERY:
-            self._metrics.fold(wait=False)  # type: ignore[union-attr] - bound the queue
+        count_start, record, metrics = hook
+        if not count_start() % FOLD_EVERY:
+            metrics.fold(wait=False)  # bounds the queue when nothing else folds it
         started = _clock()
         reply, path, error = self._call(request, caller)
         elapsed = _clock() - started
         if error is not None and error == "PermissionError":
             path = None  # refused: counted as unresolved, never a label of its own
-        sent = len(reply) if reply.__class__ is bytes else sum(map(len, reply))
+        sent = len(reply) if isinstance(reply, bytes) else sum(map(len, reply))
         who = self._fixed_caller or caller or ROOT
         record((path, who, elapsed, error, len(request), sent, True))
         return reply
