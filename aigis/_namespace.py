@@ -232,8 +232,9 @@ class Namespace:
         """Walk ``path`` from the root for a remote call; refuse internals and dunders."""
         if not path:
             raise PermissionError("an empty path names the aigis module itself")
-        if any(p.startswith("_") for p in path):
-            raise PermissionError(f"aigis.{'.'.join(path)} is not exposed")
+        for name in path:  # a loop, not any(<generator>): this runs on every call
+            if name.startswith("_"):
+                raise PermissionError(f"aigis.{'.'.join(path)} is not exposed")
         if path[0] not in self.root.__dict__:
             raise AttributeError(f"aigis has no skill {path[0]!r}")
         obj = self.root

@@ -1,9 +1,9 @@
 """What always-on metrics cost a proxied call: ``python benchmarks/bench_metrics.py``.
 
-AIGIS ``CoreServer`` processes serve ``aigis.bench.noop``; one ("on") records every call with
-``Metrics.call_started``/``observe_call`` around ``_dispatch``, as the RPC server's hook will
-(and folds the records every 0.2 s, as the core's main loop does),
-the others ("off", and "off again" for an A/A line that shows the noise of the machine) do not.
+AIGIS ``CoreServer`` processes serve ``aigis.bench.noop``; one ("on") is given a ``Metrics``, so
+its own hook records every call (and the records are folded every 0.2 s, as the core's main loop
+does), the others ("off", and "off again" for an A/A line that shows the noise of the machine)
+are not. Everything runs under SCHED_FIFO when permitted (``bench_proxy.realtime``).
 The no-op round trip is measured in short alternating batches (``bench_proxy.paired``), client
 and servers pinned alike; the judged figure is the median of the per-pair ratios on/off (target
 <= 1.05). The hook's own cost in-process is printed too.
@@ -18,10 +18,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_proxy import aigis_module, paired, pin, wait_for_socket  # noqa: E402
+from bench_proxy import aigis_module, paired, pin, realtime, wait_for_socket  # noqa: E402
 
 from aigis._metrics import Metrics  # noqa: E402
 
@@ -32,25 +33,14 @@ def serve(path: str, keyfile: str, kind: str) -> None:
     from aigis._rpc.server import CoreServer
 
     metrics = Metrics()
-    started, observe, clock = metrics.call_started, metrics.observe_call, time.perf_counter
-
-    class Metered(CoreServer):
-        """Records each call around ``_dispatch``, as the RPC server's hook will (an extra
-        frame here that the real hook, inside ``_dispatch``, does not have)."""
-
-        def _dispatch(self, request: memoryview) -> list:
-            started()
-            began = clock()
-            reply = CoreServer._dispatch(self, request)
-            observe("bench.noop", "plugin", clock() - began, None, request.nbytes, 0)
-            return reply
+    clock = time.perf_counter_ns
 
     class Timed(CoreServer):
         """Only the two clock reads a latency histogram needs: the floor of any recording."""
 
-        def _dispatch(self, request: memoryview) -> list:
+        def _dispatch(self, request: memoryview, caller: str = "") -> Any:
             began = clock()
-            reply = CoreServer._dispatch(self, request)
+            reply = CoreServer._dispatch(self, request, caller)
             clock() - began  # noqa: B018 - the subtraction is part of the cost
             return reply
 
@@ -62,8 +52,12 @@ def serve(path: str, keyfile: str, kind: str) -> None:
         except KeyError:
             raise AttributeError(".".join(p)) from None
 
-    server = {"on": Metered, "clock": Timed}.get(kind, CoreServer)(
-        resolve, unix_path=Path(path), tcp=None, authkey=Path(keyfile).read_bytes()
+    server = (Timed if kind == "clock" else CoreServer)(
+        resolve,
+        unix_path=Path(path),
+        tcp=None,
+        authkey=Path(keyfile).read_bytes(),
+        metrics=metrics if kind == "on" else None,
     )
     server.start()
     while True:  # as the core's main loop does every tick
@@ -71,16 +65,21 @@ def serve(path: str, keyfile: str, kind: str) -> None:
         metrics.fold()
 
 
-def hook_cost(n: int = 200_000) -> float:
-    """Microseconds of call_started + observe_call, then of folding one record, in-process."""
+def hook_cost(n: int = 200_000) -> tuple[float, float]:
+    """Microseconds per call of what the RPC server's hook does (count, two clock reads, queue a
+    record), and of folding one record into the counters, in-process."""
     metrics = Metrics()
+    start, record = metrics.recorder()
+    clock, path = time.perf_counter_ns, ("bench", "noop")
     began = time.perf_counter()
     for _ in range(n):
-        metrics.call_started()
-        metrics.observe_call("bench.noop", "plugin", 0.00005, None, 40, 20)
-        if not _ % 10_000:
-            metrics.fold()
-    return (time.perf_counter() - began) / n * 1e6
+        start()
+        t0 = clock()
+        record((path, "plugin", clock() - t0, None, 40, 20, True))
+    recorded = time.perf_counter()
+    metrics.fold()
+    folded = time.perf_counter()
+    return (recorded - began) / n * 1e6, (folded - recorded) / n * 1e6
 
 
 def main() -> int:
@@ -92,8 +91,9 @@ def main() -> int:
     if args.serve:
         serve(*args.serve)
         return 0
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
-    print(f"hook in-process (call_started + observe_call, folding included): {hook_cost():.2f} us")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {realtime()}")
+    hook, fold = hook_cost()
+    print(f"hook in-process: {hook:.2f} us per call on its path, {fold:.2f} us to fold it later")
     with tempfile.TemporaryDirectory(prefix="aigis-bench-") as tmp:
         keyfile = f"{tmp}/authkey"
         Path(keyfile).write_bytes(os.urandom(32))

@@ -20,7 +20,7 @@ class Admission:
         self.per_peer = per_peer
         self._listeners: dict[Hashable, dict[Hashable, Hashable]] = {}  # conn -> peer, in order
         self._peers: dict[tuple[Hashable, Hashable], dict[Hashable, None]] = {}
-        self._count = 0
+        self.pending = 0  # all listeners together (a plain attribute: the I/O loop reads it)
 
     def admit(self, conn: Hashable, listener: Hashable, peer: Hashable) -> list[Hashable]:
         """Add ``conn``; return the connections evicted to make room (oldest first)."""
@@ -28,7 +28,7 @@ class Admission:
         mine = self._peers.setdefault((listener, peer), {})
         pending[conn] = peer
         mine[conn] = None
-        self._count += 1
+        self.pending += 1
         evicted = []
         while len(mine) > self.per_peer:
             oldest = next(iter(mine))
@@ -46,7 +46,7 @@ class Admission:
         if pending is None or conn not in pending:
             return
         peer = pending.pop(conn)
-        self._count -= 1
+        self.pending -= 1
         mine = self._peers[(listener, peer)]
         del mine[conn]
         if not mine:
@@ -59,7 +59,7 @@ class Admission:
                 yield next(iter(pending))
 
     def __len__(self) -> int:
-        return self._count
+        return self.pending
 
     def count(self, listener: Hashable) -> int:
         """Pending connections on ``listener``."""

@@ -58,14 +58,14 @@ class Channel:
             if sent:
                 views[0] = views[0][sent:]
 
-    def recv_message(self) -> memoryview:
-        """The next frame's payload, valid until the next receive.
+    def recv_message(self, limit: int | None = None) -> memoryview:
+        """The next frame's payload (at most ``limit`` bytes, by default the channel's), valid
+        until the next receive.
 
         EOFError when the peer closed between frames, TruncatedFrame inside one.
         """
-        return self._recv_frame(self.limit)
-
-    def _recv_frame(self, limit: int) -> memoryview:
+        if limit is None:
+            limit = self.limit
         start, end = self._start, self._end
         if start == end:
             # the usual case (request/reply): nothing buffered, one recv gets a small frame
@@ -134,7 +134,7 @@ class Channel:
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receive one frame of at most ``maxlength`` bytes (multiprocess API)."""
         limit = self.limit if maxlength is None else min(maxlength, self.limit)
-        return bytes(self._recv_frame(limit))
+        return bytes(self.recv_message(limit))
 
     def close(self) -> None:
         """Close the socket."""

@@ -161,18 +161,20 @@ class CoreClient:
 
     def call(self, path: tuple[str, ...], args: tuple = (), kwargs: Mapping | None = None) -> Any:
         """Evaluate ``aigis.<path>(*args, **kwargs)`` in the core and return its value."""
-        request: bytes | list[wire.Buffer]
-        if not args and not kwargs:
+        request: bytes | list[wire.Buffer] | None
+        if kwargs:
+            if type(kwargs) is not dict:
+                kwargs = dict(kwargs)
+            request = wire.encode_request(path, args, kwargs)
+        elif not args:
             try:
                 request = self._plain_calls[path]
             except KeyError:
                 request = self._plain_call(path)
             except TypeError:  # an unhashable path: the core says what is wrong with it
                 request = wire.encode_request(path, (), {})
-        else:
-            if type(kwargs) is not dict:
-                kwargs = dict(kwargs) if kwargs else {}
-            request = wire.encode_request(path, args, kwargs)
+        else:  # plain values travel as one ready frame; anything else is checked as it is pickled
+            request = wire.call_frame(path, args, self.limit) or wire.encode_request(path, args, {})
         with self._lock:
             ok, value = self._roundtrip(path, request)
         if ok:

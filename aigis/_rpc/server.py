@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aigis._errors import AigisError
 from aigis._keys import load_or_create_key
-from aigis._metrics import UNKNOWN_PLUGIN, UNRESOLVED, Metrics
+from aigis._metrics import FOLD_EVERY, UNKNOWN_PLUGIN, Metrics
 from aigis._rpc import tls, wire
 from aigis._rpc.admission import Admission, RefusalLog
 from aigis._rpc.handshake import HANDSHAKE_TIMEOUT, MAX_FRAME, Refused, ServerHandshake
@@ -64,6 +64,7 @@ def load_or_create_authkey(path: Path) -> bytes:
     return load_or_create_key(Path(path), "AIGIS authkey", AUTHKEY_MODE)
 
 
+_clock = time.perf_counter_ns
 _READ = select.EPOLLIN
 _WRITE = select.EPOLLOUT
 _pack_header = wire.HEADER.pack
@@ -71,9 +72,11 @@ _unpack_header = wire.HEADER.unpack_from
 _SCRATCH = 256 * 1024  # one receive buffer per I/O thread, shared by every connection
 _FIRST_BUFFER = 64 * 1024
 _SMALL_SEND = 64 * 1024
-# asked for each Unix connection (the kernel grants up to net.core.wmem_max, doubled): a 1 MiB
-# result leaves in one call instead of ~5 trips through the loop; TCP sizes its own buffers
+# asked for each Unix connection (doubled by the kernel): a 1 MiB result leaves in one call
+# instead of ~5 trips through the loop; TCP sizes its own buffers. Root may exceed
+# net.core.wmem_max (212992 on a stock kernel: a 1 MiB result would still take 3 trips)
 _UNIX_SEND_BUFFER = 1 << 20
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux; not exported by Python
 _MAX_IOV = 512  # below IOV_MAX (1024)
 _ACCEPT_BATCH = 64
 _BACKLOG = 1024
@@ -144,7 +147,12 @@ class CoreServer:
         if not authkey:
             raise ValueError("CoreServer needs a non-empty authkey")
         self._resolve = resolve
-        self._metrics = metrics
+        # the metrics hook, resolved once: the C functions to call, and where they fold
+        self._hook: tuple[Callable[[], int], Callable[[tuple], None], Metrics] | None = (
+            (*metrics.recorder(), metrics) if metrics is not None else None
+        )
+        # without per-plugin keys every caller holds the authkey: they are all "plugin"
+        self._fixed_caller = UNKNOWN_PLUGIN if keys is None else ""
         self._keys = keys  # each plugin's own key, by plugin name (besides the authkey)
         self._authorize = authorize  # raises PermissionError when a caller may not call a path
         self.unix_path = Path(unix_path)
@@ -360,7 +368,14 @@ class CoreServer:
                         self._accept(*conn)
                     if self._generation != generation:
                         return  # a slow call kept this thread; another one runs the loop now
-                timed = self._deadlines()
+                # anything with a deadline: handshakes, partial frames, a paused listener
+                timed = bool(
+                    self._partial
+                    or self._admission.pending
+                    or self._accept_paused
+                    or self._stopping
+                    or self._buffered
+                )
                 if timed:
                     self._expire(time.monotonic())
                 if self._buffered:
@@ -370,13 +385,6 @@ class CoreServer:
         except BaseException:
             log.exception("failed: rpc I/O loop")
             self._finish()
-
-    def _deadlines(self) -> bool:
-        """Whether anything has a deadline: handshakes, partial frames, a paused listener."""
-        return bool(
-            self._partial or self._admission or self._accept_paused or self._stopping
-            or self._buffered
-        )  # fmt: skip
 
     def _timeout(self) -> float | None:
         deadline = None
@@ -539,7 +547,7 @@ class CoreServer:
     def _admit(self, sock: socket.socket, address: Any, label: str) -> None:
         sock.setblocking(False)
         if sock.family == socket.AF_UNIX:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SEND_BUFFER)
+            _grow_send_buffer(sock)
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer, peer_key = _identify(sock, address)
@@ -701,7 +709,7 @@ class CoreServer:
             self._read_whole_frames(conn, scratch, generation)
             return
         # what is left over of the budget, when less than the scratch buffer
-        got = self._receive(conn, scratch, min(room, _SCRATCH))
+        got = self._receive(conn, scratch, room if room < _SCRATCH else _SCRATCH)
         if got:
             self._frames(conn, scratch, 0, got, generation)
 
@@ -815,7 +823,11 @@ class CoreServer:
                     self._handback.append(conn)
                 self._wake()
                 return
-            if not self._send(conn, reply):
+            if reply.__class__ is bytes:  # a whole frame: the usual, small reply
+                sent = self._send_frame(conn, reply)
+            else:
+                sent = self._send(conn, reply)
+            if not sent:
                 self._close(conn)
                 return
             if conn.out is not None:
@@ -1023,18 +1035,22 @@ class CoreServer:
 
     def _dispatch(self, request: memoryview, caller: str = "") -> bytes | list[wire.Buffer]:
         """The reply to one request: a whole frame (bytes), or the parts of its payload; each
-        call is counted when metrics are on (two clock reads and one append)."""
-        metrics = self._metrics
-        if metrics is None:
+        call is counted when metrics are on (two clock reads and two C calls: the skill's name
+        is dotted, its series looked up, its bucket found later, when the records are folded)."""
+        hook = self._hook
+        if hook is None:
             return self._call(request, caller)[0]
-        metrics.call_started()
-        started = time.perf_counter()
+        count_start, record, metrics = hook
+        if not count_start() % FOLD_EVERY:
+            metrics.fold(wait=False)  # bounds the queue when nothing else folds it
+        started = _clock()
         reply, path, error = self._call(request, caller)
-        elapsed = time.perf_counter() - started
+        elapsed = _clock() - started
+        if error is not None and error == "PermissionError":
+            path = None  # refused: counted as unresolved, never a label of its own
         sent = len(reply) if isinstance(reply, bytes) else sum(map(len, reply))
-        skill = ".".join(path) if path is not None and error != "PermissionError" else UNRESOLVED
-        who = UNKNOWN_PLUGIN if caller in ("", ROOT) and self._keys is None else caller or ROOT
-        metrics.observe_call(skill, who, elapsed, error, len(request), sent)
+        who = self._fixed_caller or caller or ROOT
+        record((path, who, elapsed, error, len(request), sent, True))
         return reply
 
     def _call(
@@ -1044,20 +1060,23 @@ class CoreServer:
         key = bytes(request) if len(request) <= _PLAIN_CALL_MAX else None
         path = self._plain_calls.get(key) if key is not None else None
         if path is not None:
-            args, kwargs = (), None  # a plain call of an allowed path: seen before
+            args, kwargs = (), None  # a plain call of a path checked when it was kept
         else:
             try:
                 path, args, kwargs = wire.decode_request(request)
             except Exception as exc:
                 exc.add_note("raised in the AIGIS core while decoding the request")
                 return self._error(exc), None, type(exc).__name__
+            try:
+                if path not in self._allowed:  # may raise: a name may be unhashable
+                    self._check(path)
+            except Exception as exc:
+                return self._error(exc), path, type(exc).__name__
+            if key is not None and not args and not kwargs and key == wire.plain_call(path):
+                if len(self._plain_calls) >= _ALLOWED_CACHE:
+                    self._plain_calls.clear()
+                self._plain_calls[key] = path  # from now on looked up, not unpickled
         try:
-            if path not in self._allowed:
-                self._check(path)
-                if key is not None and not args and not kwargs and key == wire.plain_call(path):
-                    if len(self._plain_calls) >= _ALLOWED_CACHE:
-                        self._plain_calls.clear()
-                    self._plain_calls[key] = path
             if self._authorize is not None:
                 self._authorize(path, caller)
             target = self._resolve(path)
@@ -1075,7 +1094,7 @@ class CoreServer:
         if value is None:
             return _NONE_FRAME, path, None
         try:
-            return wire.encode_result(value), path, None
+            return wire.reply_frame(value, self._limit), path, None
         except Exception as exc:
             error = TypeError(
                 f"{wire.dotted(path)} returned {type(value).__qualname__}, which cannot be "
@@ -1099,6 +1118,15 @@ class CoreServer:
         if len(self._allowed) >= _ALLOWED_CACHE:
             self._allowed.clear()  # bounded, whatever paths a client makes up
         self._allowed.add(path)
+
+
+def _grow_send_buffer(sock: socket.socket) -> None:
+    """Ask for a send buffer of _UNIX_SEND_BUFFER: past net.core.wmem_max when permitted (root,
+    CAP_NET_ADMIN), else as far as it allows."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _UNIX_SEND_BUFFER)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SEND_BUFFER)
 
 
 _PEERCRED = struct.Struct("3i")

@@ -285,15 +285,40 @@ def refusal(path: Sequence[str]) -> str | None:
 
 def encode_request(path: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> list[Buffer]:
     """One call: the skill path and its arguments."""
-    if not kwargs:
-        for arg in args:
-            kind = type(arg)
-            if kind not in _ATOMS and (kind not in _SHORT or len(arg) > _SHORT_MAX):
-                break
-        else:
-            # plain values only: nothing the peer could fail to import, so skip the checks
-            return [PICKLE_TAG, pickle.dumps((path, args, kwargs), PROTOCOL)]
+    if not kwargs and _plain(args):
+        # plain values only: nothing the peer could fail to import, so skip the checks
+        return [PICKLE_TAG, pickle.dumps((path, args, kwargs), PROTOCOL)]
     return encode((path, args, kwargs))
+
+
+def _plain(args: tuple) -> bool:
+    """Whether every value in ``args`` is an atom or a short str/bytes (see _ATOMS)."""
+    for arg in args:
+        kind = type(arg)
+        if kind not in _ATOMS and (kind not in _SHORT or len(arg) > _SHORT_MAX):
+            return False
+    return True
+
+
+def call_frame(path: tuple[str, ...], args: tuple, limit: int = MAX_MESSAGE) -> bytes | None:
+    """The whole frame, header included, of a call without keyword arguments whose arguments
+    are all plain values: the bytes ``encode_request`` gives, in one piece (one copy, no list).
+    None when an argument is not plain: the caller takes ``encode_request``."""
+    if not _plain(args):
+        return None
+    payload = pickle.dumps((path, args, {}), PROTOCOL)
+    return b"".join((frame_header(len(payload) + 1, limit), PICKLE_TAG, payload))
+
+
+def reply_frame(value: Any, limit: int = MAX_MESSAGE) -> bytes | list[Buffer]:
+    """A successful reply carrying ``value``: the whole frame, header included, when it is a
+    plain value (what ``encode_result`` gives, in one piece), else ``encode_result``'s parts."""
+    kind = type(value)
+    if kind in _ATOMS or (kind in _SHORT and len(value) <= _SHORT_MAX):
+        payload = pickle.dumps((_OK, value), PROTOCOL)
+        if len(payload) < limit:
+            return b"".join((HEADER.pack(len(payload) + 1), PICKLE_TAG, payload))
+    return encode_result(value)
 
 
 def plain_call(path: tuple[str, ...]) -> bytes:
@@ -343,7 +368,10 @@ def decode_reply(data: Buffer) -> tuple[bool, Any]:
     """``(True, value)`` or ``(False, exception ready to raise)``."""
     if len(data) == _NONE_SIZE and data == NONE_RESULT:
         return _NONE_REPLY
-    ok, value = pickle.loads(data[1:]) if len(data) and data[0] == _PICKLE_BYTE else decode(data)
+    reply = pickle.loads(data[1:]) if len(data) and data[0] == _PICKLE_BYTE else decode(data)
+    if reply.__class__ is tuple and len(reply) == 2 and reply[0] is True:
+        return reply  # the usual success: as unpickled, not unpacked and packed again
+    ok, value = reply
     if ok:
         return True, value
     return False, unpack_exception(value)

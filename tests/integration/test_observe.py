@@ -534,6 +534,7 @@ def test_the_lines_a_plugin_prints_are_counted_in_the_metrics(tmp_path, daemons)
     config = tmp_path / "aigis.toml"
     config.write_text(
         '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nsupervisor = "embedded"\n'
+        'plugin_user = "root"\n'  # as root: this interpreter may be where other users cannot go
         f'http = "127.0.0.1:0"\n[external]\nprinter = "{plugin}"\n'
     )
     daemon = DaemonProcess(config)

@@ -15,6 +15,7 @@ from aigis._metrics import (
     MAX_LABEL,
     MAX_QUEUED,
     OVERFLOW,
+    UNRESOLVED,
     Metrics,
     merged,
     quantile,
@@ -236,3 +237,29 @@ def test_every_family_follows_the_naming_conventions_and_is_listed():
         if f.name == "aigis_plugin_state"
         for s in f.samples
     }
+
+
+def test_a_recorded_path_is_dotted_and_a_missing_one_is_unresolved_when_folded():
+    metrics = Metrics()
+    start, record = metrics.recorder()
+    for _ in range(3):
+        start()
+        record((("dnd", "roll"), "oracle", 300_000, None, 10, 3, True))
+    start()
+    record((None, "oracle", 1_000, "PermissionError", 4, 0, True))
+    found = series(metrics)
+    assert found[("dnd.roll", "oracle")]["calls"] == 3
+    assert found[("dnd.roll", "oracle")]["seconds"] == pytest.approx(0.0009)
+    assert found[("dnd.roll", "oracle")]["buckets"][BUCKETS.index(0.0005)] == 3
+    assert found[(UNRESOLVED, "oracle")]["errors"] == {"PermissionError": 1}
+    assert metrics.snapshot()["in_flight"] == 0
+
+
+def test_a_path_and_its_dotted_name_count_in_one_series():
+    metrics = Metrics()
+    _start, record = metrics.recorder()
+    record((("dnd", "roll"), "oracle", 1_000, None, 0, 0, False))
+    metrics.observe_call("dnd.roll", "oracle", 0.000001, started=False)
+    assert [(key, row["calls"]) for key, row in series(metrics).items()] == [
+        (("dnd.roll", "oracle"), 2)
+    ]
