@@ -16,8 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-import pygit2
+from typing import TYPE_CHECKING
 
 from aigis._errors import SourceError
 from aigis._log import about
@@ -26,6 +25,9 @@ from aigis._quote import escape
 from aigis._redact import redact
 from aigis._settings import LOCAL_COPY_MAX_BYTES, LOCAL_COPY_MAX_FILES
 from aigis._sources import Fetched, copy_local, local_path
+
+if TYPE_CHECKING:
+    import pygit2  # imported when a git snapshot is taken: it costs the core ~20 MiB
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def _replace(name: str, dest: Path, build: Callable[[Path], None]) -> None:
     try:
         try:
             build(holder / "new")
-        except (OSError, ValueError, pygit2.GitError, KeyError) as exc:
+        except (OSError, ValueError, KeyError) as exc:  # from_git turns GitError into ValueError
             raise SourceError(name, escape(f"cannot take the core's copy: {exc}")) from None
         os.chmod(holder / "new", SNAPSHOT_MODE)
         if os.path.lexists(dest):
@@ -110,11 +112,18 @@ def _replace(name: str, dest: Path, build: Callable[[Path], None]) -> None:
 def from_git(checkout: Path, commit: str, dest: Path) -> None:
     """Write the tree of ``commit`` from ``checkout``'s object database (not its working
     files) to ``dest``; links are kept only when they stay inside the tree."""
-    repo = pygit2.Repository(str(checkout / ".git"))
+    import pygit2
+
+    try:
+        repo = pygit2.Repository(str(checkout / ".git"))
+    except pygit2.GitError as exc:
+        raise ValueError(str(exc)) from None
     try:
         tree = repo.revparse_single(commit).peel(pygit2.Commit).tree
         budget = [LOCAL_COPY_MAX_FILES, LOCAL_COPY_MAX_BYTES]
         _write_tree(repo, tree, dest, Path(), budget)
+    except pygit2.GitError as exc:
+        raise ValueError(str(exc)) from None
     finally:
         repo.free()
 
