@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -212,13 +213,14 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
     from aigis._top import cpu_time, duration, size
 
     table: list[tuple[str, ...]] = [
-        ("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "CPU", "MEM", "REASON")
+        ("NAME", "TYPE", "HOST", "STATE", "PID", "RESTARTS", "UPTIME", "CPU", "MEM", "REASON")
     ]
     for row in rows:
         table.append(
             (
                 row["name"],
                 row["type"],
+                row.get("host") or "-",
                 row["state"],
                 str(row["pid"] or "-"),
                 str(row["restarts"]),
@@ -314,6 +316,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from aigis._tail import follow, last_lines
 
     where = _control(args, "logs", args.name)
+    if where.get("ssh"):
+        # A plugin on another host: its unit's journal there, over the core's ssh connection.
+        remote = ["journalctl", "-u", where["journal"], "-n", str(args.lines), "--no-pager"]
+        if args.follow:
+            remote.append("-f")
+        argv = [*where["ssh"], shlex.join(remote)]
+        os.execvp(argv[0], argv)
     if "journal" in where:
         # The unit's output, the core's records about the plugin and PID 1's messages about the
         # unit (how it died, watchdog, start limit), in time order. Trusted fields only

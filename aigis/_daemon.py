@@ -33,12 +33,14 @@ from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
 from aigis._paths import make_dir
 from aigis._reload import diff
+from aigis._remote.plan import remote_spec
+from aigis._requirements import fingerprint, requirements_shell
 from aigis._rpc.server import ROOT, CoreServer, load_or_create_authkey
 from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API, SUPERVISORS
 from aigis._states import Kind, State
 from aigis._status import Row, plugin_row, summary
 from aigis._supervise import pick_supervisor
-from aigis._supervise.base import LogLocation, Status, Supervisor
+from aigis._supervise.base import LogLocation, ProcessSpec, Status, Supervisor
 from aigis._supervise.usage import UsageReader, own_usage
 from aigis._version import __version__
 
@@ -76,6 +78,7 @@ class Daemon:
             skip_requirements=skip_requirements,
             cancel=self.cancel,
             progress=self._on_progress,
+            hosts=config.hosts,
         )
         self.supervisor = supervisor
         self.metrics = Metrics()
@@ -477,6 +480,8 @@ class Daemon:
                         f'key of plugin "{plugin.name}"',
                         PLUGIN_KEY_MODE,
                     )
+                    if plugin.remote is not None:
+                        spec = self._remote_spec(plugin, spec)
                     self.supervisor.add(spec)
                     plugin.supervised = True
                 except (AigisError, OSError, ValueError) as exc:
@@ -489,6 +494,30 @@ class Daemon:
                         **about(plugin.name),
                     )
             return plugin
+
+    def _remote_spec(self, plugin: Plugin, spec: ProcessSpec) -> ProcessSpec:
+        """``spec`` as the plugin's remote host runs it, with what to ship there first."""
+        manifest, settings = plugin.manifest, self.config.settings
+        assert manifest is not None and plugin.remote is not None
+        requirements = None
+        command, file = manifest.requirements_command, manifest.requirements_file
+        if command and not self.skip_requirements:
+            stamp = fingerprint(command, file)
+            requirements = (requirements_shell(command, file), str(manifest.entrypoint), stamp)
+        return remote_spec(
+            spec,
+            plugin.remote,
+            tcp=settings.tcp,
+            key_file=settings.plugin_key_file(plugin.name),
+            secrets=plugin.remote_secrets,
+            system_requirements=manifest.system_requirements,
+            requirements=requirements,
+            tls_cert_file=self.tls_cert_file(),
+        )
+
+    def tls_cert_file(self) -> Path | None:
+        """The core's certificate that remote internal plugins pin (None: plaintext TCP)."""
+        return None  # the TCP listener has no TLS yet
 
     def _take_down(self, plugin: Plugin) -> None:
         """Stop the plugin's process (if any), then run its cleanup and remove its skills."""
@@ -551,7 +580,12 @@ class Daemon:
             failures: dict[str, str] = {}
             try:
                 failed = [p.name for p in self.plugins.values() if p.state is State.FAILED]
-                plan = diff(self.config, new, retry=failed)
+                moved = [  # on a host whose [hosts] entry changed: placed again
+                    p.name
+                    for p in self.plugins.values()
+                    if p.remote is not None and new.hosts.get(p.remote.name) != p.remote
+                ]
+                plan = diff(self.config, new, retry=[*failed, *moved])
                 log.info("reloading: config %s: %s", new.path, plan.describe())
                 for key in plan.settings_changed:
                     log.warning("not applied: [aigis] %s changed; restart AIGIS to apply it", key)
@@ -561,6 +595,7 @@ class Daemon:
                 for name in [*removed, *(e.name for e in plan.changed)]:
                     self._try(failures, name, self.remove_plugin, name)
                 self.config = new
+                self.loader.hosts = new.hosts
                 for entry in (*plan.changed, *plan.added):
                     if entry.name in failures:
                         continue  # its old process still runs: never two of one plugin
@@ -642,7 +677,8 @@ class Daemon:
         procs = self._snapshots([p.name for p in plugins if p.supervised])
         costs = {}
         if usage:
-            pids = {name: proc.pid for name, proc in procs.items() if proc.pid}
+            here = {p.name for p in plugins if p.remote is None}  # remote pids are not ours
+            pids = {name: proc.pid for name, proc in procs.items() if proc.pid and name in here}
             try:
                 costs = self.usage.read(pids)
             except Exception:  # usage is a nicety: status must answer without it

@@ -29,7 +29,15 @@ def under_systemd_service() -> bool:
 
 def pick_supervisor(choice: str, settings: Settings) -> Supervisor:
     """The one place that picks a backend: ``auto`` (systemd when running as a systemd
-    service, else embedded), ``systemd``, ``embedded``."""
+    service, else embedded), ``systemd``, ``embedded``; plugins on other hosts go to that
+    host's systemd whichever it is (``Router``)."""
+    from aigis._supervise.router import Router
+
+    return Router(_local_supervisor(choice, settings), settings)
+
+
+def _local_supervisor(choice: str, settings: Settings) -> Supervisor:
+    """The backend for plugins on this machine."""
     if choice == "systemd" or (choice == "auto" and under_systemd_service()):
         try:
             from aigis._supervise.systemd import SystemdSupervisor
