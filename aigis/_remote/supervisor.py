@@ -113,6 +113,9 @@ class RemoteSupervisor:
         self._halting = False
         self._down_since: float | None = None
         self._down_reason = ""
+        self._down_error = ""
+        self._checked = False
+        self._retire: set[str] | None = None  # retire_unknown asked, not done yet
         self._retry_at = 0.0
         self._backoff = BACKOFF_MIN
         self._runtime_shipped = False
@@ -221,31 +224,39 @@ class RemoteSupervisor:
                              self.host.name)  # fmt: skip
 
     def retire_unknown(self, keep: Iterable[str]) -> list[str]:
-        """Stop and forget the ``aigis-plugin@`` units on this host of plugins it does not run
-        now, except those in ``keep`` (listed, but not loaded yet or failed to load)."""
+        """Have the worker stop and forget, once the host answers, the ``aigis-plugin@`` units
+        there of plugins it does not run now, except those in ``keep`` (listed, but not loaded
+        or failed to load). Returns [] (the worker logs what it retires)."""
         with self._lock:
+            self._retire = set(keep)
+        self._wake.set()
+        return []
+
+    def _retire_units(self) -> None:
+        with self._lock:
+            keep, self._retire = self._retire, None
             ours = {p.unit for p in self._plugins.values()}
+        if keep is None:
+            return
         kept = {unit_of(n) for n in keep}
         try:
-            self.master.open()
             result = self.master.run(
                 ["systemctl", "list-units", "--all", "--plain", "--no-legend", "--full",
                  "aigis-plugin@*.service"], timeout=self._timeout(),
             )  # fmt: skip
-        except HostError as exc:
-            log.warning("not retired: units on host %s: %s", self.host.name, exc)
-            return []
-        units = [line.split()[0] for line in result.stdout.decode().splitlines() if line.split()]
-        units = [u for u in units if plugin_of_unit(u) and u not in ours and u not in kept]
-        if units:
+            units = [
+                line.split()[0] for line in result.stdout.decode().splitlines() if line.strip()
+            ]
+            units = [u for u in units if plugin_of_unit(u) and u not in ours and u not in kept]
             for unit in units:
                 log.warning("retiring: %s on host %s (not in the config)", unit, self.host.name)
-            dropins = [f"/run/systemd/system/{u}.d/{DROPIN_NAME}" for u in units]
-            try:
+            if units:
+                dropins = [f"/run/systemd/system/{u}.d/{DROPIN_NAME}" for u in units]
                 self._run_jobs(stop=units, delete=dropins, forget=units, reload=True)
-            except HostError as exc:
-                log.error("failed: retiring units on host %s: %s", self.host.name, exc)
-        return units
+        except HostError as exc:
+            with self._lock:
+                self._retire = keep if self._retire is None else self._retire
+            self._host_down(exc)
 
     def core_restarting(self) -> bool:
         return False
@@ -277,6 +288,8 @@ class RemoteSupervisor:
             try:
                 with self._busy:
                     self._work()
+                    if self._retire is not None and self._usable():
+                        self._retire_units()
                     if time.monotonic() >= self._next_probe:
                         self._next_probe = time.monotonic() + PROBE_INTERVAL
                         self._probe()
@@ -291,6 +304,8 @@ class RemoteSupervisor:
             return
         try:
             self.master.open()
+            if not self._checked:  # python and systemd there, once: one clear line if not
+                self._checked = self.master.check() is not None
             self._host_up()
             if any(p.spec.shipment and p.spec.shipment.runtime for p in queue):
                 self._ship_runtime()
@@ -432,6 +447,10 @@ class RemoteSupervisor:
                 log.log(level, '%s: "%s" on host %s: %s', verb, plugin.spec.name, self.host.name,
                         status.reason, **about(plugin.spec.name))  # fmt: skip
 
+    def _usable(self) -> bool:
+        """Connected and checked, and not waiting to retry."""
+        return self._checked and self._down_since is None
+
     # -- ssh rounds ----------------------------------------------------------------------------
     def _timeout(self) -> float:
         return self.master.settings.connect_timeout + 10.0
@@ -494,16 +513,17 @@ class RemoteSupervisor:
             if first:
                 self._down_since = time.time()
             changed = error.reason != self._down_reason
-            self._down_reason = error.reason
+            self._down_reason, self._down_error = error.reason, str(error)
             self._retry_at = time.monotonic() + self._backoff
             delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
         if first or changed:
-            log.error("unreachable: %s; retrying in %gs", error, delay)
+            log.error("waiting: %s; trying again in %gs", error, delay)
 
     def _host_up(self) -> None:
         with self._lock:
             since, self._down_since = self._down_since, None
-            self._down_reason, self._backoff, self._retry_at = "", BACKOFF_MIN, 0.0
+            self._down_reason, self._down_error = "", ""
+            self._backoff, self._retry_at = BACKOFF_MIN, 0.0
         if since is not None:
             log.info("reconnected: host %s (unreachable for %.0fs)", self.host.name,
                      time.time() - since)  # fmt: skip
@@ -530,7 +550,7 @@ class RemoteSupervisor:
             elif self._down_since is not None:
                 state = State.FAILED
                 wait = max(0.0, self._retry_at - time.monotonic())
-                reason = f"{self._down_line()}; retrying in {wait:.0f}s"
+                reason = f"{self._down_error}; retrying in {wait:.0f}s"
             else:
                 state, reason = State.STARTING, f"shipping to host {self.host.name}"
             return Status(spec.name, spec.kind, state, None, 0, plugin.since, None, None, reason)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from .box import Box, wait_until
-from .net import BareHost, Link, Netns, SshServer, join, start_sshd
+from .net import BareHost, Link, Netns, SshServer, install_host_key, join, start_sshd
 
 pytestmark = pytest.mark.systemd
 
@@ -206,6 +206,7 @@ class Lab:
     boot_box: Callable[..., Box]
     core: Core
     links: list[Link] = field(default_factory=list)
+    bare: list[BareHost] = field(default_factory=list)
 
     def remote(self) -> tuple[SshServer, Link]:
         box = self.boot_box(net=True)
@@ -233,6 +234,8 @@ def lab(boot_box: Callable[..., Box], tmp_path: Path) -> Iterator[Lab]:
             _kill_ssh_of(runtime_dir)
             for link in lab.links:
                 link.close()
+            for host in lab.bare:
+                host.close()
             netns.close()
             shutil.rmtree(runtime_dir, ignore_errors=True)
 
@@ -312,3 +315,84 @@ def test_internal_plugin_runs_on_the_remote_host_and_calls_the_core(lab: Lab) ->
 
     assert core.stop() == 0  # SIGTERM: remote plugins are stopped too
     assert box.unit_property("aigis-plugin@caller.service", "ActiveState") in ("inactive", "")
+
+
+def _skills_and_caller(core: Core, host: str = "r1", body: str = CALLER) -> None:
+    core.plugin("core", "skills", 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n',
+                {"AIGIS/AIGIS.core": SKILLS_CORE})  # fmt: skip
+    core.plugin(
+        "internal", "caller",
+        f"""\
+        PLUGIN_TYPE = "internal"
+        ENTRYPOINT = "{{root}}"
+        LAUNCH = "caller"
+        HOST = "{host}"
+        """,
+        {"caller.py": body},
+    )  # fmt: skip
+
+
+def test_a_killed_core_leaves_remote_units_running_and_the_next_adopts_them(lab: Lab) -> None:
+    server, link = lab.remote()
+    core = lab.core
+    core.address = link.a_addr
+    core.host("r1", server)
+    _skills_and_caller(core, body=CALLER.replace('open("token.txt")', 'open("caller.py")'))
+    core.start()
+    pid = core.wait_state("caller", "running")["pid"]
+    assert pid == unit_pid(server.box, "caller")
+    core.kill()
+    assert unit_pid(server.box, "caller") == pid  # nothing stopped it
+
+    core.start()
+    core.wait_log('adopted: "caller" aigis-plugin@caller.service on host r1 pid')
+    row = core.wait_state("caller", "running")
+    assert row["pid"] == pid == unit_pid(server.box, "caller")
+    assert 'started: "caller"' not in core.log
+    starts = server.box.journal("aigis-plugin@caller.service", "-o", "cat").count("value 5")
+    assert starts == 1  # it never ran twice
+
+
+SLEEPER = """\
+PLUGIN_TYPE = "external"
+ENTRYPOINT = "{root}"
+LAUNCH = ["/bin/sleep", "3600"]
+"""
+
+
+def test_unusable_hosts_fail_their_plugins_with_one_line_and_the_others_run(
+    lab: Lab, tmp_path: Path
+) -> None:
+    core = lab.core
+    good, link = lab.remote()
+    changed, _ = lab.remote()
+    bare = BareHost(tmp_path / "bare")
+    lab.bare.append(bare)
+    lab.links.append(join(lab.netns, bare))
+    bare.serve(lab.links[-1].b_addr)
+    core.address = link.a_addr
+    core.host("good", good)
+    core.host("changed", changed)
+    core.host("bare", bare)
+    core.host("ghost", good, address=link.a_addr.replace("::1", "::99"))
+    install_host_key(changed.box, changed.box.workdir / "ssh")  # reinstalled after we knew it
+    changed.box.systemctl("restart", "aigis-test-sshd.service")
+    for name in ("good", "changed", "bare", "ghost"):
+        core.plugin("external", f"on-{name}", SLEEPER, {}, host=name)
+    core.start()
+
+    assert core.wait_state("on-good", "running")["host"] == "good"
+    expected = {
+        "changed": 'host "changed": host key CHANGED: it differs from the one in known_hosts',
+        "bare": 'host "bare": systemd is not running',
+        "ghost": 'host "ghost": unreachable: connect to host',
+    }
+    for name, start in expected.items():
+        row = core.wait_state(f"on-{name}", "failed")
+        assert row["reason"].startswith(start), row
+        assert "\n" not in row["reason"] and "retrying in" in row["reason"]
+        assert (
+            len([line for line in core.log.splitlines() if f'waiting: host "{name}"' in line]) == 1
+        )
+    assert core.status()["on-good"]["state"] == "running"
+    assert good.box.unit_property(r"aigis-plugin@on\x2dgood.service", "ActiveState") == "active"
