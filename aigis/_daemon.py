@@ -34,7 +34,7 @@ from aigis._notify import Notifier
 from aigis._paths import make_dir
 from aigis._reload import diff
 from aigis._remote.plan import remote_spec
-from aigis._requirements import fingerprint, requirements_shell
+from aigis._requirements import fingerprint
 from aigis._rpc.server import ROOT, CoreServer, load_or_create_authkey
 from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API, SUPERVISORS
 from aigis._states import Kind, State
@@ -503,7 +503,7 @@ class Daemon:
         command, file = manifest.requirements_command, manifest.requirements_file
         if command and not self.skip_requirements:
             stamp = fingerprint(command, file)
-            requirements = (requirements_shell(command, file), str(manifest.entrypoint), stamp)
+            requirements = (command, file or "", str(manifest.entrypoint), stamp)
         return remote_spec(
             spec,
             plugin.remote,

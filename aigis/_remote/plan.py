@@ -126,12 +126,12 @@ def remote_spec(
     key_file: Path,
     secrets: Sequence[tuple[str, Path]] = (),
     system_requirements: Sequence[str] = (),
-    requirements: tuple[str, str, str] | None = None,
+    requirements: tuple[str, str, str, str] | None = None,
     tls_cert_file: Path | None = None,
 ) -> ProcessSpec:
     """The process ``spec`` (as it would run here) as ``host`` runs it, with its Shipment.
 
-    ``requirements``: (shell command, cwd, stamp) with local paths; ``secrets``: (path in the
+    ``requirements``: (command, file or "", cwd, stamp) with local paths; ``secrets``: (path in the
     plugin directory, local file); ``tls_cert_file``: the core's certificate, pinned by
     internal plugins (None: plaintext TCP)."""
     assert spec.own_dir is not None
@@ -167,8 +167,8 @@ def remote_spec(
     if "/" in program and not program.startswith("/"):
         argv = (str(cwd / program), *argv[1:])  # ExecStart= wants it absolute
     if requirements is not None:
-        shell, req_cwd, stamp = requirements
-        requirements = (moved(shell), moved(req_cwd), stamp)
+        command, file, req_cwd, stamp = requirements
+        requirements = (command, moved(file) if file else "", moved(req_cwd), stamp)
     shipment = Shipment(
         source=spec.own_dir,
         dest=remote_root,
@@ -193,7 +193,8 @@ def remote_spec(
 
 
 def requirements_line(shell: str, cwd: str) -> str:
-    """The requirements command as the host runs it: in ``cwd``, in a shell."""
+    """The requirements command line (``aigis._requirements.requirements_shell``) as the host
+    runs it: in ``cwd``, in a shell."""
     return f"cd {shlex.quote(cwd)} && {shell}"
 
 

@@ -37,6 +37,7 @@ from aigis._remote.plan import (
 from aigis._remote.runtime import stage
 from aigis._remote.ship import ship
 from aigis._remote.ssh import Master, SshSettings, command_argv
+from aigis._requirements import requirements_shell
 from aigis._states import IDLE, State
 from aigis._supervise.base import LogLocation, ProcessSpec, Status
 from aigis._supervise.identity import sysusers_line
@@ -355,7 +356,8 @@ class RemoteSupervisor:
              secret_owner=owner, dest_root=EXT_DIR)  # fmt: skip
         requirements = None
         if shipment.requirements is not None and not self.skip_requirements:
-            shell, cwd, stamp = shipment.requirements
+            command, file, cwd, stamp = shipment.requirements
+            shell = requirements_shell(command, file or None)
             requirements = {
                 "shell": requirements_line(shell, cwd), "stamp": stamp,
                 "marker": f"{STAMPS_DIR}/{name}.sha256",

@@ -30,8 +30,9 @@ class Shipment:
     #: (0400 root's; the unit reads them as credentials)
     files: tuple[tuple[str, Path], ...] = ()
     system_requirements: tuple[str, ...] = ()
-    #: ``(shell command, working directory on the host, stamp of its inputs)``, or None
-    requirements: tuple[str, str, str] | None = None
+    #: ``(REQUIREMENTS_COMMAND, REQUIREMENTS_FILE or "", working directory, stamp of the
+    #: inputs)`` with the host's paths, or None
+    requirements: tuple[str, str, str, str] | None = None
     #: the AIGIS runtime (its package and the proxy's dependencies) is needed: internal plugins
     runtime: bool = False
 
