@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = add("check", "validate a config and its plugin manifests without running anything")
     check.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach each remote host: ssh, python, systemd, free space",
+    )
     status = add("status", "show plugins: state, pid, restarts, uptime, reason")
     status.add_argument("names", nargs="*", metavar="NAME")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -164,7 +169,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from aigis._check import check_config
     from aigis._redact import redact
 
-    report = check_config(Path(args.config))
+    report = check_config(Path(args.config), connect=args.connect)
     for line in report.errors:
         print(f"error: {redact(line)}", file=sys.stderr)
     for line in report.warnings:

@@ -379,6 +379,13 @@ def test_unusable_hosts_fail_their_plugins_with_one_line_and_the_others_run(
     changed.box.systemctl("restart", "aigis-test-sshd.service")
     for name in ("good", "changed", "bare", "ghost"):
         core.plugin("external", f"on-{name}", SLEEPER, {}, host=name)
+    core.write_config()
+    code, out, err = core.ctl("check", "--connect")
+    assert code == 1, out + err
+    assert 'host "good": reachable: python 3.' in out
+    assert sorted(line.split(":")[1] for line in err.splitlines() if line.startswith("error")) == [
+        ' host "bare"', ' host "changed"', ' host "ghost"',
+    ]  # fmt: skip
     core.start()
 
     assert core.wait_state("on-good", "running")["host"] == "good"
