@@ -17,6 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,6 +52,7 @@ HOSTSIDE = Path(hostside.__file__).read_text()
 PROBE_INTERVAL = 5.0  # how often the worker reads the host's units (transitions, link down)
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0  # retrying an unreachable host
 STOP_MARGIN = 15.0
+PARALLEL = 8  # plugins of one host prepared at once
 _UP = ("active", "activating", "reloading")
 _runtime_lock = threading.Lock()
 _staged: dict[Path, Path] = {}
@@ -117,6 +119,7 @@ class RemoteSupervisor:
         self._down_error = ""
         self._checked = False
         self._retire: set[str] | None = None  # retire_unknown asked, not done yet
+        self._leftovers: list[str] = []  # units removed while halting: drop-ins go at close
         self._retry_at = 0.0
         self._backoff = BACKOFF_MIN
         self._runtime_shipped = False
@@ -176,12 +179,18 @@ class RemoteSupervisor:
 
     def remove(self, name: str) -> None:
         """Stop the unit, delete its drop-in (one daemon-reload) and forget it. A host that
-        cannot be reached raises PluginError: its unit may still run there."""
+        cannot be reached raises PluginError: its unit may still run there. While every plugin
+        is being stopped, the drop-ins go at ``close``, all in one round."""
         with self._busy:
-            self.stop(name)
             with self._lock:
                 plugin = self._get(name)
-            if plugin.started:
+                halting = self._halting
+            if not halting:
+                self.stop(name)
+            if plugin.started and halting:
+                with self._lock:
+                    self._leftovers.append(plugin.unit)
+            elif plugin.started:
                 dropin = f"/run/systemd/system/{plugin.unit}.d/{DROPIN_NAME}"
                 self._jobs(name, delete=[dropin], forget=[plugin.unit], reload=True)
             with self._lock:
@@ -274,6 +283,14 @@ class RemoteSupervisor:
         self._closing = True
         self._wake.set()
         self._thread.join(timeout=2 * self.master.settings.connect_timeout + 30)
+        with self._lock:
+            units, self._leftovers = self._leftovers, []
+        if units:
+            dropins = [f"/run/systemd/system/{u}.d/{DROPIN_NAME}" for u in units]
+            try:
+                self._run_jobs(delete=dropins, forget=units, reload=True)
+            except HostError as exc:
+                log.warning("failed: removing drop-ins on host %s: %s", self.host.name, exc)
         try:
             self.master.close()
         except HostError as exc:
@@ -314,24 +331,40 @@ class RemoteSupervisor:
             self._host_down(exc)
             return
         prepared: dict[str, bool] = {}
-        for plugin in queue:
+        # Several plugins at once over the one master (it multiplexes): each round trip waits
+        # on the host's python more than on the link.
+        with ThreadPoolExecutor(max_workers=min(PARALLEL, len(queue))) as pool:
+            outcomes = list(pool.map(self._try_prepare, queue))
+        lost = None
+        for plugin, outcome in zip(queue, outcomes, strict=True):
             name = plugin.spec.name
-            try:
-                prepared[name] = self._prepare(plugin)
-            except HostError as exc:
-                self._host_down(exc)
-                break
-            except (PluginError, OSError, ValueError) as exc:
-                reason = exc.reason if isinstance(exc, PluginError) else str(exc)
+            if isinstance(outcome, HostError):
+                lost = outcome  # stays queued: tried again with the host
+            elif isinstance(outcome, str):
                 with self._lock:
-                    plugin.queued, plugin.error = False, reason
-                log.error('failed: plugin "%s" on host %s: %s', name, self.host.name, reason,
+                    plugin.queued, plugin.error = False, outcome
+                log.error('failed: plugin "%s" on host %s: %s', name, self.host.name, outcome,
                           **about(name))  # fmt: skip
+            else:
+                prepared[name] = outcome
+        if lost is not None:
+            self._host_down(lost)
         if prepared:
             try:
                 self._launch(prepared)
             except HostError as exc:
                 self._host_down(exc)
+
+    def _try_prepare(self, plugin: _Plugin) -> bool | str | HostError:
+        """``_prepare``: whether the drop-in changed, the plugin's failure, or the host's."""
+        try:
+            return self._prepare(plugin)
+        except HostError as exc:
+            return exc
+        except PluginError as exc:
+            return exc.reason
+        except (OSError, ValueError) as exc:
+            return str(exc)
 
     def _prepare(self, plugin: _Plugin) -> bool:
         """Account, system requirements, checkout, requirements, keys and drop-in on the host;

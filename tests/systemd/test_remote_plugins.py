@@ -315,6 +315,7 @@ def test_internal_plugin_runs_on_the_remote_host_and_calls_the_core(lab: Lab) ->
 
     assert core.stop() == 0  # SIGTERM: remote plugins are stopped too
     assert box.unit_property("aigis-plugin@caller.service", "ActiveState") in ("inactive", "")
+    assert not box.host_path("/run/systemd/system/aigis-plugin@caller.service.d").exists()
 
 
 def _skills_and_caller(core: Core, host: str = "r1", body: str = CALLER) -> None:
@@ -403,3 +404,54 @@ def test_unusable_hosts_fail_their_plugins_with_one_line_and_the_others_run(
         )
     assert core.status()["on-good"]["state"] == "running"
     assert good.box.unit_property(r"aigis-plugin@on\x2dgood.service", "ActiveState") == "active"
+
+
+def test_requirements_run_on_the_host_once_and_reload_moves_plugins_between_hosts(
+    lab: Lab,
+) -> None:
+    server, link = lab.remote()
+    core, box = lab.core, server.box
+    core.address = link.a_addr
+    core.host("r1", server)
+    core.plugin(
+        "external", "needs",
+        'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}"\nLAUNCH = ["/bin/sleep", "3600"]\n'
+        'REQUIREMENTS_COMMAND = "cat"\nREQUIREMENTS_FILE = "{root}/req.txt"\n',
+        {"req.txt": "pkg==1 from $(hostname)\n"}, host="r1",
+    )  # fmt: skip
+    core.plugin(
+        "external", "lacks",
+        'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}"\nLAUNCH = ["/bin/sleep", "3600"]\n'
+        'SYSTEM_REQUIREMENTS = ["sh", "no-such-tool-anywhere"]\n',
+        {}, host="r1",
+    )  # fmt: skip
+    core.plugin("external", "mover", SLEEPER, {}, host="r1")
+    core.start()
+    core.wait_state("needs", "running")
+    # The command ran on the host, in the shipped copy, with the file's path there.
+    core.wait_log('requirements: "needs" on host r1: pkg==1 from $(hostname)')
+    lacks = core.wait_state("lacks", "failed")
+    assert lacks["reason"] == (
+        "missing system requirements on host r1: no-such-tool-anywhere "
+        "(SYSTEM_REQUIREMENTS; not on PATH)"
+    )
+    remote_pid = core.wait_state("mover", "running")["pid"]
+    assert remote_pid == unit_pid(box, "mover")
+
+    # Home: stopped there (its drop-in gone), started here.
+    core.plugins = [(t, n, v.replace(', host = "r1"', "") if n == "mover" else v)
+                    for t, n, v in core.plugins]  # fmt: skip
+    core.write_config()
+    code, out, err = core.ctl("reload")
+    assert code == 0, out + err
+    row = core.wait_state("mover", "running")
+    assert row["host"] == "localhost" and row["pid"] != remote_pid
+    assert Path(f"/proc/{row['pid']}").exists()  # a process of this machine
+    assert box.unit_property("aigis-plugin@mover.service", "ActiveState") == "inactive"
+    assert not box.host_path("/run/systemd/system/aigis-plugin@mover.service.d").exists()
+
+    # A restarted core does not run unchanged requirements again.
+    core.kill()
+    core.start()
+    core.wait_state("needs", "running")
+    assert 'requirements: "needs"' not in core.log
