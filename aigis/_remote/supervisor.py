@@ -53,6 +53,9 @@ PROBE_INTERVAL = 5.0  # how often the worker reads the host's units (transitions
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0  # retrying an unreachable host
 STOP_MARGIN = 15.0
 PARALLEL = 8  # plugins of one host prepared at once
+#: A state read (one multiplexed systemctl show, normally tens of ms) taking longer than this
+#: means the link is gone: status then answers "unknown" at once instead of hanging.
+READ_WAIT = 3.0
 _UP = ("active", "activating", "reloading")
 _runtime_lock = threading.Lock()
 _staged: dict[Path, Path] = {}
@@ -497,7 +500,7 @@ class RemoteSupervisor:
             return {}
         units = [p.unit for p in plugins]
         try:
-            result = self.master.run(show_argv(units), timeout=self._timeout())
+            result = self.master.run(show_argv(units), timeout=READ_WAIT)
         except HostError as exc:
             if not quiet:
                 raise

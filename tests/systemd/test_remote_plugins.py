@@ -455,3 +455,72 @@ def test_requirements_run_on_the_host_once_and_reload_moves_plugins_between_host
     core.start()
     core.wait_state("needs", "running")
     assert 'requirements: "needs"' not in core.log
+
+
+COUNTER_CORE = """\
+import types
+
+def hit(i):
+    with open({log!r}, "a") as f:
+        f.write(f"{{i}}\\n")
+    return i
+
+counter = types.SimpleNamespace(hit=hit)
+SKILLS = ["counter.hit"]
+"""
+
+LOOPER = """\
+import time
+import aigis
+from aigis import CoreUnavailable
+
+def launch():
+    i = 0
+    while True:
+        i += 1  # a fresh number for every attempt: a call run twice shows as a duplicate
+        try:
+            aigis.counter.hit(i)
+            print("ok", i)
+        except CoreUnavailable:
+            print("unavailable", i)
+            time.sleep(0.2)
+        time.sleep(0.05)
+"""
+
+
+def test_a_cut_link_pauses_calls_and_nothing_runs_twice(lab: Lab) -> None:
+    server, link = lab.remote()
+    core, box = lab.core, server.box
+    core.address = link.a_addr
+    core.host("r1", server)
+    hits = core.dir / "hits.log"
+    core.plugin("core", "counter", 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n',
+                {"AIGIS/AIGIS.core": COUNTER_CORE.format(log=str(hits))})  # fmt: skip
+    core.plugin("internal", "looper",
+                'PLUGIN_TYPE = "internal"\nENTRYPOINT = "{root}"\nLAUNCH = "looper"\nHOST = "r1"\n',
+                {"looper.py": LOOPER})  # fmt: skip
+    core.start()
+    pid = core.wait_state("looper", "running")["pid"]
+
+    def count() -> int:
+        return len(hits.read_text().split()) if hits.exists() else 0
+
+    wait_until(lambda: count() >= 20, 30, "calls from the remote plugin")
+    link.cut()
+    cut_at = time.monotonic()
+    try:
+        paused = count()
+        row = core.wait_state("looper", "unknown", timeout=30)
+        assert row["reason"].startswith('host "r1" unreachable since '), row
+        while time.monotonic() - cut_at < 10:  # the whole cut: nothing gets through
+            assert count() == paused
+            time.sleep(0.5)
+    finally:
+        link.restore()
+    wait_until(lambda: count() >= paused + 20, 120, "calls to resume after the link is back")
+    assert core.wait_state("looper", "running")["pid"] == pid == unit_pid(box, "looper")
+    numbers = [int(n) for n in hits.read_text().split()]
+    assert len(numbers) == len(set(numbers))  # no call ran twice
+    journal = box.journal("aigis-plugin@looper.service", "-o", "cat").splitlines()
+    ok = [int(line.split()[1]) for line in journal if line.startswith("ok ")]
+    assert set(ok) <= set(numbers)  # every call the plugin saw succeed ran in the core
