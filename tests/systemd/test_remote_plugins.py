@@ -524,3 +524,55 @@ def test_a_cut_link_pauses_calls_and_nothing_runs_twice(lab: Lab) -> None:
     journal = box.journal("aigis-plugin@looper.service", "-o", "cat").splitlines()
     ok = [int(line.split()[1]) for line in journal if line.startswith("ok ")]
     assert set(ok) <= set(numbers)  # every call the plugin saw succeed ran in the core
+
+
+def test_a_core_under_systemd_drives_a_remote_host_and_a_crash_keeps_its_units(
+    boot_box: Callable[..., Box],
+) -> None:
+    from .test_service import Aigis
+
+    here = boot_box(net=True)
+    remote = boot_box(net=True)
+    link = join(here, remote)
+    try:
+        server = start_sshd(remote, link.b_addr)
+        aigis = Aigis(here)
+        aigis.plugin("skills", "core", 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n',
+                     {"AIGIS/AIGIS.core": SKILLS_CORE})  # fmt: skip
+        aigis.plugin(
+            "caller", "internal",
+            'PLUGIN_TYPE = "internal"\nENTRYPOINT = "{root}"\nLAUNCH = "caller"\nHOST = "r1"\n',
+            {"caller.py": CALLER.replace('open("token.txt")', 'open("caller.py")')},
+        )  # fmt: skip
+        aigis.plugin("local", "external", SLEEPER, {})
+        aigis.write_config(
+            f'tcp = "[{link.a_addr}]:7878"\n'
+            f'known_hosts = "{server.known_hosts}"\n'
+            'ssh_config = "/dev/null"\nconnect_timeout = 3\n'
+            "[hosts]\n"
+            f'r1 = {{ address = "{link.b_addr}", user = "root", '
+            f'identity_file = "{server.client_key}", python = "{REMOTE_PYTHON}" }}\n'
+        )
+        here.systemctl("start", "aigis")
+        wait_until(lambda: aigis.status()["caller"]["state"] == "running", 60, "caller running")
+        rows = aigis.status()
+        assert (rows["caller"]["host"], rows["local"]["host"]) == ("r1", "localhost")
+        assert rows["local"]["state"] == "running"
+        assert aigis.prop("aigis-plugin@local.service", "ActiveState") == "active"
+        assert here.unit_property("aigis-plugin@caller.service", "ActiveState") == "inactive"
+        pid = unit_pid(remote, "caller")
+        assert rows["caller"]["pid"] == pid
+        wait_until(lambda: journal_with(remote, "caller", "lambda 42"), 30, "the caller's calls")
+        code, out, err = aigis.ctl("logs", "caller", "-n", "50")
+        assert code == 0 and "value 5" in out, err
+
+        # The core crashes; systemd restarts it; the remote unit runs on, adopted.
+        here.systemctl("kill", "-s", "KILL", "aigis")
+        wait_until(lambda: 'adopted: "caller"' in aigis.core_log(), 60, "the remote unit adopted")
+        assert unit_pid(remote, "caller") == pid
+        assert remote.journal("aigis-plugin@caller.service", "-o", "cat").count("value 5") == 1
+
+        here.systemctl("stop", "aigis")  # stops the remote plugin too
+        assert remote.unit_property("aigis-plugin@caller.service", "ActiveState") == "inactive"
+    finally:
+        link.close()
