@@ -41,6 +41,7 @@ from aigis._remote.ssh import Master, SshSettings, command_argv
 from aigis._requirements import requirements_shell
 from aigis._states import IDLE, State
 from aigis._supervise.base import LogLocation, ProcessSpec, Status
+from aigis._supervise.dbus import Systemd, SystemdError
 from aigis._supervise.identity import sysusers_line
 from aigis._supervise.units import DROPIN_NAME, plugin_of_unit, plugin_user, render_dropin
 from aigis._supervise.units import unit_name as unit_of
@@ -56,6 +57,7 @@ PARALLEL = 8  # plugins of one host prepared at once
 #: A state read (one multiplexed systemctl show, normally tens of ms) taking longer than this
 #: means the link is gone: status then answers "unknown" at once instead of hanging.
 READ_WAIT = 3.0
+HOST_BUS = "/run/dbus/system_bus_socket"
 _UP = ("active", "activating", "reloading")
 _runtime_lock = threading.Lock()
 _staged: dict[Path, Path] = {}
@@ -123,6 +125,10 @@ class RemoteSupervisor:
         self._checked = False
         self._retire: set[str] | None = None  # retire_unknown asked, not done yet
         self._leftovers: list[str] = []  # units removed while halting: drop-ins go at close
+        self._bus: Systemd | None = None  # the host's systemd over its forwarded D-Bus socket
+        self._bus_new = False
+        self._use_bus = True
+        self._bus_lock = threading.Lock()
         self._retry_at = 0.0
         self._backoff = BACKOFF_MIN
         self._runtime_shipped = False
@@ -294,6 +300,8 @@ class RemoteSupervisor:
                 self._run_jobs(delete=dropins, forget=units, reload=True)
             except HostError as exc:
                 log.warning("failed: removing drop-ins on host %s: %s", self.host.name, exc)
+        if self._bus is not None:
+            self._bus.close()
         try:
             self.master.close()
         except HostError as exc:
@@ -442,7 +450,9 @@ class RemoteSupervisor:
             else:
                 start.append(plugin.unit)
         reload = any(prepared.values()) or any(s.need_reload for s in states.values())
-        errors = self._run_jobs(start=start, restart=restart, reload=reload)
+        errors = {}
+        if start or restart or reload:  # all adopted as they are: no round at all
+            errors = self._run_jobs(start=start, restart=restart, reload=reload)
         with self._lock:
             for name, plugin in plugins.items():
                 plugin.queued, plugin.since = False, time.time()
@@ -466,6 +476,11 @@ class RemoteSupervisor:
         with self._lock:
             plugins = [p for p in self._plugins.values() if p.started]
         if not plugins or self._down_since is not None and time.monotonic() < self._retry_at:
+            return
+        try:
+            self.master.open()  # a master lost with the link comes back here, not in status
+        except HostError as exc:
+            self._host_down(exc)
             return
         states = self._read(plugins)
         verbs = {State.BACKOFF: "backoff", State.FAILED: "gave up", State.EXITED: "exited"}
@@ -495,19 +510,57 @@ class RemoteSupervisor:
 
     def _read(self, plugins: list[_Plugin], quiet: bool = True) -> dict[str, UnitState]:
         """The units' states in one round; {} (and the host marked down) when it fails, or
-        HostError when not ``quiet``."""
+        HostError when not ``quiet``. Never waits for a reconnection (the worker does that)."""
         if quiet and self._down_since is not None and time.monotonic() < self._retry_at:
             return {}
         units = [p.unit for p in plugins]
         try:
-            result = self.master.run(show_argv(units), timeout=READ_WAIT)
+            if quiet and self.master.master_pid() is None:
+                raise HostError(self.host.name, "unreachable", "connection lost; reconnecting")
+            states = self._states(units)
         except HostError as exc:
             if not quiet:
                 raise
             self._host_down(exc)
             return {}
         self._host_up()
-        return dict(zip(units, parse_show(result.stdout.decode(errors="replace"), units)))
+        return dict(zip(units, states, strict=True))
+
+    def _states(self, units: list[str]) -> list[UnitState]:
+        """Over the host's D-Bus, forwarded by the master (pipelined calls on one connection:
+        no process on either side); where that fails at once, one ``systemctl show``."""
+        with self._bus_lock:  # status (control threads) and the worker read at once
+            return self._states_locked(units)
+
+    def _states_locked(self, units: list[str]) -> list[UnitState]:
+        if self._bus is None and self._use_bus:
+            try:
+                path = self.master.forward(HOST_BUS, "bus")
+            except HostError as exc:
+                if exc.kind != "failed":
+                    raise
+                log.info("fallback: host %s: %s; using systemctl", self.host.name, exc)
+                self._use_bus = False
+            else:
+                self._bus = Systemd(f"unix:path={path}", timeout=READ_WAIT)
+                self._bus_new = True
+        if self._bus is not None:
+            try:
+                for unit in units:
+                    self._bus.pin(unit)  # a unit that exits cleanly keeps its exit status
+                states = self._bus.states(units)
+                self._bus_new = False
+                return states
+            except (OSError, SystemdError) as exc:
+                self._bus.close()
+                self._bus = None
+                if not self._bus_new:
+                    raise HostError(self.host.name, "unreachable", f"no answer: {exc}") from None
+                log.info("fallback: host %s: systemd's bus over ssh: %s; using systemctl",
+                         self.host.name, exc)  # fmt: skip
+                self._use_bus = False
+        result = self.master.run(show_argv(units), timeout=READ_WAIT)
+        return parse_show(result.stdout.decode(errors="replace"), units)
 
     def _hostside(self, name: str, command: str, request: dict, timeout: float = 120) -> dict:
         result = self.master.run(

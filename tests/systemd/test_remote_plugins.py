@@ -73,6 +73,7 @@ class Core:
     dir: Path
     runtime_dir: Path
     address: str  # the core's address on its links
+    port: int = 7878  # of its TCP listener
     hosts: dict[str, str] = field(default_factory=dict)  # name -> inline table
     plugins: list[tuple[str, str, str]] = field(default_factory=list)  # (table, name, value)
     known_hosts: Path | None = None
@@ -110,7 +111,7 @@ class Core:
             'state_dir = "state"',
             'secrets_dir = "secrets"',
             f'runtime_dir = "{self.runtime_dir}"',
-            f'tcp = "[{self.address}]:7878"',
+            f'tcp = "[{self.address}]:{self.port}"',
             f'known_hosts = "{self.known_hosts}"',
             'ssh_config = "/dev/null"',
             "connect_timeout = 3",

@@ -48,6 +48,12 @@ class FakeMaster:
     def check(self) -> object:
         return object()
 
+    def master_pid(self) -> int | None:
+        return None if self.down else 1
+
+    def forward(self, remote_socket: str, label: str) -> Path:
+        return self.settings.runtime_dir / "no-bus-here"  # connecting fails: systemctl then
+
     def run(self, argv, input=None, timeout=60):
         self.runs.append(list(argv))
         if self.down:
