@@ -58,6 +58,7 @@ PARALLEL = 8  # plugins of one host prepared at once
 #: means the link is gone: status then answers "unknown" at once instead of hanging.
 READ_WAIT = 3.0
 HOST_BUS = "/run/dbus/system_bus_socket"
+QUIET = 0.2  # the worker starts a batch once no plugin was added for this long
 _UP = ("active", "activating", "reloading")
 _runtime_lock = threading.Lock()
 _staged: dict[Path, Path] = {}
@@ -129,6 +130,7 @@ class RemoteSupervisor:
         self._bus_new = False
         self._use_bus = True
         self._bus_lock = threading.Lock()
+        self._added_at = 0.0
         self._retry_at = 0.0
         self._backoff = BACKOFF_MIN
         self._runtime_shipped = False
@@ -149,6 +151,7 @@ class RemoteSupervisor:
             if spec.name in self._plugins:
                 raise PluginError(spec.name, "already supervised (remove it before adding again)")
             self._plugins[spec.name] = _Plugin(spec, unit_of(spec.name), since=time.time())
+            self._added_at = time.monotonic()
         self._wake.set()
 
     def start(self, name: str) -> Status:
@@ -329,8 +332,13 @@ class RemoteSupervisor:
         """Ship and start every queued plugin (one reload and one batch of jobs for all)."""
         with self._lock:
             queue = [p for p in self._plugins.values() if p.queued and not self._halting]
+            settling = QUIET - (time.monotonic() - self._added_at)
         if not queue or time.monotonic() < self._retry_at:
             return
+        if settling > 0:  # plugins are being added: take them in one batch (one reload)
+            time.sleep(settling)
+            with self._lock:
+                queue = [p for p in self._plugins.values() if p.queued and not self._halting]
         try:
             self.master.open()
             if not self._checked:  # python and systemd there, once: one clear line if not
@@ -515,7 +523,9 @@ class RemoteSupervisor:
             return {}
         units = [p.unit for p in plugins]
         try:
-            if quiet and self.master.master_pid() is None:
+            # (A bus connection fails on its own when the master goes; a fresh ssh command
+            # would instead bring up a new master, which is the worker's business.)
+            if quiet and self._bus is None and self.master.master_pid() is None:
                 raise HostError(self.host.name, "unreachable", "connection lost; reconnecting")
             states = self._states(units)
         except HostError as exc:
