@@ -784,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = InstanceLock(config.settings.state_dir)
     try:
         lock.acquire()  # before anything else: a second core must not touch the first's sockets
-        supervisor = pick_supervisor(args.supervisor or config.settings.supervisor, config.settings)
+        choice = args.supervisor or config.settings.supervisor
+        supervisor = pick_supervisor(choice, config.settings, config.hosts)
     except AigisError as exc:  # another core; the systemd backend asked for but unavailable
         print(f"aigis: {exc}", file=sys.stderr)
         return 1

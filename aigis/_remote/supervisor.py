@@ -271,7 +271,8 @@ class RemoteSupervisor:
             ]
             units = [u for u in units if plugin_of_unit(u) and u not in ours and u not in kept]
             for unit in units:
-                log.warning("retiring: %s on host %s (not in the config)", unit, self.host.name)
+                log.warning("retiring: %s on host %s (the config runs no such plugin there)", unit,
+                            self.host.name)  # fmt: skip
             if units:
                 dropins = [f"/run/systemd/system/{u}.d/{DROPIN_NAME}" for u in units]
                 self._run_jobs(stop=units, delete=dropins, forget=units, reload=True)
@@ -320,7 +321,8 @@ class RemoteSupervisor:
             try:
                 with self._busy:
                     self._work()
-                    if self._retire is not None and self._usable():
+                    retire_due = time.monotonic() >= self._retry_at
+                    if self._retire is not None and retire_due and self._connect():
                         self._retire_units()
                     if time.monotonic() >= self._next_probe:
                         self._next_probe = time.monotonic() + PROBE_INTERVAL
@@ -339,11 +341,9 @@ class RemoteSupervisor:
             time.sleep(settling)
             with self._lock:
                 queue = [p for p in self._plugins.values() if p.queued and not self._halting]
+        if not self._connect():
+            return
         try:
-            self.master.open()
-            if not self._checked:  # python and systemd there, once: one clear line if not
-                self._checked = self.master.check() is not None
-            self._host_up()
             if any(p.spec.shipment and p.spec.shipment.runtime for p in queue):
                 self._ship_runtime()
         except HostError as exc:
@@ -373,6 +373,19 @@ class RemoteSupervisor:
                 self._launch(prepared)
             except HostError as exc:
                 self._host_down(exc)
+
+    def _connect(self) -> bool:
+        """The master up, and the host checked once (python, systemd: one clear line if not);
+        False (the host marked down) when it fails."""
+        try:
+            self.master.open()
+            if not self._checked:
+                self._checked = self.master.check() is not None
+        except HostError as exc:
+            self._host_down(exc)
+            return False
+        self._host_up()
+        return True
 
     def _try_prepare(self, plugin: _Plugin) -> bool | str | HostError:
         """``_prepare``: whether the drop-in changed, the plugin's failure, or the host's."""
@@ -507,10 +520,6 @@ class RemoteSupervisor:
                 level = logging.ERROR if status.state is State.FAILED else logging.WARNING
                 log.log(level, '%s: "%s" on host %s: %s', verb, plugin.spec.name, self.host.name,
                         status.reason, **about(plugin.spec.name))  # fmt: skip
-
-    def _usable(self) -> bool:
-        """Connected and checked, and not waiting to retry."""
-        return self._checked and self._down_since is None
 
     # -- ssh rounds ----------------------------------------------------------------------------
     def _timeout(self) -> float:

@@ -8,7 +8,7 @@ span plugins (status, stop_all, retire_unknown) reach every backend at once, in 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,8 +31,12 @@ class Router:
         settings: Settings,
         *,
         remote: Callable[[HostSpec], Supervisor] | None = None,
+        known_hosts: Mapping[str, HostSpec] | None = None,
     ) -> None:
         self.local = local
+        #: The [hosts] table: at start-up, units left there by an earlier core are retired even
+        #: on a host none of this config's plugins use (a plugin moved while the core was down).
+        self.known_hosts = dict(known_hosts or {})
         self.name = local.name
         self.settings = settings
         self._make_remote = remote or self._remote_supervisor
@@ -131,6 +135,10 @@ class Router:
         """Locally as the backend does; on each host, units of plugins it does not run now
         (except configured plugins not supervised anywhere: not loaded, or failed to)."""
         configured = list(configured)
+        for name, host in self.known_hosts.items():
+            if name not in self.hosts:
+                self.hosts[name] = self._make_remote(host)
+                self._specs[name] = host
         local = [n for n in configured if self._where.get(n, LOCAL) == LOCAL]
         unplaced = [n for n in configured if n not in self._where]
         retired = list(self.local.retire_unknown(local))

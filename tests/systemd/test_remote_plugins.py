@@ -577,3 +577,24 @@ def test_a_core_under_systemd_drives_a_remote_host_and_a_crash_keeps_its_units(
         assert remote.unit_property("aigis-plugin@caller.service", "ActiveState") == "inactive"
     finally:
         link.close()
+
+
+def test_a_plugin_moved_home_while_no_core_ran_is_retired_on_its_old_host(lab: Lab) -> None:
+    server, link = lab.remote()
+    core, box = lab.core, server.box
+    core.address = link.a_addr
+    core.host("r1", server)
+    core.plugin("external", "mover", SLEEPER, {}, host="r1")
+    core.start()
+    core.wait_state("mover", "running")
+    core.kill()  # its unit runs on at r1
+    assert box.unit_property("aigis-plugin@mover.service", "ActiveState") == "active"
+    core.plugins = [(t, n, v.replace(', host = "r1"', "")) for t, n, v in core.plugins]
+    core.start()  # no plugin of this config runs on r1 now
+    core.wait_log("retiring: aigis-plugin@mover.service on host r1 (the config runs no such")
+    row = core.wait_state("mover", "running")
+    assert row["host"] == "localhost" and Path(f"/proc/{row['pid']}").exists()
+    wait_until(
+        lambda: box.unit_property("aigis-plugin@mover.service", "ActiveState") == "inactive",
+        30, "the unit at r1 to stop",
+    )  # fmt: skip

@@ -145,3 +145,20 @@ def test_pick_supervisor_routes_around_whichever_local_backend(tmp_path: Path) -
     assert isinstance(picked, Router) and isinstance(picked.local, EmbeddedSupervisor)
     assert picked.name == "embedded"
     picked.close()
+
+
+def test_retire_reaches_table_hosts_no_plugin_uses_any_more(tmp_path: Path) -> None:
+    EVENTS.clear()
+    settings = parse_config(f'[aigis]\nstate_dir = "{tmp_path}"\n', tmp_path / "a.toml").settings
+    made: list[str] = []
+
+    def remote(host: HostSpec) -> Labelled:
+        made.append(host.name)
+        return Labelled(host.name)
+
+    router = Router(Labelled("local"), settings, remote=remote, known_hosts={"web2": WEB2})
+    router.add(spec("a"))  # moved home from web2 while no core ran
+    router.retire_unknown(["a"])
+    assert made == ["web2"]  # asked although no plugin runs there now
+    router.add(spec("b", WEB2))
+    assert made == ["web2"]  # the same backend serves it
