@@ -323,6 +323,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     where = _control(args, "logs", args.name)
     if where.get("ssh"):
         # A plugin on another host: its unit's journal there, over the core's ssh connection.
+        if os.geteuid() != 0:
+            raise CtlError(
+                f'"{args.name}" runs on another host: reading its journal there takes the '
+                "core's ssh connection, which is root's"
+            )
         remote = ["journalctl", "-u", where["journal"], "-n", str(args.lines), "--no-pager"]
         if args.follow:
             remote.append("-f")
