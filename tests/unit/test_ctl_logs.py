@@ -6,7 +6,6 @@ import pytest
 
 from aigis._ctl import main
 
-
 REMOTE_LOGS = {"journal": "aigis-plugin@far.service", "ssh": ["ssh", "-S", "/run/c", "--", "web1"]}
 
 
