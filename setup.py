@@ -25,6 +25,8 @@ setup(
         "multiprocess>=0.70.12",
         "sdnotify>=0.3.1",
         "jeepney>=0.8",
+        # the core's TLS certificate for its TCP listener (made once, at first start)
+        "cryptography>=38",
     ],
     extras_require={
         "systemd": ["systemd-python>=234"],

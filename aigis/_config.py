@@ -40,8 +40,6 @@ class PluginEntry:
     host: str | None = None
 
 
-#: What aigis.toml accepts as ``user``: a user name (as useradd and systemd-sysusers do).
-USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,31}")
 ENTRY_KEYS = ("source", "ref", "user", "sandbox", "host")
 
 
@@ -70,11 +68,30 @@ class Settings:
     connect_timeout: float = _settings.CONNECT_TIMEOUT
     known_hosts: Path | None = None
     ssh_config: Path | None = None
+    plugin_user: str = _settings.DEFAULT_PLUGIN_USER
+    tcp_plaintext: bool = _settings.default("tcp_plaintext")  # type: ignore[assignment]
 
     @property
     def plugins_dir(self) -> Path:
         """Where plugin sources are fetched to: ``<state>/ext``."""
         return self.state_dir / "ext"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """The core's own copies of the plugins' sources: ``<state>/snapshots``."""
+        return self.state_dir / "snapshots"
+
+    @property
+    def tls_cert_file(self) -> Path:
+        """The core's TLS certificate (PEM, 0644), made at its first start with TCP on:
+        ``<state>/tls/cert.pem``. Remote plugins pin it (``AIGIS_TLS_CERT_FILE``)."""
+        return self.state_dir / "tls" / "cert.pem"
+
+    @property
+    def tls_key_file(self) -> Path:
+        """The private key of ``tls_cert_file``, beside it (0600): the core's alone, never
+        shipped."""
+        return self.state_dir / "tls" / "key.pem"
 
     @property
     def control_socket(self) -> Path:
@@ -382,7 +399,7 @@ def _check_privilege(problems: _Problems, table: str, name: str, value: dict) ->
     """``user`` (an account name) and ``sandbox`` (a boolean) of one plugin entry."""
     ok = True
     user = value.get("user")
-    if user is not None and not (isinstance(user, str) and USER_RE.fullmatch(user)):
+    if user is not None and not (isinstance(user, str) and _settings.is_user_name(user)):
         problems.add(
             table,
             name,
@@ -475,6 +492,8 @@ def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Set
         connect_timeout=float(get("connect_timeout")),  # type: ignore[arg-type]
         known_hosts=path_of("known_hosts") if values.get("known_hosts") else None,
         ssh_config=path_of("ssh_config") if values.get("ssh_config") else None,
+        plugin_user=str(get("plugin_user")),
+        tcp_plaintext=bool(get("tcp_plaintext")),
     )
 
 

@@ -149,14 +149,16 @@ def _forget_entrypoint(plugin: str, entrypoint: str, core_module: str, before: s
     _ENTRYPOINTS.pop(plugin, None)
 
 
-def import_core(plugin: str, path: Path, entrypoint: Path) -> CoreModule:
-    """Import ``path`` (AIGIS.core) as a unique module with ``entrypoint`` on sys.path."""
+def import_core(plugin: str, path: Path, entrypoint: Path, shown: Path | None = None) -> CoreModule:
+    """Import ``path`` (AIGIS.core) as a unique module with ``entrypoint`` on sys.path;
+    messages and tracebacks name it ``shown`` (the same file in the plugin's checkout)."""
     try:
         text = read_plugin_file(path.parents[1], path.relative_to(path.parents[1]))
     except UnreadableFile as exc:
         raise SkillError(plugin, str(exc)) from None
     if text is None:
         raise SkillError(plugin, f"{path}: not found")
+    path = path if shown is None else shown
     problem = _shared_module(plugin, entrypoint)
     if problem is not None:
         raise SkillError(plugin, problem)

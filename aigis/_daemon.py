@@ -204,6 +204,11 @@ class Daemon:
         make_dir(settings.runtime_dir)
         if which == "plugins":
             authkey = load_or_create_authkey(settings.authkey_file)
+            tls_context = None
+            if settings.tcp is not None and not settings.tcp_plaintext:
+                from aigis._rpc import tls  # ssl and cryptography only for a TLS listener
+
+                tls_context = tls.listener_context(settings.tls_cert_file, settings.tls_key_file)
             server = CoreServer(
                 self.namespace.resolve,
                 unix_path=settings.socket,
@@ -212,6 +217,7 @@ class Daemon:
                 metrics=self.metrics,
                 keys=lambda: self.plugin_keys,
                 authorize=self.authorize_call,
+                tls_context=tls_context,
             )
             server.start()
             self.servers.append(server)
@@ -467,12 +473,18 @@ class Daemon:
             if plugin.has_process:
                 try:
                     assert plugin.manifest is not None
+                    settings = self.config.settings
+                    # Under systemd each plugin gets its own account (aigis-NAME); the embedded
+                    # backend has one default account, [aigis] plugin_user.
+                    # A remote host's systemd gives each plugin its own account there as well.
+                    embedded = self.supervisor.name == "embedded" and plugin.remote is None
+                    default = settings.plugin_user if embedded else None
                     spec = process_spec(
                         plugin.name,
                         str(plugin.root),
                         plugin.manifest,
-                        self.config.settings,
-                        user=plugin.entry.user,
+                        settings,
+                        user=plugin.entry.user or default,
                         sandbox=plugin.entry.sandbox,
                     )
                     self.plugin_keys[plugin.name] = load_or_create_key(
@@ -507,6 +519,7 @@ class Daemon:
         return remote_spec(
             spec,
             plugin.remote,
+            source=plugin.files,
             tcp=settings.tcp,
             key_file=settings.plugin_key_file(plugin.name),
             secrets=plugin.remote_secrets,
@@ -516,8 +529,10 @@ class Daemon:
         )
 
     def tls_cert_file(self) -> Path | None:
-        """The core's certificate that remote internal plugins pin (None: plaintext TCP)."""
-        return None  # the TCP listener has no TLS yet
+        """The core's certificate that remote internal plugins pin (None: plaintext TCP, as
+        ``[aigis] tcp_plaintext`` allows)."""
+        settings = self.config.settings
+        return None if settings.tcp_plaintext else settings.tls_cert_file
 
     def _take_down(self, plugin: Plugin) -> None:
         """Stop the plugin's process (if any), then run its cleanup and remove its skills."""

@@ -17,7 +17,7 @@ from aigis._config import PluginEntry, Settings
 from aigis._coreplugin import CoreModule, forget_modules_under, import_core
 from aigis._errors import AigisError, ManifestError, PluginError, SkillError
 from aigis._log import about, plugin_logger
-from aigis._manifest import CORE_FILE, Manifest, own_names
+from aigis._manifest import CORE_FILE, MANIFEST, Manifest, own_names
 from aigis._namespace import Namespace, Skill
 from aigis._paths import make_dir
 from aigis._plugindir import validate_plugin
@@ -25,6 +25,7 @@ from aigis._remote.hosts import HostSpec
 from aigis._remote.plan import placement
 from aigis._requirements import check_system, install
 from aigis._secrets import copy_secrets, plan_secrets
+from aigis._snapshot import in_snapshot, take_snapshot
 from aigis._states import PROCESS_KINDS, Kind, State
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class Plugin:
     #: as (path inside the plugin directory, file in the secrets directory).
     remote: HostSpec | None = None
     remote_secrets: list[tuple[str, Path]] = field(default_factory=list)
+    #: The core's own copy of the source (aigis._snapshot): everything the core reads, imports
+    #: or runs comes from here, never from ``root``, which the plugin's account may rewrite.
+    files: Path | None = None
 
     @property
     def name(self) -> str:
@@ -112,9 +116,11 @@ class Loader:
         plugin = Plugin(entry=entry, root=self.root_of(entry.name))
         try:
             self._prepare(plugin)
+            files = plugin.files
             if (
                 plugin.manifest
-                and (self.root_of(entry.name) / CORE_FILE).is_file()
+                and files is not None
+                and (files / CORE_FILE).is_file()
                 and plugin.manifest.plugin_type in (Kind.CORE, Kind.INTERNAL)
             ):
                 self._load_core(plugin)
@@ -153,8 +159,11 @@ class Loader:
             entry.name, entry.source, plugin.root, ref=entry.ref, base_dir=self.base_dir
         )
         plugin.commit = fetched.commit
+        plugin.files = files = take_snapshot(
+            entry.name, fetched, entry.source, self.base_dir, self.settings.snapshots_dir
+        )
         self._progress(entry.name, "reading its manifest")
-        checked = validate_plugin(plugin.root, entry.name, entry.table)
+        checked = validate_plugin(plugin.root, entry.name, entry.table, files)
         plugin.manifest = manifest = checked.manifest
         for warning in checked.warnings:
             log.warning('manifest: plugin "%s": %s', entry.name, warning, **about(entry.name))
@@ -171,9 +180,7 @@ class Loader:
                                  plugin.root)  # fmt: skip
             plugin.remote_secrets = [(str(t.relative_to(plugin.root)), s) for s, t in pairs]
             return
-        check_system(
-            entry.name, manifest.system_requirements, str(plugin.root / "AIGIS" / "AIGIS.config")
-        )
+        check_system(entry.name, manifest.system_requirements, str(plugin.root / MANIFEST))
         if self.skip_requirements:
             if manifest.requirements_command:
                 log.info(
@@ -183,11 +190,14 @@ class Loader:
                 )
         else:
             self._progress(entry.name, "running requirements")
+            # As the core's account, so from the snapshot only: the command, its file and its
+            # working directory are the operator's source, never files the plugin can write.
+            file = manifest.requirements_file
             install(
                 entry.name,
                 manifest.requirements_command,
-                manifest.requirements_file,
-                cwd=manifest.entrypoint,
+                str(in_snapshot(Path(file), plugin.root, files)) if file else None,
+                cwd=in_snapshot(manifest.entrypoint, plugin.root, files),
                 marker=self.settings.state_dir / "requirements" / f"{entry.name}.sha256",
                 timeout=self.settings.requirements_timeout,
                 logger=plugin_logger(entry.name),
@@ -202,9 +212,12 @@ class Loader:
 
     def _load_core(self, plugin: Plugin) -> None:
         """Import AIGIS.core and register its SKILLS (all or nothing)."""
-        assert plugin.manifest is not None
+        assert plugin.manifest is not None and plugin.files is not None
         self._progress(plugin.name, "importing AIGIS.core")
-        core = import_core(plugin.name, plugin.root / CORE_FILE, plugin.manifest.entrypoint)
+        entrypoint = in_snapshot(plugin.manifest.entrypoint, plugin.root, plugin.files)
+        core = import_core(
+            plugin.name, plugin.files / CORE_FILE, entrypoint, plugin.root / CORE_FILE
+        )
         plugin.skills = self.namespace.register(
             plugin.name, core.module, core.skills, core.origin, plugin_logger(plugin.name)
         )
@@ -213,7 +226,8 @@ class Loader:
     def forget(self, plugin: Plugin) -> None:
         """Undo whatever an interrupted load left: its skills and its imported modules."""
         self.namespace.remove(plugin.name)
-        forget_modules_under(plugin.root)
+        if plugin.files is not None:
+            forget_modules_under(plugin.files)
 
     def unload(self, plugin: Plugin) -> None:
         """Run the plugin's cleanup once (errors logged) and remove its skills."""
@@ -233,5 +247,6 @@ class Loader:
                     exc_info=True,
                     **about(plugin.name),
                 )
-        if imported:  # only an AIGIS.core brings modules into the core (a scan of sys.modules)
-            forget_modules_under(plugin.root)
+        if imported and plugin.files is not None:
+            # only an AIGIS.core brings modules into the core (a scan of sys.modules)
+            forget_modules_under(plugin.files)

@@ -79,12 +79,15 @@ class PluginCheck:
     warnings: list[str] = field(default_factory=list)
 
 
-def validate_plugin(root: Path, plugin: str, table: str) -> PluginCheck:
+def validate_plugin(root: Path, plugin: str, table: str, files: Path | None = None) -> PluginCheck:
     """Validate ``plugin``'s directory ``root`` (listed under ``[table]``): manifest, HOST,
-    ENTRYPOINT, AIGIS.core presence and syntax. Runs nothing."""
+    ENTRYPOINT, AIGIS.core presence and syntax. Runs nothing. The manifest and AIGIS.core are
+    read from ``files`` (the core's snapshot of the source) when given; ``{root}`` is ``root``,
+    and messages name the files under ``root``, where the operator finds the same text."""
+    files = root if files is None else files
     origin = root / MANIFEST
     try:
-        text = read_plugin_file(root, MANIFEST)
+        text = read_plugin_file(files, MANIFEST)
     except UnreadableFile as exc:
         return PluginCheck(None, [str(exc)])
     if text is None:
@@ -97,7 +100,7 @@ def validate_plugin(root: Path, plugin: str, table: str) -> PluginCheck:
         return PluginCheck(None, exc.problems)
     core_file = root / CORE_FILE
     try:
-        core_text, core_problem = read_plugin_file(root, CORE_FILE), None
+        core_text, core_problem = read_plugin_file(files, CORE_FILE), None
     except UnreadableFile as exc:
         core_text, core_problem = None, str(exc)
     errors, warnings = plugin_problems(

@@ -1,4 +1,4 @@
-"""Copying a plugin's secrets from ``<secrets>/<name>/`` into its directory (mode 0600)."""
+"""Copying a plugin's secrets from ``<secrets>/<name>/`` into its directory (mode 0400)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _write_private(root: Path, relative: Path, data: bytes) -> None:
-    """Write ``root/relative`` (mode 0600) creating directories, never following symlinks."""
+    """Write ``root/relative`` (mode 0400: read-only, for its owner alone; the plugin's account
+    once its directory is handed over) creating directories, never following symlinks."""
     if relative.is_absolute() or ".." in relative.parts or not relative.parts:
         raise ValueError(f"{relative} is not a path inside {root}")
     fd = os.open(root, _DIR_FLAGS)
@@ -91,8 +92,8 @@ def _write_private(root: Path, relative: Path, data: bytes) -> None:
             os.close(parent)
         name = relative.parts[-1]
         temp = f".{name}.{os.getpid()}.tmp"
-        # Created 0600 from the start: the secret is never readable by others, even briefly.
-        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd)
+        # Created 0400 from the start: the secret is never readable by others, even briefly.
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400, dir_fd=fd)
         try:
             with os.fdopen(out, "wb") as stream:
                 stream.write(data)

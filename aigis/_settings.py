@@ -17,6 +17,7 @@ HANDSHAKE_TIMEOUT = 5.0  # seconds a handshake may take: the core drops a slower
 SUPERVISORS = ("auto", "systemd", "embedded")
 REQUIREMENT_POLICIES = ("run", "skip")
 
+DEFAULT_PLUGIN_USER = "aigis-plugin"  # created by the packages (sysusers.d/aigis.conf)
 MAX_PATH = 4096  # bytes of a path setting (PATH_MAX)
 MAX_SECONDS = 7 * 24 * 3600.0  # beyond a week a timeout or delay is a typo, and threads overflow
 MAX_LOG_BACKUPS = 1000
@@ -31,7 +32,7 @@ class Setting:
     """
 
     name: str
-    kind: str  # path | optional_path | address | choice | seconds | count | plugins
+    kind: str  # path | optional_path | address | choice | seconds | count | plugins | user | flag
     default: object
     doc: str
     choices: tuple[str, ...] = ()
@@ -49,6 +50,10 @@ class Setting:
 
         if self.kind == "plugins":
             return '"all", "none", or plugin names separated by spaces'
+        if self.kind == "user":
+            return 'a user name such as "aigis-plugin"'
+        if self.kind == "flag":
+            return "true or false"
         if self.kind == "address":
             return 'an address "host:port" or "" to disable'
         if self.kind == "choice":
@@ -61,6 +66,10 @@ class Setting:
         return f"{unit} {low}{top}"
 
     def valid(self, value: object) -> bool:
+        if self.kind == "user":
+            return isinstance(value, str) and is_user_name(value)
+        if self.kind == "flag":
+            return isinstance(value, bool)
         if self.kind == "plugins":
             if not isinstance(value, str) or "\0" in value or len(value) > MAX_PATH:
                 return False
@@ -104,6 +113,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("socket", "path", None, "the plugins' Unix socket; default <runtime_dir>/aigis.sock"),
     Setting("tcp", "address", "", 'TCP listener "host:port" for remote plugins; "" disables it'),
+    Setting(
+        "tcp_plaintext",
+        "flag",
+        False,
+        "false: the TCP listener speaks TLS with the core's own certificate, which plugins pin; "
+        "true: plaintext, for a trusted network only (anyone on the path reads every call)",
+    ),
     Setting("authkey_file", "path", None, "shared secret; default <state_dir>/authkey"),
     Setting(
         "http",
@@ -166,6 +182,14 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=MAX_SECONDS,
     ),
     Setting(
+        "plugin_user",
+        "user",
+        DEFAULT_PLUGIN_USER,
+        "embedded supervisor started as root: the account plugin processes run as, unless "
+        'aigis.toml names one for the plugin (user = "..."); the packages create it. Under '
+        "systemd each plugin has its own account; a core that is not root runs them as itself",
+    ),
+    Setting(
         "connect_timeout",
         "seconds",
         5.0,
@@ -211,6 +235,18 @@ def _plugin_name(word: str) -> bool:
         and head.isalnum()
         and len(tail) <= 63
         and all(c.isascii() and (c.isalnum() or c in "_.-") for c in tail)
+    )
+
+
+def is_user_name(word: str) -> bool:
+    """Whether ``word`` is a user name as useradd and systemd-sysusers accept it (ASCII letter
+    or ``_``, then up to 31 letters, digits, ``_`` or ``-``)."""
+    head, tail = word[:1], word[1:]
+    return (
+        head.isascii()
+        and (head.isalpha() or head == "_")
+        and len(tail) <= 31
+        and all(c.isascii() and (c.isalnum() or c in "_-") for c in tail)
     )
 
 

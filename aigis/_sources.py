@@ -239,6 +239,20 @@ def fetch(name: str, source: str, dest: Path, *, ref: str | None = None, base_di
     return _clone(name, source, dest, ref)
 
 
+def local_path(source: str, base_dir: Path) -> Path:
+    """The directory a local ``source`` names (relative paths resolve against base_dir)."""
+    return _local_path(source, base_dir)
+
+
+def copy_local(src: Path, dest: Path) -> None:
+    """Copy the local source ``src`` to ``dest`` (absent) with the bounds of a plugin copy;
+    SourceError-free: OSError, or ValueError saying what was refused."""
+    try:
+        _LocalCopy(src).copy(dest)
+    except _Refused as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _local_path(source: str, base_dir: Path) -> Path:
     """Return source as an absolute path; an absolute source ignores base_dir."""
     return (base_dir / Path(source).expanduser()).absolute()

@@ -6,8 +6,9 @@ For every N (interleaved: each round visits every N, and at each N every tool, i
 order) it launches each tool with N ``sleep`` plugins and measures, by watching the process table:
 launch -> all running, supervisor RSS and threads, status command wall time, restart after
 kill -9, restart of one plugin via the control command, SIGTERM -> all gone. Then it runs
-``bench_proxy.py``. It prints one table per measure, with AIGIS / peer ratios from this run, and
-a Markdown summary. Numbers from a shared machine: read the ratios, not the absolutes.
+``bench_proxy.py`` and ``bench_tls.py``. It prints one table per measure, with AIGIS / peer
+ratios from this run, and a Markdown summary. Numbers from a shared machine: read the ratios,
+not the absolutes.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=parse_ns, default=[0, 10, 100, 1000], help="plugin counts")
     parser.add_argument("--rounds", type=int, default=1, help="visits of every N (median kept)")
     parser.add_argument("--tools", type=parse_tools, default=list(TOOLS), help="which tools")
-    parser.add_argument("--no-proxy", action="store_true", help="skip bench_proxy.py")
+    parser.add_argument(
+        "--no-proxy", action="store_true", help="skip bench_proxy.py and bench_tls.py"
+    )
     parser.add_argument(
         "--systemd", action="store_true", help="also the AIGIS systemd backend, in a systemd box"
     )
@@ -207,6 +210,15 @@ def _run_proxy_bench(venv: Path) -> None:
         )
     except subprocess.TimeoutExpired:
         print("failed: bench_proxy.py did not finish within 900 s", file=sys.stderr)
+    print("\n# Proxy over TCP with TLS (benchmarks/bench_tls.py)\n", flush=True)
+    try:
+        subprocess.run(
+            [str(venv / "bin" / "python"), str(ROOT / "benchmarks" / "bench_tls.py")],
+            timeout=600,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        print("failed: bench_tls.py did not finish within 600 s", file=sys.stderr)
 
 
 if __name__ == "__main__":

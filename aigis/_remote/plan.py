@@ -128,12 +128,14 @@ def remote_spec(
     system_requirements: Sequence[str] = (),
     requirements: tuple[str, str, str, str] | None = None,
     tls_cert_file: Path | None = None,
+    source: Path | None = None,
 ) -> ProcessSpec:
     """The process ``spec`` (as it would run here) as ``host`` runs it, with its Shipment.
 
     ``requirements``: (command, file or "", cwd, stamp) with local paths; ``secrets``: (path in the
     plugin directory, local file); ``tls_cert_file``: the core's certificate, pinned by
-    internal plugins (None: plaintext TCP)."""
+    internal plugins (None: plaintext TCP); ``source``: the tree to ship (the core's snapshot
+    of the plugin's source; default the checkout)."""
     assert spec.own_dir is not None
     local_root, remote_root = str(spec.own_dir), f"{EXT_DIR}/{spec.name}"
 
@@ -170,7 +172,7 @@ def remote_spec(
         command, file, req_cwd, stamp = requirements
         requirements = (command, moved(file) if file else "", moved(req_cwd), stamp)
     shipment = Shipment(
-        source=spec.own_dir,
+        source=source or spec.own_dir,
         dest=remote_root,
         secrets=tuple(secrets),
         files=tuple(files),

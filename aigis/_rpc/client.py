@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multiprocess.connection import answer_challenge, deliver_challenge
 from multiprocess.context import AuthenticationError
@@ -28,12 +28,16 @@ from aigis._rpc import wire
 from aigis._rpc.channel import Channel
 from aigis._settings import HANDSHAKE_TIMEOUT
 
+if TYPE_CHECKING:
+    from aigis._rpc.tls import Pin
+
 # The one place the plugin-side defaults live (AIGISTerminal, the runner, aigisctl).
 DEFAULT_ADDRESS = "/run/aigis/aigis.sock"
 DEFAULT_AUTHKEY_FILE = "/var/lib/aigis/authkey"  # [aigis] authkey_file default for root
 ADDRESS_ENV = "AIGIS_ADDRESS"
 AUTHKEY_FILE_ENV = "AIGIS_AUTHKEY_FILE"
 CALL_TIMEOUT_ENV = "AIGIS_CALL_TIMEOUT"
+TLS_CERT_FILE_ENV = "AIGIS_TLS_CERT_FILE"  # the core's certificate: TCP then speaks TLS, pinned
 RETRY_FOR = 10.0  # seconds of reconnect attempts before CoreUnavailable
 _PLAIN_CALLS = 4096  # framed requests of calls without arguments kept per client
 
@@ -104,12 +108,19 @@ class CoreClient:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         limit: int = wire.MAX_MESSAGE,
         call_timeout: float | None = None,
+        tls_cert_file: Path | None = None,
     ) -> None:
         if isinstance(address, tuple):
             self.address: Address = (address[0], int(address[1]))
         else:  # absolute: the runner changes directory before the first call
             self.address = os.path.abspath(os.fspath(address))
         self._tcp = isinstance(self.address, tuple)
+        # TLS pinned to the core's certificate (TCP only: the Unix socket stays as it is)
+        self._pin: Pin | None = None
+        if self._tcp and tls_cert_file is not None:
+            from aigis._rpc.tls import Pin  # ssl costs ~15 ms to import: only when used
+
+            self._pin = Pin(tls_cert_file)
         self._authkey = bytes(authkey)
         self.retry_for = retry_for
         self.handshake_timeout = handshake_timeout
@@ -251,11 +262,16 @@ class CoreClient:
                 ) from exc
             except AssertionError as exc:
                 raise self._unavailable("unexpected handshake: is this an AIGIS core?") from exc
+            except AigisError as exc:  # TLS: not the pinned certificate, or no TLS at all
+                raise self._unavailable(f"{exc} ({TLS_CERT_FILE_ENV})") from exc
             except (OSError, EOFError) as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    hint = ""
+                    if self._tcp and self._pin is None:
+                        hint = f"; if the core's TCP listener requires TLS, set {TLS_CERT_FILE_ENV}"
                     raise self._unavailable(
-                        f"{_reason(exc)} (retried for {self.retry_for:g} s)"
+                        f"{_reason(exc)} (retried for {self.retry_for:g} s{hint})"
                     ) from exc
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 1.0)
@@ -269,6 +285,12 @@ class CoreClient:
         if isinstance(self.address, tuple):
             sock = socket.create_connection(self.address, timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._pin is not None:
+                try:
+                    sock = self._pin.wrap(sock)
+                except BaseException:
+                    sock.close()
+                    raise
         else:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
@@ -305,11 +327,18 @@ os.register_at_fork(after_in_child=_reset_clients_after_fork)
 
 
 def connect_from_env(environ: Mapping[str, str] | None = None) -> CoreClient:
-    """A client for ``AIGIS_ADDRESS`` and ``AIGIS_AUTHKEY_FILE`` (or the packaged defaults)."""
+    """A client for ``AIGIS_ADDRESS`` and ``AIGIS_AUTHKEY_FILE`` (or the packaged defaults); TCP
+    speaks TLS pinned to ``AIGIS_TLS_CERT_FILE`` when it is set."""
     env = os.environ if environ is None else environ
     address = parse_address(env.get(ADDRESS_ENV) or DEFAULT_ADDRESS)
     authkey = read_authkey(Path(env.get(AUTHKEY_FILE_ENV) or DEFAULT_AUTHKEY_FILE))
-    return CoreClient(address, authkey, call_timeout=parse_call_timeout(env.get(CALL_TIMEOUT_ENV)))
+    cert = env.get(TLS_CERT_FILE_ENV)
+    return CoreClient(
+        address,
+        authkey,
+        call_timeout=parse_call_timeout(env.get(CALL_TIMEOUT_ENV)),
+        tls_cert_file=Path(cert) if cert else None,
+    )
 
 
 def parse_call_timeout(text: str | None) -> float | None:

@@ -25,15 +25,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aigis._errors import AigisError
 from aigis._keys import load_or_create_key
 from aigis._metrics import UNKNOWN_PLUGIN, UNRESOLVED, Metrics
-from aigis._rpc import wire
+from aigis._rpc import tls, wire
 from aigis._rpc.admission import Admission, RefusalLog
 from aigis._rpc.handshake import MAX_FRAME, Refused, ServerHandshake
 from aigis._settings import HANDSHAKE_TIMEOUT
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ class _Conn:
     __slots__ = (
         "sock", "peer", "peer_key", "listener", "handshake", "deadline", "buf", "have",
         "frame_deadline", "out", "events", "busy", "leftover", "failed", "closed", "identity",
+        "securing",
     )  # fmt: skip
 
     def __init__(self, sock: socket.socket, peer: str, peer_key: object, listener: str) -> None:
@@ -107,10 +111,16 @@ class _Conn:
         self.failed = False  # the reply of a slow call could not be sent
         self.closed = False
         self.identity = ""  # who proved a key: a plugin's name, or ROOT for the authkey
+        self.securing = False  # in the TLS handshake (before the authkey handshake)
 
 
 class CoreServer:
-    """Serves ``resolve``'d skills to plugin processes on a Unix socket and optionally TCP."""
+    """Serves ``resolve``'d skills to plugin processes on a Unix socket and optionally TCP.
+
+    With ``tls_context`` (see ``tls.server_context``) the TCP listener speaks TLS: the TLS
+    handshake is part of the pending phase (same budgets, same deadline) and the authkey
+    handshake runs inside it. The Unix socket never uses TLS.
+    """
 
     def __init__(
         self,
@@ -130,6 +140,7 @@ class CoreServer:
         metrics: Metrics | None = None,
         keys: Callable[[], Mapping[str, bytes]] | None = None,
         authorize: Callable[[tuple[str, ...], str], None] | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         if not authkey:
             raise ValueError("CoreServer needs a non-empty authkey")
@@ -139,6 +150,9 @@ class CoreServer:
         self._authorize = authorize  # raises PermissionError when a caller may not call a path
         self.unix_path = Path(unix_path)
         self._tcp_request = tcp
+        self._tls = tls_context
+        # TLS connections whose decrypted bytes wait inside TLS, unseen by epoll
+        self._buffered: dict[_Conn, None] = {}
         self._authkey = bytes(authkey)
         self._handshake_timeout = handshake_timeout
         self._stop_grace = stop_grace
@@ -210,7 +224,8 @@ class CoreServer:
             sock.setblocking(False)
             self._selector.register(sock.fileno(), _READ)
             self._fds[sock.fileno()] = (sock, label)
-            log.info("listening: %s", label)
+            mode = "" if sock.family == socket.AF_UNIX else " (plaintext)"
+            log.info("listening: %s%s", label, " (TLS)" if mode and self._tls else mode)
         self._spawn_loop(0)
         threading.Thread(target=self._watch, name="aigis-rpc-watch", daemon=True).start()
 
@@ -349,6 +364,8 @@ class CoreServer:
                 timed = self._deadlines()
                 if timed:
                     self._expire(time.monotonic())
+                if self._buffered:
+                    self._serve_buffered(generation, scratch)
                 if self._stopping and self._stop_step():
                     return
         except BaseException:
@@ -357,7 +374,10 @@ class CoreServer:
 
     def _deadlines(self) -> bool:
         """Whether anything has a deadline: handshakes, partial frames, a paused listener."""
-        return bool(self._partial or self._admission or self._accept_paused or self._stopping)
+        return bool(
+            self._partial or self._admission or self._accept_paused or self._stopping
+            or self._buffered
+        )  # fmt: skip
 
     def _timeout(self) -> float | None:
         deadline = None
@@ -371,6 +391,8 @@ class CoreServer:
             deadline = when if deadline is None else min(deadline, when)
         if self._stop_deadline is not None:
             deadline = min(deadline or self._stop_deadline, self._stop_deadline)
+        if self._buffered and any(map(self._readable, self._buffered)):
+            return 0.0
         if deadline is None:
             return None
         return max(0.0, deadline - time.monotonic())
@@ -385,7 +407,7 @@ class CoreServer:
             if not late:
                 break
             for conn in late:
-                self._refuse(conn, "bad handshake (timed out)")
+                self._refuse(conn, self._late(conn))
         while self._partial:
             conn = next(iter(self._partial))
             if conn.frame_deadline > now:
@@ -530,6 +552,12 @@ class CoreServer:
             self._refuse(
                 old, f"evicted by a newer one ({self._admission.count(label)} pending on {label})"
             )
+        if self._tls is not None and sock.family != socket.AF_UNIX:
+            # TLS is set up once the client speaks (its ClientHello): an idle connection costs
+            # no TLS state (~40 KiB each with OpenSSL 3)
+            conn.securing = True
+            self._set_events(conn, _READ)
+            return
         self._send_small(conn, conn.handshake.challenge())
         if not conn.closed:
             self._set_events(conn, _WRITE if conn.out is not None else _READ)
@@ -540,11 +568,19 @@ class CoreServer:
         What follows the handshake is a request: it is read like any other, within the
         in-flight budget.
         """
+        if conn.securing:
+            self._secure(conn)
+            if conn.securing or conn.closed:
+                return
         while conn.handshake is not None:
             data = conn.leftover
             try:
                 want = 4 - len(data) if len(data) < 4 else 4 + wire.frame_size(data, MAX_FRAME)
             except wire.FrameError as exc:
+                if tls.looks_like_client_hello(data) and not isinstance(
+                    conn.sock, tls.ServerSocket
+                ):
+                    exc = wire.FrameError(f"a TLS client on a plaintext listener: {exc}")
                 self._refuse(conn, f"bad handshake ({exc})")
                 return
             if want > len(data):
@@ -578,6 +614,76 @@ class CoreServer:
                 conn.handshake = None
                 self._admission.release(conn, conn.listener)
                 log.debug("accepted: connection from %s", conn.peer)
+
+    def _secure(self, conn: _Conn) -> None:
+        """Advance a TLS handshake; once it is done, start the authkey handshake inside it."""
+        if not isinstance(conn.sock, tls.ServerSocket) and not self._wrap(conn):
+            return
+        sock = cast("tls.ServerSocket", conn.sock)
+        try:
+            wants = sock.advance()
+        except tls.TlsError as exc:
+            self._refuse(conn, str(exc))
+            return
+        if wants is not None:
+            self._set_events(conn, _READ if wants == "read" else _WRITE)
+            return
+        conn.securing = False
+        assert conn.handshake is not None
+        self._send_small(conn, conn.handshake.challenge())
+        if not conn.closed:
+            self._set_events(conn, _WRITE if conn.out is not None else _READ)
+
+    def _wrap(self, conn: _Conn) -> bool:
+        """Put TLS on a connection whose client has spoken; False if it is gone (refused)."""
+        assert self._tls is not None
+        raw = conn.sock
+        fd = raw.fileno()
+        # out of the loop's books while ssl takes the descriptor over: if it fails half-way,
+        # nothing points at a descriptor the raw socket no longer owns
+        self._set_events(conn, 0)
+        del self._connections[fd]
+        try:
+            sock = tls.accept(self._tls, raw)
+        except OSError as exc:
+            self._refuse(conn, f"bad TLS handshake ({_why(exc)})")
+            return False
+        conn.sock = sock
+        self._connections[fd] = conn
+        sock.watch(self._buffered, conn)
+        return True
+
+    def _late(self, conn: _Conn) -> str:
+        """Why a pending connection is refused at its deadline."""
+        if not conn.securing:
+            return "bad handshake (timed out)"
+        return f"no TLS handshake within {self._handshake_timeout:g} s ({tls.PLAINTEXT_HINT})"
+
+    def _readable(self, conn: _Conn) -> bool:
+        return conn.events == _READ and not conn.busy and not conn.closed
+
+    def _serve_buffered(self, generation: int, scratch: memoryview) -> None:
+        """Read TLS connections whose decrypted bytes epoll cannot report (see ``tls``)."""
+        for conn in list(self._buffered):
+            if self._generation != generation:
+                return
+            if conn.closed or not cast("tls.ServerSocket", conn.sock).waiting():
+                self._buffered.pop(conn, None)
+                continue
+            if not self._readable(conn):
+                continue  # served once it reads again
+            del self._buffered[conn]  # the read puts it back if bytes are still left
+            try:
+                if conn.handshake is not None:
+                    self._on_handshake(conn)
+                elif conn.buf is None:
+                    self._on_readable(conn, scratch, generation)
+                else:
+                    self._on_partial(conn, generation)
+            except Exception:
+                log.exception("failed: connection from %s", conn.peer)
+                if self._generation == generation:
+                    self._close(conn)
 
     def _refuse(self, conn: _Conn, reason: str) -> None:
         """Close an unauthenticated connection; log it unless refusals are flooding the log."""
@@ -762,6 +868,7 @@ class CoreServer:
             conn.events = 0
         self._connections.pop(conn.sock.fileno(), None)
         self._paused.pop(conn, None)
+        self._buffered.pop(conn, None)
         self._release_buffer(conn)
         conn.out = None
         conn.sock.close()
@@ -831,6 +938,9 @@ class CoreServer:
             return
         if conn.out is None:
             if conn.handshake is not None:
+                if conn.securing:
+                    self._secure(conn)  # the TLS handshake waited to write
+                    return
                 self._set_events(conn, _READ)
                 return
             self._set_events(conn, _READ)
@@ -869,7 +979,8 @@ class CoreServer:
         """Whether a descriptor of the loop is ready: a request, a peer, or a wakeup waits."""
         try:
             assert self._selector is not None
-            return bool(self._selector.poll(0, 1))  # level-triggered: nothing is consumed
+            # level-triggered: nothing is consumed; TLS may hold a request epoll cannot see
+            return bool(self._selector.poll(0, 1)) or bool(self._buffered)
         except (OSError, ValueError):  # closed by a stop in the meantime
             return False
 

@@ -55,6 +55,7 @@ class _Run:
     gave_up: bool = False  # FAILED by the restart policy
     leftovers: list[Leftover] = field(default_factory=list)
     ticking: bool = False  # a look at the leftovers is scheduled
+    ids: tuple[int, int] | None = None  # (uid, gid) it runs as; None: the core's own
 
 
 class EmbeddedSupervisor:
@@ -91,6 +92,7 @@ class EmbeddedSupervisor:
             if spec.name in self._runs:
                 raise PluginError(spec.name, "already supervised (remove it before adding again)")
         self._stop_strays(spec)
+        ids = self._os.identity(spec)  # hands its files over: before the lock, it walks a tree
         with self._lock:
             self._refuse_if_halting(spec.name)
             if spec.name in self._runs:
@@ -102,7 +104,7 @@ class EmbeddedSupervisor:
                 backups=self._log_backups,
                 console=self._console,
             )
-            run = self._runs[spec.name] = _Run(spec, sink, since=self._os.time())
+            run = self._runs[spec.name] = _Run(spec, sink, since=self._os.time(), ids=ids)
             self._spawn(run, "started")
             if self._housekeeping is None:
                 self._housekeeping = self._os.call_at(self._os.monotonic() + REAP_EVERY, self._reap)
@@ -241,13 +243,20 @@ class EmbeddedSupervisor:
         tag = new_tag(spec.name)
         run.gen += 1
         gen = run.gen
+        env = {**spec.env, TAG_VAR: tag}
+        if run.ids is not None and spec.user is not None:
+            # Its own account's variables, not root's: HOME is its directory (caches, pip --user).
+            env |= {"USER": spec.user, "LOGNAME": spec.user}
+            if spec.own_dir is not None:
+                env["HOME"] = str(spec.own_dir)
         try:
             pid = self._os.spawn(
                 spec.argv,
                 spec.cwd,
-                {**spec.env, TAG_VAR: tag},
+                env,
                 run.sink,
                 lambda returncode: self._on_exit(run, gen, returncode),
+                ids=run.ids,
             )
         except OSError as exc:
             run.pid = run.tag = None
@@ -262,7 +271,12 @@ class EmbeddedSupervisor:
             when = self._os.monotonic() + spec.startsecs
             run.timer = self._os.call_at(when, lambda: self._promote(run, gen))
         log.info(
-            'spawned: "%s" pid %d: %s', spec.name, pid, " ".join(spec.argv), **about(spec.name)
+            'spawned: "%s" pid %d%s: %s',
+            spec.name,
+            pid,
+            f" as {spec.user} (uid {run.ids[0]})" if run.ids else "",
+            " ".join(spec.argv),
+            **about(spec.name),
         )
 
     def _promote(self, run: _Run, gen: int) -> None:

@@ -55,6 +55,54 @@ def prepare(spec: ProcessSpec, root: Path = Path("/")) -> None:
         raise PluginError(spec.name, f"cannot prepare files for user {spec.user}: {exc}") from None
 
 
+#: A key file handed to the plugin's account: readable by it alone, not even writable.
+CREDENTIAL_MODE = 0o400
+
+
+def prepare_local(spec: ProcessSpec) -> tuple[int, int] | None:
+    """The embedded backend's counterpart of ``prepare`` (the core is root, no systemd): the
+    (uid, gid) ``spec`` runs as, with its checkout handed over, its key file (0400) and the core's
+    socket granted to that uid alone, and every directory on the way searchable by it (no
+    listing). None for root. The account must exist: PluginError naming it otherwise."""
+    if spec.user in (None, "root"):
+        return None
+    assert spec.user is not None
+    try:
+        account = pwd.getpwnam(spec.user)
+    except KeyError:
+        raise PluginError(
+            spec.name,
+            f'user "{spec.user}" does not exist on this host (the plugin\'s user, or [aigis] '
+            "plugin_user, in aigis.toml; the packages create aigis-plugin)",
+        ) from None
+    uid, gid = account.pw_uid, account.pw_gid
+    if uid == 0:
+        return None
+    try:
+        if spec.own_dir is not None:
+            hand_over(spec.name, spec.own_dir, uid, gid)
+            grant_traverse(spec.own_dir.parent, uid)
+        for var in spec.credentials:
+            hand_over_file(Path(spec.env[var]), uid, gid)
+        for socket in spec.connects_to:
+            grant_connect(socket, uid)
+    except OSError as exc:
+        raise PluginError(spec.name, f"cannot prepare files for user {spec.user}: {exc}") from None
+    return uid, gid
+
+
+def hand_over_file(path: Path, uid: int, gid: int) -> None:
+    """Make ``path`` (a key the core wrote) ``uid``'s, mode 0400, and its directory searchable
+    by ``uid``; a symlink is refused, never followed."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, CREDENTIAL_MODE)
+    finally:
+        os.close(fd)
+    grant_traverse(path.parent, uid)
+
+
 def sysusers_line(spec: ProcessSpec) -> str:
     """The sysusers.d(5) line of the plugin's own account (and its group of the same name)."""
     home = str(spec.own_dir) if spec.own_dir is not None else "/"

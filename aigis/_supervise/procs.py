@@ -14,8 +14,10 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from aigis._supervise.base import ProcessSpec
+from aigis._supervise.identity import prepare_local
 from aigis._supervise.proctable import (
     TAG_VAR,
     ProcStat,
@@ -123,9 +125,15 @@ class Os(Protocol):
         env: dict[str, str],
         output: Output,
         on_exit: Callable[[int], None],
+        ids: tuple[int, int] | None = None,
     ) -> int:
-        """Start argv in a new process group, env added to os.environ; return its pid. ``on_exit``
-        gets its returncode (negative: signal) once, on the event loop, when it exited."""
+        """Start argv in a new process group, env added to os.environ, as ``ids`` (uid, gid; no
+        supplementary groups) when given; return its pid. ``on_exit`` gets its returncode
+        (negative: signal) once, on the event loop, when it exited."""
+
+    def identity(self, spec: ProcessSpec) -> tuple[int, int] | None:
+        """The (uid, gid) ``spec`` runs as, its files handed to it; None: as the core (a core
+        that is not root runs every plugin as itself)."""
 
     def kill_group(self, pgid: int, signum: int) -> None:
         """Signal a process group (gone is fine)."""
@@ -220,9 +228,13 @@ class LocalOs:
         env: dict[str, str],
         output: Output,
         on_exit: Callable[[int], None],
+        ids: tuple[int, int] | None = None,
     ) -> int:
         """Start ``argv`` in its own process group with ``env`` added; output to ``output``."""
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        # The child drops to the plugin's account before exec: no supplementary groups (root's
+        # would leak), then gid, then uid.
+        drop: dict[str, Any] = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
         try:
             proc = subprocess.Popen(
                 argv,
@@ -234,6 +246,7 @@ class LocalOs:
                 # Its own process group, so killpg reaches it all. Not its own session: setsid
                 # also creates a scheduler autogroup, which made each spawn 3-4 times slower.
                 process_group=0,
+                **drop,
             )
         except BaseException:
             os.close(rfd)
@@ -301,6 +314,12 @@ class LocalOs:
         returncode = proc.wait()
         self._children.pop(proc.pid, None)
         on_exit(returncode)
+
+    def identity(self, spec: ProcessSpec) -> tuple[int, int] | None:
+        """As root: ``spec.user``'s ids, its files handed over (``identity.prepare_local``)."""
+        if os.geteuid() != 0:
+            return None
+        return prepare_local(spec)
 
     def kill_group(self, pgid: int, signum: int) -> None:
         """Signal a whole process group; a group already gone is fine."""

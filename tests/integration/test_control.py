@@ -32,6 +32,7 @@ def core(tmp_path, make_plugin, daemons):
     config = tmp_path / "aigis.toml"
     config.write_text(
         '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nsupervisor = "embedded"\n'
+        'plugin_user = "root"\n'
         '[core]\ndice = "src/dice"\n'
     )
     daemon = DaemonProcess(config)
@@ -202,6 +203,7 @@ def test_a_token_in_a_git_url_is_shown_nowhere(tmp_path, daemons):
     config = tmp_path / "aigis.toml"
     config.write_text(
         '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nsupervisor = "embedded"\n'
+        'plugin_user = "root"\n'
         f'[external]\nfetched = "https://deploy:{token}@127.0.0.1:{port}/x.git?private_token={token}"\n'
     )
     daemon = DaemonProcess(config)

@@ -34,7 +34,8 @@ def test_loads_logs_and_cleans_up_in_reverse_order_on_sigterm(tmp_path, make_plu
     make_plugin("broken", CORE_CFG, core="SKILLS = ['missing']\n")
     config = tmp_path / "aigis.toml"
     config.write_text(
-        '[aigis]\nstate_dir = "state"\nruntime_dir = "state/run"\nsupervisor = "embedded"\n[core]\n'
+        '[aigis]\nstate_dir = "state"\nruntime_dir = "state/run"\nsupervisor = "embedded"\n'
+        'plugin_user = "root"\n[core]\n'
         'first = "src/first"\nbroken = "src/broken"\nsecond = "src/second"\n'
         'third = "src/third"\n'
     )

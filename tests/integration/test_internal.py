@@ -102,7 +102,8 @@ LAUNCH = """
 def write_config(tmp_path: Path, body: str) -> Path:
     config = tmp_path / "aigis.toml"
     config.write_text(
-        f'[aigis]\nstate_dir = "state"\nruntime_dir = "state/run"\nsupervisor = "embedded"\n{body}'
+        f'[aigis]\nstate_dir = "state"\nruntime_dir = "state/run"\nsupervisor = "embedded"\n'
+        f'plugin_user = "root"\n{body}'
     )
     return config
 

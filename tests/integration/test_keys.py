@@ -31,6 +31,7 @@ def core_with(tmp_path, make_plugin, daemons):
         config = tmp_path / "aigis.toml"
         config.write_text(
             '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nsupervisor = "embedded"\n'
+            'plugin_user = "root"\n'
             f'{settings}\n[core]\nlib = "src/lib"\n[external]\na = "src/a"\nb = "src/b"\n'
         )
         daemon = DaemonProcess(config)
@@ -137,6 +138,7 @@ def test_1000_calls_from_an_internal_plugin_count_1000_under_its_name(
     config = tmp_path / "aigis.toml"
     config.write_text(
         '[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nsupervisor = "embedded"\n'
+        'plugin_user = "root"\n'
         f'[core]\ndnd = "{dnd}"\n[internal]\nroller = "src/roller"\n'
     )
     daemon = DaemonProcess(config)

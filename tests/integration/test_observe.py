@@ -46,6 +46,7 @@ def write_config(tmp_path: Path, http: str = "127.0.0.1:0", extra: str = "") -> 
     config = tmp_path / "aigis.toml"
     config.write_text(
         f'[aigis]\nstate_dir = "state"\nruntime_dir = "run"\nsupervisor = "embedded"\n'
+        f'plugin_user = "root"\n'
         f'secrets_dir = "{EXAMPLES / "secrets"}"\nhttp = "{http}"\n{extra}'
         f'[core]\ndnd = "{EXAMPLES / "plugins" / "dnd"}"\n'
         f'leaky = "https://operator:{URL_TOKEN}@127.0.0.1:9/leaky.git"\n'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -182,7 +183,7 @@ def test_every_failure_kind_fails_alone(tmp_path, make_plugin, loaded, caplog):
     assert 'failed: plugin "syntax": ' in failed_lines[0]
 
 
-def test_secrets_copied_0600_and_confined(tmp_path, make_plugin, loaded):
+def test_secrets_copied_0400_and_confined(tmp_path, make_plugin, loaded):
     secrets = tmp_path / "secrets" / "s"
     secrets.mkdir(parents=True)
     (secrets / "k.secret").write_text("hush")
@@ -205,7 +206,7 @@ def test_secrets_copied_0600_and_confined(tmp_path, make_plugin, loaded):
     plugins = load_all(loader, entries, loaded)
     root = tmp_path / "state" / "ext" / "s"
     assert (root / "etc" / "k.secret").read_text() == "hush"
-    assert stat.S_IMODE(os.stat(root / "etc" / "k.secret").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(root / "etc" / "k.secret").st_mode) == 0o400
     assert (root / "conf" / "o.txt").read_text() == "x"
     assert plugins["escape"].state == "failed"
     assert "secret destinations outside the plugin directory" in plugins["escape"].reason
@@ -246,11 +247,14 @@ def test_requirements_run_once_then_skipped_until_file_changes(tmp_path, make_pl
         loaded.append((loader, plugin))
         assert plugin.state == "loaded", plugin.reason
     assert counter.read_text().count("run") == 1
-    (tmp_path / "state" / "ext" / "r" / "requirements.txt").write_text("dill\npygit2\n")
+    # A local source is copied once: edit the source and delete the copy, as an operator would.
+    (tmp_path / "src" / "r" / "requirements.txt").write_text("dill\npygit2\n")
+    shutil.rmtree(tmp_path / "state" / "ext" / "r")
     assert loader.load(entries[0]).state == "loaded"
     assert counter.read_text().count("run") == 2
     skipping = Loader(loader.settings, loader.namespace, tmp_path, skip_requirements=True)
-    (tmp_path / "state" / "ext" / "r" / "requirements.txt").write_text("changed\n")
+    (tmp_path / "src" / "r" / "requirements.txt").write_text("changed\n")
+    shutil.rmtree(tmp_path / "state" / "ext" / "r")
     assert skipping.load(entries[0]).state == "loaded"
     assert counter.read_text().count("run") == 2
 
@@ -272,11 +276,9 @@ def test_reload_reimports_changed_code_and_runs_cleanup(tmp_path, make_plugin, l
     loader, entries = loader_for(tmp_path, '[core]\nrl = "src/rl"\n')
     plugin = loader.load(entries[0])
     assert aigis.value() == 1
-    # A local source is copied once; edit the fetched copy as an operator would.
-    (tmp_path / "state" / "ext" / "rl" / "rl_pkg" / "impl.py").write_text(
-        "def value():\n    return 2\n"
-    )
-    assert src.exists()
+    # A local source is copied once: edit the source and delete the copy, as an operator would.
+    (src / "rl_pkg" / "impl.py").write_text("def value():\n    return 2\n")
+    shutil.rmtree(tmp_path / "state" / "ext" / "rl")
     loader.unload(plugin)
     assert not hasattr(aigis, "value")
     plugin = loader.load(entries[0])
@@ -391,8 +393,8 @@ def test_second_core_plugin_with_a_same_named_module_fails_naming_both(
     assert plugins["two"].state == "failed"
     assert plugins["two"].reason == (
         f'module "helper" is already imported from plugin "one" '
-        f'({tmp_path}/state/ext/one/helper.py) and plugin "two" ships its own '
-        f"({tmp_path}/state/ext/two/helper.py); core plugins share one interpreter, "
+        f'({tmp_path}/state/snapshots/one/helper.py) and plugin "two" ships its own '
+        f"({tmp_path}/state/snapshots/two/helper.py); core plugins share one interpreter, "
         "so top-level module names must differ: rename one of them"
     )
     assert not hasattr(aigis, "two")

@@ -71,6 +71,7 @@ def run_daemon(tmp_path):
         config = tmp_path / "aigis.toml"
         config.write_text(
             f'[aigis]\nstate_dir = "state"\nruntime_dir = "state/run"\nsupervisor = "embedded"\n'
+            f'plugin_user = "root"\n'
             f"restart_delay = {delay}\nstop_timeout = 2\n{settings}\n{plugins}"
         )
         daemon = DaemonProcess(config)

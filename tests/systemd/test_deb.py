@@ -316,7 +316,7 @@ def test_rpm_builds_with_the_same_layout(tmp_path: Path) -> None:
     ):
         assert path in files, path
     requires = {line.split()[0] for line in query("--requires")}
-    deps = ("pygit2", "dill", "multiprocess", "sdnotify", "systemd", "jeepney")
+    deps = ("pygit2", "dill", "multiprocess", "sdnotify", "systemd", "jeepney", "cryptography")
     assert {f"python3-{d}" for d in deps} <= requires
     assert "/etc/aigis/aigis.toml" in query("-c")  # %config(noreplace)
     scripts = "\n".join(query("--scripts"))
@@ -344,6 +344,10 @@ def test_files_permissions_and_group(aigis: Installed) -> None:
     conffiles = aigis.run("dpkg-query", "-W", "-f=${Conffiles}", "aigis")
     assert "/etc/aigis/aigis.toml" in conffiles
     assert aigis.run("getent", "group", "aigis").startswith("aigis:x:")
+    # The embedded supervisor's default plugin account: unprivileged, not in group aigis.
+    account = aigis.run("getent", "passwd", "aigis-plugin").split(":")
+    assert account[0] == "aigis-plugin" and int(account[2]) not in (0, 65534)
+    assert "aigis-plugin" not in aigis.run("getent", "group", "aigis")
     modes = aigis.run("stat", "-c", "%a %U:%G %n", "/etc/aigis/secrets", "/var/lib/aigis")
     assert "750 root:aigis /etc/aigis/secrets" in modes
     assert "750 root:aigis /var/lib/aigis" in modes

@@ -103,7 +103,7 @@ def test_a_plugin_cannot_read_another_plugins_secret_or_checkout(aigis: Sandboxe
     aigis.probe("beta")
     aigis.start()
     beta = f"{EXT}/beta"
-    # Its own secret: readable by it, by nobody else (0600, its own account).
+    # Its own secret: readable by it, by nobody else (0400, its own account).
     code, out = aigis.attempt("alpha", "cat secrets/token.secret")
     assert (code, out) == (0, "secret of alpha\n")
     for command in (
@@ -131,7 +131,7 @@ def test_a_plugin_cannot_read_another_plugins_secret_or_checkout(aigis: Sandboxe
     assert outside.returncode != 0 and "Permission denied" in outside.stderr
     secret = aigis.box.host_path(f"{beta}/secrets/token.secret").stat()
     beta_uid = int(aigis.proc_status("aigis-plugin@beta")["Uid"].split()[0])
-    assert (secret.st_uid, secret.st_mode & 0o777) == (beta_uid, 0o600)
+    assert (secret.st_uid, secret.st_mode & 0o777) == (beta_uid, 0o400)
 
 
 def test_a_plugin_cannot_signal_another_plugins_processes(aigis: Sandboxed) -> None:
@@ -300,3 +300,45 @@ def test_systemd_analyze_security(aigis: Sandboxed) -> None:
     for unit in ("aigis-plugin@oracle.service", "aigis-plugin@clock.service"):
         exposure = float(report[unit].split("exposure level for")[1].split(":")[1].split()[0])
         assert exposure <= 2.5, report[unit]
+
+
+def test_a_plugin_rewriting_its_checkout_runs_nothing_in_the_core(aigis: Sandboxed) -> None:
+    """From inside its unit, a plugin rewrites the module its AIGIS.core imports, plants modules
+    where its ENTRYPOINT would sit on the core's sys.path and rewrites its requirements script,
+    then a reload happens: the root core imports and runs only its snapshot of the source."""
+    manifest = """\
+        PLUGIN_TYPE = "internal"
+        ENTRYPOINT = "{root}"
+        LAUNCH = "main"
+        REQUIREMENTS_COMMAND = "sh"
+        REQUIREMENTS_FILE = "{root}/install.sh"
+        """
+    aigis.plugin(
+        "alpha",
+        "internal",
+        manifest,
+        {
+            "probe.sh": PROBE,
+            "helper.py": "def value():\n    return 'from the source'\n",
+            "install.sh": "true\n",
+            # Its process becomes the probe once the runner told systemd it is ready.
+            "main.py": "import os\ndef launch():\n    os.execvp('sh', ['sh', 'probe.sh'])\n",
+        },
+    )
+    core = aigis.dir / "plugins" / "alpha" / "AIGIS" / "AIGIS.core"
+    core.write_text("from helper import value\nSKILLS = ['value']\n")
+    aigis.start()
+    marker = "/var/lib/aigis/ran-in-the-core"  # the core may write there, the plugin may not
+    evil = f"import os\nopen('{marker}', 'a').write('imported %d\\n' % os.getuid())\n"
+    code, out = aigis.attempt(
+        "alpha",
+        f"printf '%s' \"{evil}def value(): return 'planted'\n\" > helper.py && "
+        f"printf '%s' \"{evil}\" > csv.py && printf '%s' \"{evil}\" > json.py && "
+        f"echo 'id -u >> {marker}' > install.sh && echo rewritten",
+    )
+    assert (code, out) == (0, "rewritten\n")
+    code, _, err = aigis.ctl("call", "AIGISReload", "alpha")
+    assert code == 0, err
+    code, out, err = aigis.ctl("call", "value")
+    assert (code, out.strip()) == (0, "'from the source'"), err
+    assert not aigis.box.host_path(marker).exists()

@@ -339,3 +339,11 @@ def test_remote_settings_defaults_and_paths():
     assert (s.connect_timeout, s.known_hosts, s.ssh_config) == (5.0, None, None)
     s = parse_config('[aigis]\nknown_hosts = "kh"\nconnect_timeout = 2\n', CFG).settings
     assert (s.known_hosts, s.connect_timeout) == (Path("/etc/aigis/kh"), 2.0)
+
+
+def test_plugin_user_defaults_to_the_packaged_account_and_must_be_a_user_name():
+    assert parse_config("", CFG).settings.plugin_user == "aigis-plugin"
+    assert parse_config('[aigis]\nplugin_user = "bots"\n', CFG).settings.plugin_user == "bots"
+    for bad in ('"bad name"', '"9lives"', '""', "1", '"' + "x" * 33 + '"'):
+        (problem,) = problems(f"[aigis]\nplugin_user = {bad}\n")
+        assert 'plugin_user must be a user name such as "aigis-plugin", got ' in problem, bad

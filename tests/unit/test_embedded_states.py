@@ -61,7 +61,10 @@ class FakeOs:
         self.closed = False
 
     # -- the Os seam
-    def spawn(self, argv, cwd, env, output, on_exit):
+    def identity(self, spec):
+        return None
+
+    def spawn(self, argv, cwd, env, output, on_exit, ids=None):
         self.calls.append(("spawn", argv, cwd, dict(env)))
         if self.spawn_error is not None:
             raise self.spawn_error

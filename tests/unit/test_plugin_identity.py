@@ -194,7 +194,7 @@ def test_a_planted_symlink_at_a_secrets_destination_is_replaced_not_written_thro
     assert (root / "AIGIS" / "AIGIS.config").read_text() == "manifest\n"
     written = root / "etc" / "k.secret"
     assert not written.is_symlink() and written.read_text() == "hush\n"
-    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    assert stat.S_IMODE(written.stat().st_mode) == 0o400
 
 
 def test_a_planted_directory_symlink_on_the_way_to_a_secret_is_refused(tmp_path):
