@@ -116,6 +116,7 @@ class Core:
             'ssh_config = "/dev/null"',
             "connect_timeout = 3",
             "restart_delay = 0.2",
+            'plugin_user = "root"',  # local plugins of the embedded core (no packaged account)
             "[hosts]",
             *(f"{name} = {table}" for name, table in self.hosts.items()),
         ]
@@ -489,6 +490,31 @@ def launch():
 """
 
 
+#: Run in the core's network namespace: the TCP payloads to and from port 7878 seen on a link
+#: for a while (IPv6 over Ethernet, AF_PACKET), as hex lines.
+CAPTURE = """\
+import socket, struct, sys, time
+dev, seconds = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+s.bind((dev, 0))
+s.settimeout(0.2)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        frame = s.recv(65535)
+    except socket.timeout:
+        continue
+    ip = frame[14:]
+    if len(ip) < 60 or ip[6] != 6:
+        continue
+    tcp = ip[40:]
+    ports = struct.unpack("!HH", tcp[:4])
+    payload = tcp[(tcp[12] >> 4) * 4:]
+    if 7878 in ports and payload:
+        print(payload.hex())
+"""
+
+
 def test_a_cut_link_pauses_calls_and_nothing_runs_twice(lab: Lab) -> None:
     server, link = lab.remote()
     core, box = lab.core, server.box
@@ -507,6 +533,15 @@ def test_a_cut_link_pauses_calls_and_nothing_runs_twice(lab: Lab) -> None:
         return len(hits.read_text().split()) if hits.exists() else 0
 
     wait_until(lambda: count() >= 20, 30, "calls from the remote plugin")
+    # What crosses the link is TLS: no pickle, no skill name in clear text.
+    seen = subprocess.run(
+        core.netns.argv(PYTHON, "-c", CAPTURE, link.a_dev, "2"),
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.split()  # fmt: skip
+    payloads = b"".join(bytes.fromhex(line) for line in seen)
+    assert len(seen) >= 10, seen  # the calls went on meanwhile
+    assert b"counter" not in payloads and b"hit" not in payloads
+    assert b"\x80\x04\x95" not in payloads and b"\x80\x05\x95" not in payloads
     link.cut()
     cut_at = time.monotonic()
     try:
