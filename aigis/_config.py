@@ -17,6 +17,7 @@ from pathlib import Path
 from aigis import _settings
 from aigis._errors import ConfigError
 from aigis._quote import escape, shown
+from aigis._remote.hosts import HostSpec, hosts_from_table
 
 PLUGIN_TABLES = ("core", "internal", "external")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -35,9 +36,11 @@ class PluginEntry:
     user: str | None = None
     #: False: no systemd sandbox for its process (the operator grants it, never the manifest).
     sandbox: bool = True
+    #: Where its process runs, overriding the manifest's HOST (a [hosts] name or a destination).
+    host: str | None = None
 
 
-ENTRY_KEYS = ("source", "ref", "user", "sandbox")
+ENTRY_KEYS = ("source", "ref", "user", "sandbox", "host")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class Settings:
     log_backups: int = _settings.LOG_BACKUPS
     http: tuple[str, int] | None = None
     http_token_file: Path | None = None
+    connect_timeout: float = _settings.CONNECT_TIMEOUT
+    known_hosts: Path | None = None
+    ssh_config: Path | None = None
     plugin_user: str = _settings.DEFAULT_PLUGIN_USER
     tcp_plaintext: bool = _settings.default("tcp_plaintext")  # type: ignore[assignment]
 
@@ -110,6 +116,8 @@ class Config:
     path: Path
     settings: Settings
     plugins: tuple[PluginEntry, ...] = field(default_factory=tuple)
+    #: The ``[hosts]`` table: where plugins with a remote HOST run.
+    hosts: dict[str, HostSpec] = field(default_factory=dict)
 
     def plugin(self, name: str) -> PluginEntry | None:
         """The entry called ``name``, or None."""
@@ -256,12 +264,12 @@ def parse_config(text: str, path: Path) -> Config:
     problems = _Problems(path, text)
 
     for key, value in data.items():
-        if key not in (*PLUGIN_TABLES, "aigis"):
+        if key not in (*PLUGIN_TABLES, "aigis", "hosts"):
             problems.add(
                 None,
                 key,
                 f'unknown table or key "{escape(key, 80)}"; '
-                "expected [aigis], [core], [internal] or [external]",
+                "expected [aigis], [hosts], [core], [internal] or [external]",
             )
         elif not isinstance(value, dict):
             problems.add(None, key, f'"{key}" must be a table [{key}], got {type(value).__name__}')
@@ -289,10 +297,23 @@ def parse_config(text: str, path: Path) -> Config:
 
     aigis_table = data.get("aigis", {})
     settings = _parse_settings(problems, aigis_table if isinstance(aigis_table, dict) else {}, path)
+    hosts_table = data.get("hosts", {})
+    hosts = _parse_hosts(problems, hosts_table if isinstance(hosts_table, dict) else {})
     if problems.items:
         raise ConfigError(problems.items)
     assert settings is not None
-    return Config(path=path, settings=settings, plugins=tuple(plugins))
+    return Config(path=path, settings=settings, plugins=tuple(plugins), hosts=hosts)
+
+
+def _parse_hosts(problems: _Problems, table: dict) -> dict[str, HostSpec]:
+    """The ``[hosts]`` table; each problem names its key (``hosts.web1.port: ...``)."""
+    try:
+        return hosts_from_table(table)
+    except ConfigError as exc:
+        for line in exc.problems:
+            name = line.split(":", 1)[0].split(".")[1] if line.startswith("hosts.") else ""
+            problems.add("hosts", name, f"[hosts] {line}")
+        return {}
 
 
 def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> PluginEntry | None:
@@ -324,7 +345,7 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
                 table,
                 name,
                 f'[{table}] plugin "{quoted}": unknown key(s) {escape(", ".join(unknown), 120)}; '
-                "expected source and optional ref, user, sandbox",
+                "expected source and optional ref, user, sandbox, host",
             )
             ok = False
         source, ref = value.get("source"), value.get("ref")  # type: ignore[assignment]
@@ -370,6 +391,7 @@ def _parse_entry(problems: _Problems, table: str, name: str, value: object) -> P
         ref=ref,
         user=options.get("user"),
         sandbox=options.get("sandbox", True),
+        host=options.get("host"),
     )
 
 
@@ -383,6 +405,15 @@ def _check_privilege(problems: _Problems, table: str, name: str, value: dict) ->
             name,
             f'[{table}] plugin "{escape(name, 80)}": "user" must be a user name such as "root", '
             f"got {shown(user)}",
+        )
+        ok = False
+    host = value.get("host")
+    if host is not None and not (isinstance(host, str) and host.strip() and "\0" not in host):
+        problems.add(
+            table,
+            name,
+            f'[{table}] plugin "{escape(name, 80)}": "host" must be a host of [hosts], an ssh '
+            f'destination or "localhost", got {shown(host)}',
         )
         ok = False
     sandbox = value.get("sandbox", True)
@@ -458,6 +489,9 @@ def _parse_settings(problems: _Problems, values: dict, config_path: Path) -> Set
         log_backups=int(get("log_backups")),  # type: ignore[call-overload]
         http=http,
         http_token_file=path_of("http_token_file") if values.get("http_token_file") else None,
+        connect_timeout=float(get("connect_timeout")),  # type: ignore[arg-type]
+        known_hosts=path_of("known_hosts") if values.get("known_hosts") else None,
+        ssh_config=path_of("ssh_config") if values.get("ssh_config") else None,
         plugin_user=str(get("plugin_user")),
         tcp_plaintext=bool(get("tcp_plaintext")),
     )

@@ -123,8 +123,11 @@ class Control:
         ]
 
     def logs(self, name: str) -> dict[str, Any]:
-        """Where ``name``'s output is: ``{"file": path}`` or ``{"journal": unit}``."""
+        """Where ``name``'s output is: ``{"file": path}`` or ``{"journal": unit}`` (with
+        ``"ssh"``: the command line reaching its remote host)."""
         where = self.daemon.log_location(self._known(name))
+        if where.journal_unit is not None and where.ssh is not None:
+            return {"journal": where.journal_unit, "ssh": list(where.ssh)}
         if where.journal_unit is not None:
             return {"journal": where.journal_unit}
         return {"file": str(where.file)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = add("check", "validate a config and its plugin manifests without running anything")
     check.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach each remote host: ssh, python, systemd, free space",
+    )
     status = add("status", "show plugins: state, pid, restarts, uptime, reason")
     status.add_argument("names", nargs="*", metavar="NAME")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -163,7 +169,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from aigis._check import check_config
     from aigis._redact import redact
 
-    report = check_config(Path(args.config))
+    report = check_config(Path(args.config), connect=args.connect)
     for line in report.errors:
         print(f"error: {redact(line)}", file=sys.stderr)
     for line in report.warnings:
@@ -212,13 +218,14 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
     from aigis._top import cpu_time, duration, size
 
     table: list[tuple[str, ...]] = [
-        ("NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "CPU", "MEM", "REASON")
+        ("NAME", "TYPE", "HOST", "STATE", "PID", "RESTARTS", "UPTIME", "CPU", "MEM", "REASON")
     ]
     for row in rows:
         table.append(
             (
                 row["name"],
                 row["type"],
+                row.get("host") or "-",
                 row["state"],
                 str(row["pid"] or "-"),
                 str(row["restarts"]),
@@ -314,6 +321,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from aigis._tail import follow, last_lines
 
     where = _control(args, "logs", args.name)
+    if where.get("ssh"):
+        # A plugin on another host: its unit's journal there, over the core's ssh connection.
+        if os.geteuid() != 0:
+            raise CtlError(
+                f'"{args.name}" runs on another host: reading its journal there takes the '
+                "core's ssh connection, which is root's"
+            )
+        remote = ["journalctl", "-u", where["journal"], "-n", str(args.lines), "--no-pager"]
+        if args.follow:
+            remote.append("-f")
+        argv = [*where["ssh"], shlex.join(remote)]
+        os.execvp(argv[0], argv)
     if "journal" in where:
         # The unit's output, the core's records about the plugin and PID 1's messages about the
         # unit (how it died, watchdog, start limit), in time order. Trusted fields only

@@ -33,13 +33,15 @@ from aigis._namespace import BUILTIN_OWNER, Namespace
 from aigis._notify import Notifier
 from aigis._paths import make_dir
 from aigis._reload import diff
+from aigis._remote.plan import remote_spec
+from aigis._requirements import fingerprint
 from aigis._rpc import wire
 from aigis._rpc.server import ROOT, CoreServer, load_or_create_authkey
 from aigis._settings import DEFAULT_CONFIG_PATH, PUBLIC_API, SUPERVISORS
 from aigis._states import Kind, State
 from aigis._status import Row, plugin_row, summary
 from aigis._supervise import pick_supervisor
-from aigis._supervise.base import LogLocation, Status, Supervisor
+from aigis._supervise.base import LogLocation, ProcessSpec, Status, Supervisor
 from aigis._supervise.usage import UsageReader, own_usage
 from aigis._version import __version__
 
@@ -77,6 +79,7 @@ class Daemon:
             skip_requirements=skip_requirements,
             cancel=self.cancel,
             progress=self._on_progress,
+            hosts=config.hosts,
         )
         self.supervisor = supervisor
         self.metrics = Metrics()
@@ -490,7 +493,9 @@ class Daemon:
                     settings = self.config.settings
                     # Under systemd each plugin gets its own account (aigis-NAME); the embedded
                     # backend has one default account, [aigis] plugin_user.
-                    default = settings.plugin_user if self.supervisor.name == "embedded" else None
+                    # A remote host's systemd gives each plugin its own account there as well.
+                    embedded = self.supervisor.name == "embedded" and plugin.remote is None
+                    default = settings.plugin_user if embedded else None
                     spec = process_spec(
                         plugin.name,
                         str(plugin.root),
@@ -504,6 +509,8 @@ class Daemon:
                         f'key of plugin "{plugin.name}"',
                         PLUGIN_KEY_MODE,
                     )
+                    if plugin.remote is not None:
+                        spec = self._remote_spec(plugin, spec)
                     self.supervisor.add(spec)
                     plugin.supervised = True
                 except (AigisError, OSError, ValueError) as exc:
@@ -516,6 +523,33 @@ class Daemon:
                         **about(plugin.name),
                     )
             return plugin
+
+    def _remote_spec(self, plugin: Plugin, spec: ProcessSpec) -> ProcessSpec:
+        """``spec`` as the plugin's remote host runs it, with what to ship there first."""
+        manifest, settings = plugin.manifest, self.config.settings
+        assert manifest is not None and plugin.remote is not None
+        requirements = None
+        command, file = manifest.requirements_command, manifest.requirements_file
+        if command and not self.skip_requirements:
+            stamp = fingerprint(command, file)
+            requirements = (command, file or "", str(manifest.entrypoint), stamp)
+        return remote_spec(
+            spec,
+            plugin.remote,
+            source=plugin.files,
+            tcp=settings.tcp,
+            key_file=settings.plugin_key_file(plugin.name),
+            secrets=plugin.remote_secrets,
+            system_requirements=manifest.system_requirements,
+            requirements=requirements,
+            tls_cert_file=self.tls_cert_file(),
+        )
+
+    def tls_cert_file(self) -> Path | None:
+        """The core's certificate that remote internal plugins pin (None: plaintext TCP, as
+        ``[aigis] tcp_plaintext`` allows)."""
+        settings = self.config.settings
+        return None if settings.tcp_plaintext else settings.tls_cert_file
 
     def _take_down(self, plugin: Plugin) -> None:
         """Stop the plugin's process (if any), then run its cleanup and remove its skills."""
@@ -578,7 +612,12 @@ class Daemon:
             failures: dict[str, str] = {}
             try:
                 failed = [p.name for p in self.plugins.values() if p.state is State.FAILED]
-                plan = diff(self.config, new, retry=failed)
+                moved = [  # on a host whose [hosts] entry changed: placed again
+                    p.name
+                    for p in self.plugins.values()
+                    if p.remote is not None and new.hosts.get(p.remote.name) != p.remote
+                ]
+                plan = diff(self.config, new, retry=[*failed, *moved])
                 log.info("reloading: config %s: %s", new.path, plan.describe())
                 for key in plan.settings_changed:
                     log.warning("not applied: [aigis] %s changed; restart AIGIS to apply it", key)
@@ -588,6 +627,7 @@ class Daemon:
                 for name in [*removed, *(e.name for e in plan.changed)]:
                     self._try(failures, name, self.remove_plugin, name)
                 self.config = new
+                self.loader.hosts = new.hosts
                 for entry in (*plan.changed, *plan.added):
                     if entry.name in failures:
                         continue  # its old process still runs: never two of one plugin
@@ -669,7 +709,8 @@ class Daemon:
         procs = self._snapshots([p.name for p in plugins if p.supervised])
         costs = {}
         if usage:
-            pids = {name: proc.pid for name, proc in procs.items() if proc.pid}
+            here = {p.name for p in plugins if p.remote is None}  # remote pids are not ours
+            pids = {name: proc.pid for name, proc in procs.items() if proc.pid and name in here}
             try:
                 costs = self.usage.read(pids)
             except Exception:  # usage is a nicety: status must answer without it
@@ -788,7 +829,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = InstanceLock(config.settings.state_dir)
     try:
         lock.acquire()  # before anything else: a second core must not touch the first's sockets
-        supervisor = pick_supervisor(args.supervisor or config.settings.supervisor, config.settings)
+        choice = args.supervisor or config.settings.supervisor
+        supervisor = pick_supervisor(choice, config.settings, config.hosts)
     except AigisError as exc:  # another core; the systemd backend asked for but unavailable
         print(f"aigis: {exc}", file=sys.stderr)
         return 1

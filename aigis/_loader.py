@@ -17,12 +17,14 @@ from aigis._config import PluginEntry, Settings
 from aigis._coreplugin import CoreModule, forget_modules_under, import_core
 from aigis._errors import AigisError, ManifestError, PluginError, SkillError
 from aigis._log import about, plugin_logger
-from aigis._manifest import CORE_FILE, MANIFEST, Manifest
+from aigis._manifest import CORE_FILE, MANIFEST, Manifest, own_names
 from aigis._namespace import Namespace, Skill
 from aigis._paths import make_dir
 from aigis._plugindir import validate_plugin
+from aigis._remote.hosts import HostSpec
+from aigis._remote.plan import placement
 from aigis._requirements import check_system, install
-from aigis._secrets import copy_secrets
+from aigis._secrets import copy_secrets, plan_secrets
 from aigis._snapshot import in_snapshot, take_snapshot
 from aigis._states import PROCESS_KINDS, Kind, State
 
@@ -43,6 +45,10 @@ class Plugin:
     skills: list[Skill] = field(default_factory=list)
     loaded_at: float = 0.0
     supervised: bool = False  # its process is handed to the supervisor
+    #: The remote host its process runs on (None: this machine), and the secrets shipped there
+    #: as (path inside the plugin directory, file in the secrets directory).
+    remote: HostSpec | None = None
+    remote_secrets: list[tuple[str, Path]] = field(default_factory=list)
     #: The core's own copy of the source (aigis._snapshot): everything the core reads, imports
     #: or runs comes from here, never from ``root``, which the plugin's account may rewrite.
     files: Path | None = None
@@ -59,8 +65,8 @@ class Plugin:
 
     @property
     def host(self) -> str:
-        """Where its process runs (the manifest's HOST), ``localhost`` before it is read."""
-        return self.manifest.host if self.manifest else "localhost"
+        """Where its process runs: a remote host's name, else ``localhost``."""
+        return self.remote.name if self.remote is not None else "localhost"
 
     @property
     def source(self) -> str:
@@ -89,8 +95,10 @@ class Loader:
         skip_requirements: bool = False,
         cancel: threading.Event | None = None,
         progress: Callable[[str, str], None] | None = None,
+        hosts: dict[str, HostSpec] | None = None,
     ) -> None:
         self.settings = settings
+        self.hosts = hosts or {}
         self.namespace = namespace
         self.base_dir = base_dir
         self.skip_requirements = skip_requirements or settings.requirements == "skip"
@@ -162,6 +170,16 @@ class Loader:
         if checked.errors:
             raise ManifestError(entry.name, checked.errors)
         assert manifest is not None
+        plugin.remote = placement(
+            entry.name, manifest.plugin_type, entry.host, manifest.host, self.hosts, own_names()
+        )
+        if plugin.remote is not None:
+            # System requirements, requirements and secrets are the host's business: checked,
+            # run and shipped there by its supervisor. Missing secrets fail the load here.
+            pairs = plan_secrets(entry.name, manifest.secrets, self.settings.secrets_dir,
+                                 plugin.root)  # fmt: skip
+            plugin.remote_secrets = [(str(t.relative_to(plugin.root)), s) for s, t in pairs]
+            return
         check_system(entry.name, manifest.system_requirements, str(plugin.root / MANIFEST))
         if self.skip_requirements:
             if manifest.requirements_command:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aigis._errors import ManifestError
 from aigis._quote import escape, shown
+from aigis._remote.hosts import is_local, parse_destination
 
 MANIFEST = Path("AIGIS") / "AIGIS.config"
 CORE_FILE = Path("AIGIS") / "AIGIS.core"
@@ -59,8 +60,12 @@ class Manifest:
 def is_local_host(host: str) -> bool:
     """Whether ``host`` is this machine (localhost, a loopback address or our own hostname)."""
     # gethostname() only: getfqdn() may wait on DNS, which a plugin load must never do.
-    names = {"localhost", "127.0.0.1", "::1", "", socket.gethostname()}
-    return host.strip().lower() in {n.lower() for n in names}
+    return is_local(host, own_names())
+
+
+def own_names() -> tuple[str, ...]:
+    """The names that mean this machine besides localhost and loopback addresses."""
+    return (socket.gethostname(),)
 
 
 def substitute_root(value: str, root: Path) -> str:
@@ -297,11 +302,17 @@ def plugin_problems(
         warnings.append(
             f'{origin}: listed under [{table}] but PLUGIN_TYPE is "{kind}"; loaded as {kind}'
         )
-    if kind != "core" and not manifest.is_local:
-        errors.append(
-            f'{origin}: HOST "{escape(manifest.host, 80)}" is not this machine; remote hosts '
-            'are not supported yet (set HOST = "localhost")'
-        )
+    if not manifest.is_local:
+        if kind == "core":
+            errors.append(
+                f'{origin}: HOST "{escape(manifest.host, 80)}": core plugins run inside the core, '
+                'always on its machine (set HOST = "localhost" or remove it)'
+            )
+        else:
+            try:
+                parse_destination(manifest.host)
+            except ValueError as exc:
+                errors.append(f"{origin}: HOST: {escape(str(exc), 200)}")
     if not entrypoint_is_dir:
         errors.append(escape(f"{origin}: ENTRYPOINT {manifest.entrypoint} is not a directory"))
     if core_problem is not None:

@@ -41,8 +41,9 @@ class ReloadPlan:
 
 
 def _what_runs(entry: PluginEntry) -> tuple:
-    """What a change of reloads the plugin: its source and the privileges the operator grants."""
-    return entry.source, entry.ref, entry.user, entry.sandbox
+    """What a change of reloads the plugin: its source, the privileges the operator grants and
+    the host it runs on."""
+    return entry.source, entry.ref, entry.user, entry.sandbox, entry.host
 
 
 def diff(old: Config, new: Config, retry: Iterable[str] = ()) -> ReloadPlan:

@@ -188,6 +188,26 @@ SETTINGS: tuple[Setting, ...] = (
         "systemd each plugin has its own account; a core that is not root runs them as itself",
     ),
     Setting(
+        "connect_timeout",
+        "seconds",
+        5.0,
+        "remote hosts: every ssh connection attempt gives up after this long",
+        exclusive=True,
+        maximum=300.0,
+    ),
+    Setting(
+        "known_hosts",
+        "optional_path",
+        "",
+        'remote hosts: the known_hosts file holding their keys; "" for ssh\'s own files',
+    ),
+    Setting(
+        "ssh_config",
+        "optional_path",
+        "",
+        'remote hosts: an ssh_config file for ssh -F; "" for ssh\'s usual files',
+    ),
+    Setting(
         "log_max_bytes",
         "count",
         10 * 1024 * 1024,
@@ -238,6 +258,7 @@ RESTART_DELAY_MAX: float = default("restart_delay_max")  # type: ignore[assignme
 STOP_TIMEOUT: float = default("stop_timeout")  # type: ignore[assignment]
 REQUIREMENTS_TIMEOUT: float = default("requirements_timeout")  # type: ignore[assignment]
 LOAD_TIMEOUT: float = default("load_timeout")  # type: ignore[assignment]
+CONNECT_TIMEOUT: float = default("connect_timeout")  # type: ignore[assignment]
 LOG_MAX_BYTES: int = default("log_max_bytes")  # type: ignore[assignment]
 LOG_BACKUPS: int = default("log_backups")  # type: ignore[assignment]
 

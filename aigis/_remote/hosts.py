@@ -23,6 +23,7 @@ __all__ = [
     "HostSpec",
     "hosts_from_table",
     "is_local",
+    "parse_core_address",
     "parse_destination",
     "resolve_host",
 ]
@@ -33,7 +34,7 @@ _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")
 _USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PYTHON_RE = re.compile(r"[A-Za-z0-9_./+-]+")
-_KEYS = frozenset({"address", "user", "port", "identity_file", "python"})
+_KEYS = frozenset({"address", "user", "port", "identity_file", "python", "core_address"})
 
 #: Why a host failed, one word each: what ``HostError.kind`` holds.
 KINDS = (
@@ -68,6 +69,9 @@ class HostSpec:
     port: int = 22
     identity_file: str | None = None
     python: str = DEFAULT_PYTHON
+    #: ``host:port`` (``[v6]:port``) where plugins on this host reach the core's TCP listener;
+    #: None: ``[aigis] tcp`` as it is (it must then be an address other hosts can reach).
+    core_address: str | None = None
 
     @property
     def destination(self) -> str:
@@ -168,11 +172,29 @@ def hosts_from_table(table: Mapping[str, Any], where: str = "hosts") -> dict[str
         python = entry.get("python", DEFAULT_PYTHON)
         if not isinstance(python, str) or not _PYTHON_RE.fullmatch(python):
             problems.append(f"{key}.python: an interpreter name or absolute path, got {python!r}")
+        core_address = entry.get("core_address")
+        if core_address is not None and (
+            not isinstance(core_address, str) or parse_core_address(core_address) is None
+        ):
+            problems.append(
+                f'{key}.core_address: expected "host:port" or "[ipv6]:port", got {core_address!r}'
+            )
         if len(problems) == before:
-            hosts[name] = HostSpec(name, spec.address, user, port, identity, python)
+            hosts[name] = HostSpec(name, spec.address, user, port, identity, python, core_address)
     if problems:
         raise ConfigError(problems)
     return hosts
+
+
+def parse_core_address(text: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` as (host, port); None when it is neither."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
+    if not match:
+        return None
+    host, port = match.group(1) or match.group(3), int(match.group(2) or match.group(4))
+    if _check_address(host) is not None or _check_port(port) is not None:
+        return None
+    return host, port
 
 
 def is_local(value: str, own_names: Iterable[str] = ()) -> bool:

@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import shlex
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -303,6 +304,10 @@ class Master:
             raise ValueError(f"forward label must be [a-z0-9-]{{1,16}}, got {label!r}")
         local = self.control_path.with_name(f"{self.control_path.name}.{label}")
         self.open()
+        if _listening(local):
+            return local  # this master forwards it already (a core restarted since)
+        # Left by a master that ended: the new one would not bind over it.
+        local.unlink(missing_ok=True)
         argv = control_argv(self.spec, self.settings, "forward")
         argv[-2:-2] = ["-o", "StreamLocalBindUnlink=yes", "-L", f"{local}:{remote_socket}"]
         result = self._ssh(argv, timeout=10)
@@ -318,6 +323,19 @@ class Master:
         if self.control_path.exists():
             self._ssh(control_argv(self.spec, self.settings, "exit"), timeout=10)
             log.info("disconnected: host %s", self.spec.name)
+
+
+def _listening(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def on_each(masters: Iterable[Master], action: Callable[[Master], T]) -> dict[str, T | HostError]:

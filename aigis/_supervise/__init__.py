@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from aigis._config import Settings
 from aigis._errors import AigisError
+from aigis._remote.hosts import HostSpec
 from aigis._supervise.base import Supervisor
 
 log = logging.getLogger(__name__)
@@ -27,9 +29,19 @@ def under_systemd_service() -> bool:
     )
 
 
-def pick_supervisor(choice: str, settings: Settings) -> Supervisor:
+def pick_supervisor(
+    choice: str, settings: Settings, hosts: Mapping[str, HostSpec] | None = None
+) -> Supervisor:
     """The one place that picks a backend: ``auto`` (systemd when running as a systemd
-    service, else embedded), ``systemd``, ``embedded``."""
+    service, else embedded), ``systemd``, ``embedded``; plugins on other hosts go to that
+    host's systemd whichever it is (``Router``; ``hosts``: the [hosts] table)."""
+    from aigis._supervise.router import Router
+
+    return Router(_local_supervisor(choice, settings), settings, known_hosts=hosts)
+
+
+def _local_supervisor(choice: str, settings: Settings) -> Supervisor:
+    """The backend for plugins on this machine."""
     if choice == "systemd" or (choice == "auto" and under_systemd_service()):
         try:
             from aigis._supervise.systemd import SystemdSupervisor

@@ -8,13 +8,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from aigis._remote.hosts import HostSpec
 from aigis._settings import RESTART_DELAY, RESTART_DELAY_MAX, STOP_TIMEOUT
 from aigis._states import ACTIVE, Kind, State
 
 if TYPE_CHECKING:  # pragma: no cover
     from aigis._config import Settings
 
-__all__ = ["ACTIVE", "LogLocation", "OutputCounts", "ProcessSpec", "State", "Status", "Supervisor"]
+__all__ = [
+    "ACTIVE",
+    "LogLocation",
+    "OutputCounts",
+    "ProcessSpec",
+    "Shipment",
+    "State",
+    "Status",
+    "Supervisor",
+]
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """What goes to a remote host before its process starts there (``aigis._remote.plan``)."""
+
+    source: Path  # the plugin's checkout on the core's machine
+    dest: str  # its copy on the host
+    #: ``(path inside the plugin directory, local file)``: shipped 0400, owned by the plugin
+    secrets: tuple[tuple[str, Path], ...] = ()
+    #: ``(absolute path on the host, local file)``: the plugin's key, the core's certificate
+    #: (0400 root's; the unit reads them as credentials)
+    files: tuple[tuple[str, Path], ...] = ()
+    system_requirements: tuple[str, ...] = ()
+    #: ``(REQUIREMENTS_COMMAND, REQUIREMENTS_FILE or "", working directory, stamp of the
+    #: inputs)`` with the host's paths, or None
+    requirements: tuple[str, str, str, str] | None = None
+    #: the AIGIS runtime (its package and the proxy's dependencies) is needed: internal plugins
+    runtime: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +74,9 @@ class ProcessSpec:
     credentials: dict[str, str] = field(default_factory=dict)
     #: Unix sockets ``user`` must be able to connect to (the core's, for internal plugins).
     connects_to: tuple[Path, ...] = ()
+    #: The remote host it runs on (None: this machine), and what goes there first.
+    host: HostSpec | None = None
+    shipment: Shipment | None = None
 
     def __post_init__(self) -> None:
         # Checked here so a bad spec fails in add(), naming the plugin, not later in a poll().
@@ -82,10 +114,12 @@ class Status:
 
 @dataclass(frozen=True)
 class LogLocation:
-    """Where a plugin's output goes: a file the core writes, or a journal unit (never both)."""
+    """Where a plugin's output goes: a file the core writes, or a journal unit (never both);
+    ``ssh``: the command line that runs a command on the unit's remote host (None: here)."""
 
     file: Path | None = None
     journal_unit: str | None = None
+    ssh: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

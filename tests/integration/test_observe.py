@@ -206,8 +206,8 @@ def test_status_shows_cpu_and_memory_columns(core):
     proc = ctl(config, "status")
     assert proc.returncode == 0, proc.stderr
     header, *rows = proc.stdout.splitlines()
-    assert header.split()[:8] == ["NAME", "TYPE", "STATE", "PID", "RESTARTS", "UPTIME", "CPU",
-                                  "MEM"]  # fmt: skip
+    assert header.split()[:9] == ["NAME", "TYPE", "HOST", "STATE", "PID", "RESTARTS", "UPTIME",
+                                  "CPU", "MEM"]  # fmt: skip
     oracle = next(r for r in rows if r.startswith("oracle "))
     assert re.search(r"\d+\.\ds\s+\d+\.\dM", oracle), oracle
 

@@ -287,17 +287,44 @@ def test_reload_reimports_changed_code_and_runs_cleanup(tmp_path, make_plugin, l
     assert log.read_text() == "cleaned\n"
 
 
-def test_non_local_host_is_a_clear_error(tmp_path, make_plugin, loaded):
+def test_a_remote_host_leaves_requirements_and_secrets_to_that_host(tmp_path, make_plugin, loaded):
     make_plugin(
         "far",
         'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}"\nLAUNCH = ["true"]\n'
-        'HOST = "elsewhere.example"\n',
+        'HOST = "far.example"\nSYSTEM_REQUIREMENTS = ["no-such-tool-here"]\n'
+        'REQUIREMENTS_COMMAND = "exit 9"\nSECRETS = {"token": "t.txt"}\n',
+    )
+    (tmp_path / "secrets" / "far").mkdir(parents=True)
+    (tmp_path / "secrets" / "far" / "token").write_text("x")
+    loader, entries = loader_for(tmp_path, '[external]\nfar = "src/far"\n')
+    plugin = loader.load(entries[0])
+    assert plugin.state == "loaded", plugin.reason
+    assert (plugin.host, plugin.remote.address) == ("far.example", "far.example")
+    assert plugin.remote_secrets == [("t.txt", tmp_path / "secrets" / "far" / "token")]
+    assert not (plugin.root / "t.txt").exists()  # shipped to the host, never copied here
+
+
+def test_a_remote_host_still_needs_every_secret_here(tmp_path, make_plugin, loaded):
+    make_plugin(
+        "far",
+        'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}"\nLAUNCH = ["true"]\n'
+        'HOST = "far.example"\nSECRETS = {"token": "t.txt"}\n',
     )
     loader, entries = loader_for(tmp_path, '[external]\nfar = "src/far"\n')
     plugin = loader.load(entries[0])
     assert plugin.state == "failed"
-    assert plugin.reason.startswith(
-        f'{tmp_path}/state/ext/far/AIGIS/AIGIS.config: HOST "elsewhere.example" is not this machine'
+    assert plugin.reason == f"missing secrets: {tmp_path}/secrets/far/token"
+
+
+def test_a_core_plugin_on_another_host_is_a_clear_error(tmp_path, make_plugin, loaded):
+    make_plugin("near", 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n', core="SKILLS = []\n")
+    loader, entries = loader_for(
+        tmp_path, '[core]\nnear = { source = "src/near", host = "web1" }\n'
+    )
+    plugin = loader.load(entries[0])
+    assert plugin.state == "failed"
+    assert plugin.reason == (
+        'its host in aigis.toml is "web1", but core plugins run inside the core, on its machine'
     )
 
 
@@ -310,11 +337,7 @@ def test_non_local_host_is_a_clear_error(tmp_path, make_plugin, loaded):
         ('PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}/nowhere"\n', "SKILLS = []\n"),
         ('PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n', None),
         ('PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n', "SKILLS = [\n"),
-        (
-            'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}"\nLAUNCH = ["x"]\n'
-            'HOST = "far.example"\n',
-            None,
-        ),
+        ('PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\nHOST = "far.example"\n', "SKILLS = []\n"),
         ('PLUGIN_TYPE = "core"\nENTRYPOINT = 3\n', None),
     ],
     ids=["entrypoint", "no-core-file", "core-syntax", "host", "manifest"],

@@ -31,7 +31,7 @@ def test_a_slow_requirements_command_is_named_while_it_runs(aigis: Aigis) -> Non
     code, out, err = aigis.ctl("status")
     assert code == 0, err
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
-    assert rows["dnd"].split()[2] == "loaded"
+    assert rows["dnd"].split()[3] == "loaded"
     assert re.search(r"starting .* loading \(2/4\): running requirements \(\d+ s\)", rows["slow"])
     assert "waiting" in rows["oracle"] and "waiting" in rows["clock"]
     aigis.box.systemctl("stop", "aigis")  # the requirements command is killed at once

@@ -319,6 +319,21 @@ def test_the_hosts_system_bus_is_reachable_over_the_master(lab: Lab) -> None:
     assert master.forward("/run/dbus/system_bus_socket", "bus") == bus  # again: idempotent
 
 
+def test_a_new_master_forwards_over_the_socket_an_ended_one_left(lab: Lab) -> None:
+    server, _ = lab.remote()
+    master = lab.master(server, "web1")
+    bus = master.forward("/run/dbus/system_bus_socket", "bus")
+    master.close()
+    assert bus.is_socket()  # left behind: a new master would not bind over it by itself
+    master.open()
+    assert master.forward("/run/dbus/system_bus_socket", "bus") == bus
+    systemd = Systemd(bus=f"unix:path={bus}")
+    try:
+        assert systemd.version() > 0
+    finally:
+        systemd.close()
+
+
 def test_boxes_join_each_other(lab: Lab) -> None:
     """Box to box, as when the core itself runs in a box: ssh from inside one reaches another."""
     core = lab.boot_box(net=True)

@@ -126,3 +126,40 @@ def test_nan_stop_timeout_fails_check(tmp_path, capsys):
         f"error: {tmp_path}/aigis.toml:3: [aigis] stop_timeout must be a number of seconds "
         "> 0 and <= 604800, got float nan"
     ]
+
+
+def _plugin(root: Path, name: str, manifest: str) -> None:
+    (root / name / "AIGIS").mkdir(parents=True)
+    (root / name / "AIGIS" / "AIGIS.config").write_text(manifest)
+
+
+def test_check_says_which_host_runs_each_plugin_without_connecting(capsys, tmp_path):
+    _plugin(tmp_path, "near", 'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}"\nLAUNCH = ["x"]\n')
+    _plugin(
+        tmp_path, "far",
+        'PLUGIN_TYPE = "internal"\nENTRYPOINT = "{root}"\nLAUNCH = "m"\nHOST = "web1"\n'
+        'SYSTEM_REQUIREMENTS = ["only-on-web1"]\n',
+    )  # fmt: skip
+    config = write_config(
+        tmp_path,
+        'tcp = "[fd00::1]:7878"\n'
+        '[hosts]\nweb1 = { address = "fd00::2", user = "root" }\nweb2 = "deploy@db2"\n'
+        '[internal]\nfar = "far"\n[external]\nnear = { source = "near", host = "web1" }\n',
+    )
+    code, errors, out = run_check(capsys, config)
+    assert (code, errors) == (0, []), out
+    assert f'plugin "far": ok (internal, {tmp_path}/far, on host web1)' in out
+    assert f'plugin "near": ok (external, {tmp_path}/near, on host web1)' in out
+    assert 'host "web1": ssh root@fd00::2 port 22, python3; runs far, near' in out
+    assert 'host "web2": ssh deploy@db2 port 22, python3; no plugin runs there' in out
+
+
+def test_check_refuses_internal_plugins_elsewhere_without_a_core_address(capsys, tmp_path):
+    _plugin(tmp_path, "far", 'PLUGIN_TYPE = "internal"\nENTRYPOINT = "{root}"\nLAUNCH = "m"\n')
+    config = write_config(tmp_path, '[internal]\nfar = { source = "far", host = "web1" }\n')
+    code, errors, _ = run_check(capsys, config)
+    assert code == 1
+    assert errors == [
+        'error: plugin "far": internal plugins on host "web1" connect back to the core over '
+        "TCP: set [aigis] tcp (and hosts.web1.core_address if they reach it elsewhere)"
+    ]

@@ -310,6 +310,37 @@ def test_a_bad_http_address_names_the_key():
     ]
 
 
+def test_hosts_table_and_a_plugin_host_override():
+    config = parse_config(
+        "[hosts]\n"
+        'web1 = { address = "fd00::2", user = "deploy", port = 2222, python = "/usr/bin/py3" }\n'
+        '[external]\nx = { source = "/x", host = "web1" }\ny = "/y"\n',
+        CFG,
+    )
+    web1 = config.hosts["web1"]
+    assert (web1.address, web1.user, web1.port, web1.python) == (
+        "fd00::2", "deploy", 2222, "/usr/bin/py3",
+    )  # fmt: skip
+    assert [p.host for p in config.plugins] == ["web1", None]
+
+
+def test_hosts_problems_name_the_file_line_and_key():
+    assert problems('[hosts]\nweb1 = { address = "w", port = "22" }\n') == [
+        f"{CFG}:2: [hosts] hosts.web1.port: port must be an integer 1-65535, got '22'"
+    ]
+    assert problems('[external]\nx = { source = "/x", host = 3 }\n') == [
+        f'{CFG}:2: [external] plugin "x": "host" must be a host of [hosts], an ssh destination '
+        'or "localhost", got 3'
+    ]
+
+
+def test_remote_settings_defaults_and_paths():
+    s = parse_config("", CFG).settings
+    assert (s.connect_timeout, s.known_hosts, s.ssh_config) == (5.0, None, None)
+    s = parse_config('[aigis]\nknown_hosts = "kh"\nconnect_timeout = 2\n', CFG).settings
+    assert (s.known_hosts, s.connect_timeout) == (Path("/etc/aigis/kh"), 2.0)
+
+
 def test_plugin_user_defaults_to_the_packaged_account_and_must_be_a_user_name():
     assert parse_config("", CFG).settings.plugin_user == "aigis-plugin"
     assert parse_config('[aigis]\nplugin_user = "bots"\n', CFG).settings.plugin_user == "bots"

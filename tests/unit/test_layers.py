@@ -16,13 +16,14 @@ LEAVES = {
     "aigis._errors", "aigis._version", "aigis._states", "aigis._redact", "aigis._settings",
     "aigis._quote", "aigis._metrics",
 }  # fmt: skip
-LEAVES |= {"aigis._remote.syncer"}  # runs on remote hosts: the standard library only
+# They run on remote hosts: the standard library only.
+LEAVES |= {"aigis._remote.syncer", "aigis._remote.hostside"}
 PURE = {
     "aigis._config", "aigis._manifest", "aigis._namespace", "aigis._reload",
     "aigis._supervise.units",
     "aigis._supervise.base", "aigis._supervise.policy", "aigis._supervise.unitstate",
     "aigis._rpc.wire", "aigis._status", "aigis._launch",
-    "aigis._remote.hosts", "aigis._rpc.handshake", "aigis._rpc.admission",
+    "aigis._remote.hosts", "aigis._remote.plan", "aigis._rpc.handshake", "aigis._rpc.admission",
     "aigis._page", "aigis._exposition", "aigis._top",
 }  # fmt: skip
 TOP = {"aigis._daemon", "aigis._ctl", "aigis._control", "aigis.__main__"}

@@ -92,8 +92,8 @@ def test_hosts_table_lists_every_problem_by_key():
             }
         )
     assert e.value.problems == [
-        "hosts.web1: unknown keys ['colour']; known: ['address', 'identity_file', 'port', "
-        "'python', 'user']",
+        "hosts.web1: unknown keys ['colour']; known: ['address', 'core_address', 'identity_file', "
+        "'port', 'python', 'user']",
         "hosts.web1.port: port must be an integer 1-65535, got '22'",
         "hosts.web2.address: required, a host name or IP address",
         "hosts.web3.identity_file: must be an absolute path, got 'id_rsa'",
