@@ -40,6 +40,7 @@ from aigis._states import Kind, State
 from aigis._status import Row, plugin_row, summary
 from aigis._supervise import pick_supervisor
 from aigis._supervise.base import LogLocation, Status, Supervisor
+from aigis._supervise.identity import retire_foreign_key
 from aigis._supervise.usage import UsageReader, own_usage
 from aigis._version import __version__
 
@@ -504,8 +505,10 @@ class Daemon:
                         user=plugin.entry.user or default,
                         sandbox=plugin.entry.sandbox,
                     )
+                    key_file = self.config.settings.plugin_key_file(plugin.name)
+                    retire_foreign_key(plugin.name, key_file, spec.user)
                     self.plugin_keys[plugin.name] = load_or_create_key(
-                        self.config.settings.plugin_key_file(plugin.name),
+                        key_file,
                         f'key of plugin "{plugin.name}"',
                         PLUGIN_KEY_MODE,
                     )

@@ -7,6 +7,7 @@ and never follows a symlink the plugin may have planted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -89,6 +90,31 @@ def prepare_local(spec: ProcessSpec) -> tuple[int, int] | None:
     except OSError as exc:
         raise PluginError(spec.name, f"cannot prepare files for user {spec.user}: {exc}") from None
     return uid, gid
+
+
+def retire_foreign_key(plugin: str, path: Path, user: str | None) -> bool:
+    """Delete ``path`` (the plugin's key) when an account other than root, the core's and
+    ``user``'s holds it: the account the plugin ran as before, which other plugins may share
+    and which may keep a copy. The core then makes a new key. True when it was deleted."""
+    try:
+        holder = os.stat(path, follow_symlinks=False).st_uid
+    except FileNotFoundError:
+        return False
+    allowed = {0, os.geteuid()}
+    with contextlib.suppress(KeyError):
+        allowed.add(pwd.getpwnam(user).pw_uid if user else os.geteuid())
+    if holder in allowed:
+        return False
+    os.unlink(path)
+    log.warning(
+        'rotated: key of plugin "%s" (%s was held by uid %d; the plugin now runs as %s)',
+        plugin,
+        path,
+        holder,
+        user or "the core's account",
+        **about(plugin),
+    )
+    return True
 
 
 def hand_over_file(path: Path, uid: int, gid: int) -> None:
