@@ -404,3 +404,22 @@ def test_a_plugin_moved_to_its_own_account_gets_a_new_key(world: World) -> None:
     assert world.daemon is not None
     assert 'rotated: key of plugin "alpha" (' in world.daemon.log
     assert "; the plugin now runs as aigis-tb)" in world.daemon.log
+
+
+def test_the_cores_git_credentials_do_not_reach_a_plugins_account(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Variables naming the core's own credentials (README: for the core only) stay with the
+    core; the rest of its environment still reaches the plugin."""
+    world.user("aigis-ta")
+    world.probe("alpha", "aigis-ta")
+    monkeypatch.setenv("AIGIS_GIT_CREDENTIALS", str(world.base / "git-credentials"))
+    monkeypatch.setenv("AIGIS_GIT_SSH_KEY", str(world.base / "id_ed25519"))
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(world.base / "agent.sock"))
+    monkeypatch.setenv("AIGIS_TEST_PLAIN", "kept")
+    world.start().wait_for("ready: ", timeout=60)
+    code, out = world.attempt("alpha", "env")
+    assert code == 0, out
+    names = {line.partition("=")[0] for line in out.splitlines()}
+    assert "AIGIS_TEST_PLAIN=kept" in out.splitlines()
+    assert not names & {"AIGIS_GIT_CREDENTIALS", "AIGIS_GIT_SSH_KEY", "SSH_AUTH_SOCK"}, out
