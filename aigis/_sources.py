@@ -415,6 +415,16 @@ def _clone(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
 
 def _update(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
     """Fetch origin and move the checkout to ref or the default branch; keep it on any trouble."""
+    if not _own_git_dir(dest):
+        log.warning(
+            'not updated: plugin "%s": %s/.git is not a directory of the core\'s (a link, or '
+            "another account's); delete %s to clone %s",
+            name,
+            dest,
+            dest,
+            url,
+        )
+        return Fetched("git", dest, None, False)
     try:
         # NO_SEARCH: otherwise a non-repository dest would open whatever repository encloses it.
         repo = pygit2.Repository(dest, _NO_SEARCH)
@@ -443,6 +453,20 @@ def _update(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
         repo.free()
     _log_fetched(name, url, after, *target)
     return Fetched("git", dest, after, after != before)
+
+
+def _own_git_dir(dest: Path) -> bool:
+    """Whether ``dest/.git`` is a directory (not a link) of the core's own account, as a clone
+    made it; True when there is no .git at all (then libgit2 finds no repository). The plugin's
+    account may write the checkout, never that directory: a .git it planted must not be opened
+    (libgit2 follows a link to a repository of the core's, e.g. another plugin's)."""
+    try:
+        info = os.lstat(dest / ".git")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
 
 
 def _fetch_origin(name: str, repo: pygit2.Repository, url: str) -> None:

@@ -440,3 +440,43 @@ def test_existing_non_repository_dest_is_used_as_is(up: Upstream, tmp_path, capl
     assert warnings(caplog) == [
         f'not updated: plugin "plug": {dest} is not a git repository; delete it to clone {up.url}'
     ]
+
+
+def test_a_git_link_planted_in_the_checkout_is_not_followed(up: Upstream, tmp_path, caplog) -> None:
+    """A checkout without its own .git (it was a local source's copy) where the plugin planted
+    ``.git -> ../other/.git``: the core must not fetch into, re-point or move the other
+    plugin's repository (libgit2 accepts the link: the repository it leads to is root's)."""
+    other = tmp_path / "state" / "ext" / "other"
+    fetch("other", up.url, other, base_dir=tmp_path)
+    elsewhere = Upstream(tmp_path / "elsewhere.git")
+    elsewhere.commit("master", "planted")
+    dest = tmp_path / "state" / "ext" / "plug"
+    dest.mkdir()
+    (dest / ".git").symlink_to("../other/.git")
+    got = fetch("plug", elsewhere.url, dest, base_dir=tmp_path)
+    assert got == Fetched("git", dest, None, False)
+    repo = pygit2.Repository(other)
+    assert repo.remotes["origin"].url == up.url
+    assert version(other) == "one"
+    assert "elsewhere" not in str(list(repo.references))
+    assert warnings(caplog) == [
+        f'not updated: plugin "plug": {dest}/.git is not a directory of the core\'s '
+        f"(a link, or another account's); delete {dest} to clone {elsewhere.url}"
+    ]
+
+
+def test_a_git_directory_of_another_account_is_not_opened(up: Upstream, tmp_path, caplog) -> None:
+    """The same with a .git directory the plugin's account made (libgit2 refuses it too, since
+    1.4.3; the core does not rely on that)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chown to another account needs root, and CI must run it")
+        pytest.skip("chown to another account needs root")
+    dest = tmp_path / "state" / "ext" / "plug"
+    fetch("plug", up.url, dest, base_dir=tmp_path)
+    for path in (dest / ".git", *(dest / ".git").rglob("*")):
+        os.chown(path, 65534, 65534, follow_symlinks=False)
+    up.commit("master", "two")
+    assert fetch("plug", up.url, dest, base_dir=tmp_path) == Fetched("git", dest, None, False)
+    assert version(dest) == "one"
+    assert "another account's" in warnings(caplog)[0]
