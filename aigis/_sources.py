@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -515,13 +517,61 @@ def _target(repo: pygit2.Repository, ref: str | None) -> tuple[str, str] | None:
     return None
 
 
+#: Seconds a checkout may take. It runs in a child process: the plugin's account may have put a
+#: FIFO where a tracked file belongs, and libgit2 would wait on it forever, as root, in the core.
+CHECKOUT_TIMEOUT = 300.0
+_CHECKOUT_CHILD = """
+import sys
+import pygit2
+try:
+    repo = pygit2.Repository(sys.argv[1], int(sys.argv[3]))
+    repo.checkout_tree(repo[sys.argv[2]])
+except pygit2.GitError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def _checkout_tree(repo: pygit2.Repository, oid: pygit2.Oid | str) -> None:
+    """``repo.checkout_tree`` (SAFE: local edits are never overwritten) of the commit ``oid``
+    in a child process, within CHECKOUT_TIMEOUT; GitError saying why it failed."""
+    argv = [
+        sys.executable,
+        "-I",
+        "-c",
+        _CHECKOUT_CHILD,
+        repo.workdir,
+        str(oid),
+        str(int(_NO_SEARCH)),
+    ]
+    what = f"checkout of {str(oid)[:12]}"
+    try:
+        done = subprocess.run(
+            argv,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=CHECKOUT_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise pygit2.GitError(
+            f"{what} did not finish within {CHECKOUT_TIMEOUT:g} s (a FIFO or device where a "
+            "tracked file belongs?)"
+        ) from None
+    except OSError as exc:
+        raise pygit2.GitError(f"{what}: cannot run {sys.executable}: {exc.strerror}") from None
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        raise pygit2.GitError(f"{what} failed: {reason[0]}")
+
+
 def _check_out(repo: pygit2.Repository, kind: str, name: str) -> None:
     """Check out a branch (fast-forwarding it to origin's) or, detached, a tag or commit."""
     if kind != "branch":
         spec = f"refs/tags/{name}" if kind == "tag" else name
         commit = repo.revparse_single(spec).peel(pygit2.Commit)
         if not (repo.head_is_detached and repo.head.target == commit.id):
-            repo.checkout_tree(commit)
+            _checkout_tree(repo, commit.id)
             repo.set_head(commit.id)
         return
     theirs = repo.references[f"{_ORIGIN}{name}"].target
@@ -539,7 +589,7 @@ def _check_out(repo: pygit2.Repository, kind: str, name: str) -> None:
         )
     if repo.head_is_unborn or repo.head.name != local.name or repo.head.target != theirs:
         # Checkout first (SAFE: local edits are never overwritten), then move the branch.
-        repo.checkout_tree(repo[theirs])
+        _checkout_tree(repo, theirs)
         local.set_target(theirs)
         repo.set_head(local.name)
 

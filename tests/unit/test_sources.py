@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pygit2
@@ -480,3 +481,30 @@ def test_a_git_directory_of_another_account_is_not_opened(up: Upstream, tmp_path
     assert fetch("plug", up.url, dest, base_dir=tmp_path) == Fetched("git", dest, None, False)
     assert version(dest) == "one"
     assert "another account's" in warnings(caplog)[0]
+
+
+def test_a_fifo_planted_in_the_checkout_cannot_hang_the_update(
+    up: Upstream, dest: Path, tmp_path, caplog, monkeypatch
+) -> None:
+    """The plugin's account replaces a tracked file with a FIFO: libgit2's checkout opens it to
+    compare it and would wait for a writer forever, holding the core's load (as root). The
+    update gives up after its deadline instead, and the checkout stays at its commit."""
+    first = fetch("plug", up.url, dest, base_dir=tmp_path).commit
+    (dest / "VERSION").unlink()
+    os.mkfifo(dest / "VERSION")
+    up.commit("master", "two")
+    monkeypatch.setattr(_sources, "CHECKOUT_TIMEOUT", 2.0)
+    got: list[Fetched] = []
+    update = threading.Thread(
+        target=lambda: got.append(fetch("plug", up.url, dest, base_dir=tmp_path)), daemon=True
+    )
+    update.start()
+    update.join(60)
+    if update.is_alive():  # let the stuck checkout (writing into the FIFO) go before failing
+        os.close(os.open(dest / "VERSION", os.O_RDONLY | os.O_NONBLOCK))
+        update.join(60)
+        pytest.fail("the update waited for the FIFO's writer")
+    assert got == [Fetched("git", dest, first, False)]
+    (line,) = warnings(caplog)
+    assert line.startswith('not updated: plugin "plug": update failed: checkout of ')
+    assert "did not finish within 2 s" in line
