@@ -117,6 +117,18 @@ def retire_foreign_key(plugin: str, path: Path, user: str | None) -> bool:
     return True
 
 
+#: Run by /bin/sh as the plugin's account: enter the working directory ($0) with that account's
+#: permissions, then become the plugin's argv.
+_ENTER = 'cd -- "$0" && exec "$@"'
+
+
+def entered_as_account(argv: tuple[str, ...], cwd: Path) -> tuple[tuple[str, ...], Path]:
+    """(argv, cwd) that start ``argv`` in ``cwd`` entered after the switch to the plugin's
+    account: the working directory lies in the checkout the plugin may rewrite, and a start
+    entering it as root would follow a link planted there into a directory closed to it. Pure."""
+    return ("/bin/sh", "-c", _ENTER, str(cwd), *argv), Path("/")
+
+
 def hand_over_file(path: Path, uid: int, gid: int) -> None:
     """Make ``path`` (a key the core wrote) ``uid``'s, mode 0400, and its directory searchable
     by ``uid``; a symlink is refused, never followed."""

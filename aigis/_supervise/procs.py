@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aigis._supervise.base import ProcessSpec
-from aigis._supervise.identity import prepare_local
+from aigis._supervise.identity import entered_as_account, prepare_local
 from aigis._supervise.proctable import (
     TAG_VAR,
     ProcStat,
@@ -242,6 +242,8 @@ class LocalOs:
         # The child drops to the plugin's account before exec: no supplementary groups (root's
         # would leak), then gid, then uid.
         drop: dict[str, Any] = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
+        if ids:  # Popen enters cwd before the switch, as root
+            argv, cwd = entered_as_account(argv, cwd)
         try:
             proc = subprocess.Popen(
                 argv,

@@ -423,3 +423,48 @@ def test_the_cores_git_credentials_do_not_reach_a_plugins_account(
     names = {line.partition("=")[0] for line in out.splitlines()}
     assert "AIGIS_TEST_PLAIN=kept" in out.splitlines()
     assert not names & {"AIGIS_GIT_CREDENTIALS", "AIGIS_GIT_SSH_KEY", "SSH_AUTH_SOCK"}, out
+
+
+ATTACK = """\
+#!/bin/sh
+# First run: swap the working directory for a link to a directory closed to this account,
+# then exit to be started again. Second run: read from wherever the start put it.
+if [ -L "$AIGIS_PLUGIN_DIR/work" ]; then
+    cat f > "$AIGIS_PLUGIN_DIR/result" 2>&1
+    exec sleep 1000
+fi
+rm -rf "$AIGIS_PLUGIN_DIR/work" && ln -s "{target}" "$AIGIS_PLUGIN_DIR/work"
+exit 1
+"""
+
+
+def test_a_working_directory_swapped_for_a_link_is_entered_as_the_plugin(world: World) -> None:
+    """The plugin's ENTRYPOINT lies inside its checkout, which it may rewrite: the start must
+    enter it with the plugin's permissions, never root's (a link to a directory beneath one
+    closed to the plugin would give it a way in)."""
+    world.user("aigis-ta")
+    closed = world.base / "closed"
+    (closed / "open").mkdir(parents=True)
+    closed.chmod(0o700)
+    (closed / "open" / "f").write_text("beneath a root-only directory\n")
+    root = world.base / "src" / "alpha"
+    (root / "AIGIS").mkdir(parents=True)
+    (root / "work").mkdir()
+    (root / "AIGIS" / "AIGIS.config").write_text(
+        'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}/work"\nLAUNCH = ["sh", "{root}/a.sh"]\n'
+        "RESTART = 3\n"
+    )
+    (root / "a.sh").write_text(ATTACK.format(target=closed / "open"))
+    world.plugins.append(("external", "alpha", '{ source = "src/alpha", user = "aigis-ta" }'))
+    daemon = world.start()
+    daemon.wait_for("ready: ", timeout=60)
+    plugin_dir = world.state / "ext" / "alpha"
+    wait_until(lambda: (plugin_dir / "work").is_symlink(), 30, "the plugin to plant its link")
+    wait_until(
+        lambda: (plugin_dir / "result").exists() or daemon.log.count('exited: "alpha"') >= 2,
+        60,
+        "the plugin's second start",
+    )
+    assert not (plugin_dir / "result").exists(), (plugin_dir / "result").read_text()
+    log = (world.state / "log" / "alpha.log").read_text()
+    assert "work" in log and ("can't cd" in log or "Permission denied" in log), log
