@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import os
 import queue
@@ -42,10 +43,23 @@ from aigis._states import Kind, State
 from aigis._status import Row, plugin_row, summary
 from aigis._supervise import pick_supervisor
 from aigis._supervise.base import LogLocation, ProcessSpec, Status, Supervisor
+from aigis._supervise.identity import retire_foreign_key
 from aigis._supervise.usage import UsageReader, own_usage
 from aigis._version import __version__
 
 log = logging.getLogger("aigis.core")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable from this host alone: a loopback address or
+    ``localhost``; a wildcard (``0.0.0.0``, ``::``) or any other name is not. Pure."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
 
 TICK = 0.2  # main-loop period: supervisor poll, watchdog
 STARTUP_GRACE = 5.0  # after SIGTERM, how long a plugin load in progress may take to finish
@@ -210,7 +224,16 @@ class Daemon:
         if which == "plugins":
             authkey = load_or_create_authkey(settings.authkey_file)
             tls_context = None
-            if settings.tcp is not None and not settings.tcp_plaintext:
+            if settings.tcp is not None and settings.tcp_plaintext:
+                if not is_loopback(settings.tcp[0]):
+                    log.warning(
+                        "exposed: plaintext TCP on %s port %d ([aigis] tcp_plaintext = true in "
+                        "%s): calls, arguments and results cross the network unencrypted",
+                        settings.tcp[0],
+                        settings.tcp[1],
+                        self.config.path,
+                    )
+            elif settings.tcp is not None:
                 from aigis._rpc import tls  # ssl and cryptography only for a TLS listener
 
                 tls_context = tls.listener_context(settings.tls_cert_file, settings.tls_key_file)
@@ -504,8 +527,10 @@ class Daemon:
                         user=plugin.entry.user or default,
                         sandbox=plugin.entry.sandbox,
                     )
+                    key_file = self.config.settings.plugin_key_file(plugin.name)
+                    retire_foreign_key(plugin.name, key_file, spec.user)
                     self.plugin_keys[plugin.name] = load_or_create_key(
-                        self.config.settings.plugin_key_file(plugin.name),
+                        key_file,
                         f'key of plugin "{plugin.name}"',
                         PLUGIN_KEY_MODE,
                     )

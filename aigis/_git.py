@@ -9,6 +9,9 @@ import getpass
 import inspect
 import os
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -200,6 +203,16 @@ def clone(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
 
 def update(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
     """Fetch origin and move the checkout to ref or the default branch; keep it on any trouble."""
+    if not _own_git_dir(dest):
+        log.warning(
+            'not updated: plugin "%s": %s/.git is not a directory of the core\'s (a link, or '
+            "another account's); delete %s to clone %s",
+            name,
+            dest,
+            dest,
+            url,
+        )
+        return Fetched("git", dest, None, False)
     try:
         # NO_SEARCH: otherwise a non-repository dest would open whatever repository encloses it.
         repo = pygit2.Repository(dest, _NO_SEARCH)
@@ -228,6 +241,20 @@ def update(name: str, url: str, dest: Path, ref: str | None) -> Fetched:
         repo.free()
     _log_fetched(name, url, after, *target)
     return Fetched("git", dest, after, after != before)
+
+
+def _own_git_dir(dest: Path) -> bool:
+    """Whether ``dest/.git`` is a directory (not a link) of the core's own account, as a clone
+    made it; True when there is no .git at all (then libgit2 finds no repository). The plugin's
+    account may write the checkout, never that directory: a .git it planted must not be opened
+    (libgit2 follows a link to a repository of the core's, e.g. another plugin's)."""
+    try:
+        info = os.lstat(dest / ".git")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
 
 
 def _fetch_origin(name: str, repo: pygit2.Repository, url: str) -> None:
@@ -276,13 +303,61 @@ def _target(repo: pygit2.Repository, ref: str | None) -> tuple[str, str] | None:
     return None
 
 
+#: Seconds a checkout may take. It runs in a child process: the plugin's account may have put a
+#: FIFO where a tracked file belongs, and libgit2 would wait on it forever, as root, in the core.
+CHECKOUT_TIMEOUT = 300.0
+_CHECKOUT_CHILD = """
+import sys
+import pygit2
+try:
+    repo = pygit2.Repository(sys.argv[1], int(sys.argv[3]))
+    repo.checkout_tree(repo[sys.argv[2]])
+except pygit2.GitError as exc:
+    sys.exit(str(exc))
+"""
+
+
+def _checkout_tree(repo: pygit2.Repository, oid: pygit2.Oid | str) -> None:
+    """``repo.checkout_tree`` (SAFE: local edits are never overwritten) of the commit ``oid``
+    in a child process, within CHECKOUT_TIMEOUT; GitError saying why it failed."""
+    argv = [
+        sys.executable,
+        "-I",
+        "-c",
+        _CHECKOUT_CHILD,
+        repo.workdir,
+        str(oid),
+        str(int(_NO_SEARCH)),
+    ]
+    what = f"checkout of {str(oid)[:12]}"
+    try:
+        done = subprocess.run(
+            argv,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=CHECKOUT_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise pygit2.GitError(
+            f"{what} did not finish within {CHECKOUT_TIMEOUT:g} s (a FIFO or device where a "
+            "tracked file belongs?)"
+        ) from None
+    except OSError as exc:
+        raise pygit2.GitError(f"{what}: cannot run {sys.executable}: {exc.strerror}") from None
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        raise pygit2.GitError(f"{what} failed: {reason[0]}")
+
+
 def _check_out(repo: pygit2.Repository, kind: str, name: str) -> None:
     """Check out a branch (fast-forwarding it to origin's) or, detached, a tag or commit."""
     if kind != "branch":
         spec = f"refs/tags/{name}" if kind == "tag" else name
         commit = repo.revparse_single(spec).peel(pygit2.Commit)
         if not (repo.head_is_detached and repo.head.target == commit.id):
-            repo.checkout_tree(commit)
+            _checkout_tree(repo, commit.id)
             repo.set_head(commit.id)
         return
     theirs = repo.references[f"{_ORIGIN}{name}"].target
@@ -300,7 +375,7 @@ def _check_out(repo: pygit2.Repository, kind: str, name: str) -> None:
         )
     if repo.head_is_unborn or repo.head.name != local.name or repo.head.target != theirs:
         # Checkout first (SAFE: local edits are never overwritten), then move the branch.
-        repo.checkout_tree(repo[theirs])
+        _checkout_tree(repo, theirs)
         local.set_target(theirs)
         repo.set_head(local.name)
 

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 KEY_MODE = 0o640  # the core's group (aigis under systemd) may read it; nobody else
+#: Larger files are not keys: never read whole (a plugin's account owns its key file).
+MAX_KEY_FILE = 4096
 PLUGIN_KEY_MODE = 0o600  # a plugin's own key: root's; its unit gets it as a credential
 
 
@@ -29,7 +31,7 @@ def load_or_create_key(path: Path, what: str, mode: int = KEY_MODE) -> bytes:
     existing file readable by more than ``mode`` allows is tightened to ``mode``."""
     path = Path(path)
     try:
-        key = path.read_bytes()
+        key = _read_bounded(path)
     except FileNotFoundError:
         key = _create(path, what, mode)
     except OSError as exc:
@@ -38,7 +40,19 @@ def load_or_create_key(path: Path, what: str, mode: int = KEY_MODE) -> bytes:
         _tighten(path, what, mode)
     if not key:
         raise AigisError(f"the {what} file {path} is empty")
+    if len(key) > MAX_KEY_FILE:
+        raise AigisError(
+            f"the {what} file {path} is larger than {MAX_KEY_FILE} bytes: not a key AIGIS "
+            "made; remove it to make a new one"
+        )
     return key
+
+
+def _read_bounded(path: Path) -> bytes:
+    """At most MAX_KEY_FILE + 1 bytes of ``path``: a key file its reader's account did not
+    write (a plugin's, on the embedded backend) could be any size."""
+    with open(path, "rb") as stream:
+        return stream.read(MAX_KEY_FILE + 1)
 
 
 def _tighten(path: Path, what: str, mode: int) -> None:
@@ -107,7 +121,7 @@ def _publish(tmp: _Pending, path: Path, what: str, mode: int, key: bytes) -> byt
         # see a half-written file, and two processes starting at once agree on one key
         os.link(tmp.path, path)
     except FileExistsError:
-        return path.read_bytes()
+        return _read_bounded(path)
     except OSError as exc:
         raise AigisError(f"cannot create the {what} file {path}: {exc.strerror}") from None
     finally:

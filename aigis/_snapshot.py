@@ -126,6 +126,22 @@ def from_git(checkout: Path, commit: str, dest: Path) -> None:
         raise ValueError(str(exc)) from None
     finally:
         repo.free()
+    _links_stay_inside(dest)
+
+
+def _links_stay_inside(dest: Path) -> None:
+    """ValueError naming a link of ``dest`` that, followed with the links it passes through
+    (``b -> .`` makes ``b/b/../..`` climb out), leads outside ``dest``."""
+    top = os.path.realpath(dest)
+    for dirpath, dirnames, filenames in os.walk(dest):  # links to directories are not entered
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                continue
+            real = os.path.realpath(path)
+            if real != top and not real.startswith(top + os.sep):
+                shown = os.path.relpath(path, dest)
+                raise ValueError(f"{shown} leads to {real}, outside the repository")
 
 
 def _write_tree(

@@ -535,7 +535,18 @@ class CoreServer:
                 self._admit(sock, address, label)
             except OSError as exc:  # e.g. the peer reset before we could look at it
                 log.debug("closed: connection on %s: %s", label, _why(exc))
-                sock.close()
+                self._discard(sock)
+            except Exception:  # one peer's trouble, never the loop's: it serves everyone
+                log.exception("failed: connection on %s", label)
+                self._discard(sock)
+
+    def _discard(self, sock: socket.socket) -> None:
+        """Close a socket ``_admit`` failed on, with whatever it had already recorded."""
+        conn = self._connections.get(sock.fileno()) if sock.fileno() >= 0 else None
+        if conn is not None and conn.sock is sock:
+            self._close(conn)
+        else:
+            sock.close()
 
     def _authkey_for(self, conn: _Conn) -> bytes | dict[str, bytes]:
         """The keys ``conn`` may prove it holds, by identity: the authkey (the full proxy, ROOT)

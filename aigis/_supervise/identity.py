@@ -7,6 +7,7 @@ and never follows a symlink the plugin may have planted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -89,6 +90,43 @@ def prepare_local(spec: ProcessSpec) -> tuple[int, int] | None:
     except OSError as exc:
         raise PluginError(spec.name, f"cannot prepare files for user {spec.user}: {exc}") from None
     return uid, gid
+
+
+def retire_foreign_key(plugin: str, path: Path, user: str | None) -> bool:
+    """Delete ``path`` (the plugin's key) when an account other than root, the core's and
+    ``user``'s holds it: the account the plugin ran as before, which other plugins may share
+    and which may keep a copy. The core then makes a new key. True when it was deleted."""
+    try:
+        holder = os.stat(path, follow_symlinks=False).st_uid
+    except FileNotFoundError:
+        return False
+    allowed = {0, os.geteuid()}
+    with contextlib.suppress(KeyError):
+        allowed.add(pwd.getpwnam(user).pw_uid if user else os.geteuid())
+    if holder in allowed:
+        return False
+    os.unlink(path)
+    log.warning(
+        'rotated: key of plugin "%s" (%s was held by uid %d; the plugin now runs as %s)',
+        plugin,
+        path,
+        holder,
+        user or "the core's account",
+        **about(plugin),
+    )
+    return True
+
+
+#: Run by /bin/sh as the plugin's account: enter the working directory ($0) with that account's
+#: permissions, then become the plugin's argv.
+_ENTER = 'cd -- "$0" && exec "$@"'
+
+
+def entered_as_account(argv: tuple[str, ...], cwd: Path) -> tuple[tuple[str, ...], Path]:
+    """(argv, cwd) that start ``argv`` in ``cwd`` entered after the switch to the plugin's
+    account: the working directory lies in the checkout the plugin may rewrite, and a start
+    entering it as root would follow a link planted there into a directory closed to it. Pure."""
+    return ("/bin/sh", "-c", _ENTER, str(cwd), *argv), Path("/")
 
 
 def hand_over_file(path: Path, uid: int, gid: int) -> None:

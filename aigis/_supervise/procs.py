@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aigis._supervise.base import ProcessSpec
-from aigis._supervise.identity import prepare_local
+from aigis._supervise.identity import entered_as_account, prepare_local
 from aigis._supervise.proctable import (
     TAG_VAR,
     ProcStat,
@@ -191,9 +191,16 @@ SERVICE_ONLY = (
 )
 
 
-def child_environ() -> dict[str, str]:
-    """The core's environment minus what belongs to the core's own service."""
-    return {k: v for k, v in os.environ.items() if k not in SERVICE_ONLY}
+#: Variables naming the core's own credentials (git's, README "Plugin sources"): a plugin run
+#: as another account never gets them.
+CORE_CREDENTIALS = ("AIGIS_GIT_CREDENTIALS", "AIGIS_GIT_SSH_KEY", "SSH_AUTH_SOCK", "SSH_AGENT_PID")
+
+
+def child_environ(other_account: bool = False) -> dict[str, str]:
+    """The core's environment minus what belongs to the core's own service, and minus its
+    credentials for a process that runs as ``other_account``."""
+    dropped = SERVICE_ONLY + CORE_CREDENTIALS if other_account else SERVICE_ONLY
+    return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
 class LocalOs:
@@ -235,11 +242,13 @@ class LocalOs:
         # The child drops to the plugin's account before exec: no supplementary groups (root's
         # would leak), then gid, then uid.
         drop: dict[str, Any] = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
+        if ids:  # Popen enters cwd before the switch, as root
+            argv, cwd = entered_as_account(argv, cwd)
         try:
             proc = subprocess.Popen(
                 argv,
                 cwd=cwd,
-                env={**child_environ(), **env},
+                env={**child_environ(other_account=ids is not None), **env},
                 stdin=subprocess.DEVNULL,
                 stdout=wfd,
                 stderr=wfd,

@@ -48,6 +48,9 @@ ENTRYPOINT = "{root}"
 LAUNCH = ["sh", "{root}/probe.sh"]
 SECRETS = {"token.secret": "{root}/secrets/"}
 """
+INTERNAL_PROBE_MANIFEST = PROBE_MANIFEST.replace("external", "internal").replace(
+    'LAUNCH = ["sh", "{root}/probe.sh"]', 'LAUNCH = "main"'
+)
 
 
 class PrivateDaemon(DaemonProcess):
@@ -110,15 +113,26 @@ class World:
         self._next += 1
         return self.users[name]
 
-    def probe(self, name: str, user: str | None = None) -> None:
+    def probe(self, name: str, user: str | None = None, internal: bool = False) -> None:
+        """A plugin whose process is the probe; an internal one also gets its key."""
         root = self.base / "src" / name
         (root / "AIGIS").mkdir(parents=True)
         (root / "AIGIS" / "AIGIS.config").write_text(PROBE_MANIFEST)
         (root / "probe.sh").write_text(PROBE)
+        if internal:
+            (root / "AIGIS" / "AIGIS.config").write_text(INTERNAL_PROBE_MANIFEST)
+            (root / "AIGIS" / "AIGIS.core").write_text(f"SKILLS = ['{name}_v']\n{name}_v = id\n")
+            (root / "main.py").write_text(
+                "import os\ndef launch():\n    os.execvp('sh', ['sh', 'probe.sh'])\n"
+            )
         (self.base / "secrets" / name).mkdir(parents=True)
         (self.base / "secrets" / name / "token.secret").write_text(f"secret of {name}\n")
+        self.probe_entry(name, user, "internal" if internal else "external")
+
+    def probe_entry(self, name: str, user: str | None = None, table: str = "external") -> None:
+        """List the probe ``name`` (made by ``probe``) in the config, run as ``user``."""
         extra = f', user = "{user}"' if user else ""
-        self.plugins.append(("external", name, f'{{ source = "src/{name}"{extra} }}'))
+        self.plugins.append((table, name, f'{{ source = "src/{name}"{extra} }}'))
 
     def examples(self) -> None:
         shutil.copytree(EXAMPLES / "secrets", self.base / "secrets", dirs_exist_ok=True)
@@ -152,7 +166,7 @@ class World:
         closed = [p for p in (prefix, *prefix.parents) if not p.stat().st_mode & 0o001]
         if closed:
             hold = self.base / "interpreter"
-            hold.mkdir()
+            hold.mkdir(exist_ok=True)  # a second start of the same world
             script += [
                 f"mount --bind {prefix} {hold}",
                 f"mount -t tmpfs -o mode=0755,size=1m aigis-test {closed[-1]}",
@@ -354,3 +368,103 @@ def test_a_plugin_rewriting_its_checkout_runs_nothing_as_root_on_reload(world: W
     done = subprocess.run([*ctl, "call", "value"], capture_output=True, text=True)
     assert (done.returncode, done.stdout.strip()) == (0, "'from the source'"), done.stderr
     assert not marker.exists(), marker.read_text()
+
+
+def test_a_plugin_moved_to_its_own_account_gets_a_new_key(world: World) -> None:
+    """alpha and beta share an account, so beta can read alpha's key (as documented). The
+    operator then gives alpha its own account: the key beta copied must open nothing."""
+    world.user("aigis-ta")
+    alpha_uid = world.user("aigis-tb")
+    world.probe("alpha", "aigis-ta", internal=True)
+    world.probe("beta", "aigis-ta", internal=True)
+    daemon = world.start()
+    daemon.wait_for("ready: ", timeout=60)
+    key = world.state / "keys" / "alpha.key"
+    print(
+        subprocess.run(
+            ["ls", "-la", "--", str(key.parent), str(world.state)], capture_output=True, text=True
+        ).stdout,
+        world.attempt("beta", "id; ls -la ../../keys"),
+    )
+    code, out = world.attempt("beta", f"od -An -tx1 {key} | tr -d ' \\n'")
+    assert code == 0 and len(out) == 64, out
+    copied = bytes.fromhex(out)
+    assert copied == key.read_bytes()
+    assert daemon.signal(signal.SIGTERM) == 0
+    daemon.stop()  # its log
+    world.plugins = [p for p in world.plugins if p[1] != "alpha"]
+    world.probe_entry("alpha", "aigis-tb", "internal")
+    world.start().wait_for("ready: ", timeout=60)
+    assert world.attempt("alpha", "id -u") == (0, f"{alpha_uid}\n")
+    held = key.stat()
+    assert (held.st_uid, held.st_mode & 0o777) == (alpha_uid, 0o400)
+    assert key.read_bytes() != copied
+    code, out = world.attempt("beta", f"cat {key}")
+    assert code != 0, out
+    assert world.daemon is not None
+    assert 'rotated: key of plugin "alpha" (' in world.daemon.log
+    assert "; the plugin now runs as aigis-tb)" in world.daemon.log
+
+
+def test_the_cores_git_credentials_do_not_reach_a_plugins_account(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Variables naming the core's own credentials (README: for the core only) stay with the
+    core; the rest of its environment still reaches the plugin."""
+    world.user("aigis-ta")
+    world.probe("alpha", "aigis-ta")
+    monkeypatch.setenv("AIGIS_GIT_CREDENTIALS", str(world.base / "git-credentials"))
+    monkeypatch.setenv("AIGIS_GIT_SSH_KEY", str(world.base / "id_ed25519"))
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(world.base / "agent.sock"))
+    monkeypatch.setenv("AIGIS_TEST_PLAIN", "kept")
+    world.start().wait_for("ready: ", timeout=60)
+    code, out = world.attempt("alpha", "env")
+    assert code == 0, out
+    names = {line.partition("=")[0] for line in out.splitlines()}
+    assert "AIGIS_TEST_PLAIN=kept" in out.splitlines()
+    assert not names & {"AIGIS_GIT_CREDENTIALS", "AIGIS_GIT_SSH_KEY", "SSH_AUTH_SOCK"}, out
+
+
+ATTACK = """\
+#!/bin/sh
+# First run: swap the working directory for a link to a directory closed to this account,
+# then exit to be started again. Second run: read from wherever the start put it.
+if [ -L "$AIGIS_PLUGIN_DIR/work" ]; then
+    cat f > "$AIGIS_PLUGIN_DIR/result" 2>&1
+    exec sleep 1000
+fi
+rm -rf "$AIGIS_PLUGIN_DIR/work" && ln -s "{target}" "$AIGIS_PLUGIN_DIR/work"
+exit 1
+"""
+
+
+def test_a_working_directory_swapped_for_a_link_is_entered_as_the_plugin(world: World) -> None:
+    """The plugin's ENTRYPOINT lies inside its checkout, which it may rewrite: the start must
+    enter it with the plugin's permissions, never root's (a link to a directory beneath one
+    closed to the plugin would give it a way in)."""
+    world.user("aigis-ta")
+    closed = world.base / "closed"
+    (closed / "open").mkdir(parents=True)
+    closed.chmod(0o700)
+    (closed / "open" / "f").write_text("beneath a root-only directory\n")
+    root = world.base / "src" / "alpha"
+    (root / "AIGIS").mkdir(parents=True)
+    (root / "work").mkdir()
+    (root / "AIGIS" / "AIGIS.config").write_text(
+        'PLUGIN_TYPE = "external"\nENTRYPOINT = "{root}/work"\nLAUNCH = ["sh", "{root}/a.sh"]\n'
+        "RESTART = 3\n"
+    )
+    (root / "a.sh").write_text(ATTACK.format(target=closed / "open"))
+    world.plugins.append(("external", "alpha", '{ source = "src/alpha", user = "aigis-ta" }'))
+    daemon = world.start()
+    daemon.wait_for("ready: ", timeout=60)
+    plugin_dir = world.state / "ext" / "alpha"
+    wait_until(lambda: (plugin_dir / "work").is_symlink(), 30, "the plugin to plant its link")
+    wait_until(
+        lambda: (plugin_dir / "result").exists() or daemon.log.count('exited: "alpha"') >= 2,
+        60,
+        "the plugin's second start",
+    )
+    assert not (plugin_dir / "result").exists(), (plugin_dir / "result").read_text()
+    log = (world.state / "log" / "alpha.log").read_text()
+    assert "work" in log and ("can't cd" in log or "Permission denied" in log), log

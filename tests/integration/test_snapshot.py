@@ -183,6 +183,23 @@ def test_a_link_out_of_the_repository_is_refused_in_the_snapshot(tmp_path):
     assert not (tmp_path / "snapshots" / "p").exists()
 
 
+def test_a_link_leaving_the_snapshot_through_another_link_is_refused(tmp_path):
+    """``b -> .`` stays inside, and ``b/b/../../secret`` looks inside when read as text
+    ("secret"); but b/b is the snapshot itself, so ../.. leaves it: such a link is refused."""
+    (tmp_path / "secret").write_text("outside\n")
+    upstream = tmp_path / "upstream"
+    upstream.mkdir()
+    os.symlink(".", upstream / "b")
+    os.symlink("b/b/../../secret", upstream / "escape")
+    git(upstream, "init", "-q", "-b", "master")
+    git(upstream, "add", ".")
+    git(upstream, "commit", "-qm", "one")
+    fetched = Fetched("git", upstream, git(upstream, "rev-parse", "HEAD"), True)
+    with pytest.raises(Exception, match=r"escape leads to .*secret, outside the repository"):
+        take_snapshot("p", fetched, "file:///x", tmp_path, tmp_path / "snapshots")
+    assert not (tmp_path / "snapshots" / "p").exists()
+
+
 def test_paths_map_into_the_snapshot_only_inside_the_checkout():
     root, snap = Path("/s/ext/p"), Path("/s/snapshots/p")
     assert in_snapshot(root, root, snap) == snap

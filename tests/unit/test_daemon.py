@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from aigis._config import load_config
-from aigis._daemon import Daemon
+from aigis._daemon import Daemon, is_loopback
 from aigis._states import State
 from aigis._status import STATUS_FIELDS
 from tests.conftest import write_plugin
@@ -187,3 +188,55 @@ def test_status_rows_from_the_daemon_have_exactly_the_documented_fields(make_dae
     daemon.startup()
     for row in daemon.status_rows():
         assert tuple(row) == STATUS_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.0.2.7", False),
+        ("core.example", False),
+    ],
+)
+def test_only_loopback_addresses_count_as_local(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+class _Listener:
+    """Stands for CoreServer: records what the daemon gave it and binds nothing."""
+
+    made: list[dict] = []
+
+    def __init__(self, resolve, **options):
+        self.made.append(options)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("host", "warned"), [("192.0.2.7", True), ("127.0.0.1", False)])
+def test_plaintext_tcp_beyond_loopback_is_logged_as_exposed_at_start(
+    make_daemon, monkeypatch, caplog, host, warned
+):
+    daemon = make_daemon({})
+    settings = replace(daemon.config.settings, tcp=(host, 7001), tcp_plaintext=True)
+    daemon.config = replace(daemon.config, settings=settings)
+    monkeypatch.setattr("aigis._daemon.CoreServer", _Listener)
+    _Listener.made.clear()
+    daemon.start_server("plugins")
+    assert _Listener.made[0]["tls_context"] is None
+    exposed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("exposed:")]
+    if warned:
+        (line,) = exposed
+        assert f"plaintext TCP on {host} port 7001 ([aigis] tcp_plaintext = true in " in line
+    else:
+        assert exposed == []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aigis._errors import AigisError
-from aigis._keys import KEY_BYTES, create_missing_keys, load_or_create_key
+from aigis._keys import KEY_BYTES, PLUGIN_KEY_MODE, create_missing_keys, load_or_create_key
 
 
 def test_missing_keys_are_created_synced_then_linked_and_existing_ones_kept(
@@ -88,3 +88,21 @@ def test_keys_are_written_in_bounded_batches(tmp_path: Path, monkeypatch: pytest
     create_missing_keys([(tmp_path / f"k{i}.key", f"key {i}", 0o600) for i in range(10)])
     assert len(open_at_sync) == 10 and max(open_at_sync) <= 4  # 4, 4, then 2 at most
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"k{i}.key" for i in range(10))
+
+
+def test_a_key_is_created_once_with_its_mode(tmp_path):
+    path = tmp_path / "keys" / "p.key"
+    key = load_or_create_key(path, 'key of plugin "p"', PLUGIN_KEY_MODE)
+    assert len(key) == KEY_BYTES
+    assert os.stat(path).st_mode & 0o777 == PLUGIN_KEY_MODE
+    assert load_or_create_key(path, 'key of plugin "p"', PLUGIN_KEY_MODE) == key
+
+
+def test_a_huge_key_file_is_refused_not_read_into_memory(tmp_path):
+    """On the embedded backend a plugin's account owns its key file and may grow it; the core
+    reading it whole would hold that much memory."""
+    path = tmp_path / "p.key"
+    with open(path, "wb") as out:
+        out.truncate(256 << 20)  # sparse: no disk used
+    with pytest.raises(AigisError, match=r'the key of plugin "p" file .*p\.key is larger than'):
+        load_or_create_key(path, 'key of plugin "p"', PLUGIN_KEY_MODE)

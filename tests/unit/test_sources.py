@@ -7,12 +7,13 @@ import os
 import socket
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import pygit2
 import pytest
 
-from aigis import _sources
+from aigis import _git, _sources
 from aigis._errors import SourceError
 from aigis._sources import Fetched, fetch, is_local_source
 
@@ -469,3 +470,70 @@ def test_existing_non_repository_dest_is_used_as_is(up: Upstream, tmp_path, capl
     assert warnings(caplog) == [
         f'not updated: plugin "plug": {dest} is not a git repository; delete it to clone {up.url}'
     ]
+
+
+def test_a_git_link_planted_in_the_checkout_is_not_followed(up: Upstream, tmp_path, caplog) -> None:
+    """A checkout without its own .git (it was a local source's copy) where the plugin planted
+    ``.git -> ../other/.git``: the core must not fetch into, re-point or move the other
+    plugin's repository (libgit2 accepts the link: the repository it leads to is root's)."""
+    other = tmp_path / "state" / "ext" / "other"
+    fetch("other", up.url, other, base_dir=tmp_path)
+    elsewhere = Upstream(tmp_path / "elsewhere.git")
+    elsewhere.commit("master", "planted")
+    dest = tmp_path / "state" / "ext" / "plug"
+    dest.mkdir()
+    (dest / ".git").symlink_to("../other/.git")
+    got = fetch("plug", elsewhere.url, dest, base_dir=tmp_path)
+    assert got == Fetched("git", dest, None, False)
+    repo = pygit2.Repository(other)
+    assert repo.remotes["origin"].url == up.url
+    assert version(other) == "one"
+    assert "elsewhere" not in str(list(repo.references))
+    assert warnings(caplog) == [
+        f'not updated: plugin "plug": {dest}/.git is not a directory of the core\'s '
+        f"(a link, or another account's); delete {dest} to clone {elsewhere.url}"
+    ]
+
+
+def test_a_git_directory_of_another_account_is_not_opened(up: Upstream, tmp_path, caplog) -> None:
+    """The same with a .git directory the plugin's account made (libgit2 refuses it too, since
+    1.4.3; the core does not rely on that)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chown to another account needs root, and CI must run it")
+        pytest.skip("chown to another account needs root")
+    dest = tmp_path / "state" / "ext" / "plug"
+    fetch("plug", up.url, dest, base_dir=tmp_path)
+    for path in (dest / ".git", *(dest / ".git").rglob("*")):
+        os.chown(path, 65534, 65534, follow_symlinks=False)
+    up.commit("master", "two")
+    assert fetch("plug", up.url, dest, base_dir=tmp_path) == Fetched("git", dest, None, False)
+    assert version(dest) == "one"
+    assert "another account's" in warnings(caplog)[0]
+
+
+def test_a_fifo_planted_in_the_checkout_cannot_hang_the_update(
+    up: Upstream, dest: Path, tmp_path, caplog, monkeypatch
+) -> None:
+    """The plugin's account replaces a tracked file with a FIFO: libgit2's checkout opens it to
+    compare it and would wait for a writer forever, holding the core's load (as root). The
+    update gives up after its deadline instead, and the checkout stays at its commit."""
+    first = fetch("plug", up.url, dest, base_dir=tmp_path).commit
+    (dest / "VERSION").unlink()
+    os.mkfifo(dest / "VERSION")
+    up.commit("master", "two")
+    monkeypatch.setattr(_git, "CHECKOUT_TIMEOUT", 2.0)
+    got: list[Fetched] = []
+    update = threading.Thread(
+        target=lambda: got.append(fetch("plug", up.url, dest, base_dir=tmp_path)), daemon=True
+    )
+    update.start()
+    update.join(60)
+    if update.is_alive():  # let the stuck checkout (writing into the FIFO) go before failing
+        os.close(os.open(dest / "VERSION", os.O_RDONLY | os.O_NONBLOCK))
+        update.join(60)
+        pytest.fail("the update waited for the FIFO's writer")
+    assert got == [Fetched("git", dest, first, False)]
+    (line,) = warnings(caplog)
+    assert line.startswith('not updated: plugin "plug": update failed: checkout of ')
+    assert "did not finish within 2 s" in line
