@@ -24,6 +24,9 @@ MANAGER = DBusAddress(
 )
 PROPERTIES = "org.freedesktop.DBus.Properties"
 WINDOW = 100  # calls in flight at once: dbus-daemon allows 128 pending replies per connection
+#: Unfinished jobs of ours at once: systemd holds one match rule per job on its bus connection
+#: (dbus-daemon allows 512 per connection, shared with every other client's jobs).
+MAX_JOBS = 200
 UNIT_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 Call = tuple[DBusAddress, str, str | None, tuple]
@@ -60,8 +63,6 @@ class Systemd:
         self._timeout = timeout
         self._conn: DBusConnection | None = None
         self._lock = threading.Lock()
-        self._pins: set[str] = set()  # units referenced on the current connection
-        self._wanted: set[str] = set()  # units to reference again on every new connection
 
     def _call_many(self, calls: Sequence[Call]) -> list[Message]:
         """Send the calls pipelined, at most WINDOW awaiting replies (the bus daemon refuses more
@@ -69,13 +70,8 @@ class Systemd:
         error messages."""
         with self._lock:
             try:
-                repin: list[Call] = []
                 if self._conn is None:
                     self._conn = open_dbus_connection(bus=self.bus)
-                    # References die with a connection: take them again, or a unit that exits
-                    # cleanly would be collected with its exit status.
-                    repin = [(MANAGER, "RefUnit", "s", (u,)) for u in sorted(self._wanted)]
-                    calls = [*repin, *calls]
                 conn = self._conn
                 serials: list[int] = []
                 wanted: set[int] = set()
@@ -93,10 +89,7 @@ class Systemd:
             except OSError:  # ConnectionError, TimeoutError too
                 self._drop()  # a late reply must not be taken for the answer to a later call
                 raise
-            for (_a, _m, _s, (unit,)), serial in zip(repin, serials):
-                if replies[serial].header.message_type.name != "error":
-                    self._pins.add(unit)
-        return [replies[serial] for serial in serials[len(repin) :]]
+        return [replies[serial] for serial in serials]
 
     def _receive(
         self, conn: DBusConnection, wanted: set[int], replies: dict[int, Message], deadline: float
@@ -117,7 +110,6 @@ class Systemd:
         return _body(method, reply)
 
     def _drop(self) -> None:
-        self._pins.clear()  # references live and die with the connection
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -159,64 +151,29 @@ class Systemd:
             if exc.name not in _UNKNOWN_UNIT:
                 raise
 
-    def pin(self, unit: str) -> None:
-        """Reference ``unit`` (once per connection) so systemd keeps it in memory when inactive:
-        a clean exit stays readable (ExecMainStatus, timestamps) instead of being collected."""
-        if unit in self._pins:
-            return
-        # Into _wanted only after the call: had this call opened a new connection, the re-pin
-        # batch would otherwise reference the unit a second time.
-        self._call(MANAGER, "RefUnit", "s", (unit,))
-        self._pins.add(unit)
-        self._wanted.add(unit)
-
-    def unpin(self, unit: str) -> None:
-        """Drop the reference taken by ``pin``; systemd may then collect the unit."""
-        self._wanted.discard(unit)
-        if unit not in self._pins:
-            return
-        self._pins.discard(unit)
-        try:
-            self._call(MANAGER, "UnrefUnit", "s", (unit,))
-        except SystemdError as exc:
-            if exc.name not in (
-                "org.freedesktop.systemd1.NoSuchUnit",
-                "org.freedesktop.systemd1.NotReferenced",
-            ):
-                raise
-
     def jobs(self, jobs: Sequence[tuple[str, str]]) -> dict[str, SystemdError | None]:
-        """Many ``(unit, how)`` in one go: ``how`` is start, restart or
-        stop (a job, mode replace) or pin (a reference only). Units that start are referenced
-        and their failed state reset first. Returns each unit's error, or None."""
+        """Many ``(unit, how)`` in one pipelined batch: ``how`` is start, restart or stop (a job,
+        mode replace); units that start have their failed state reset first. Returns each
+        unit's error, or None. systemd adds a match rule to its bus connection for every job
+        a client queued until the job finishes (dbus-daemon allows 512): callers queue a few
+        hundred at a time (``MAX_JOBS``)."""
         method = {"start": "StartUnit", "restart": "RestartUnit", "stop": "StopUnit"}
         calls: list[Call] = []
         plan: list[tuple[str, str]] = []  # (unit, what) of each call, in order
         for unit, how in jobs:
-            if how != "stop" and unit not in self._pins:
-                calls.append((MANAGER, "RefUnit", "s", (unit,)))
-                plan.append((unit, "pin"))
             if how in ("start", "restart"):
                 calls.append((MANAGER, "ResetFailedUnit", "s", (unit,)))
                 plan.append((unit, "reset"))
-            if how in method:
-                calls.append((MANAGER, method[how], "ss", (unit, "replace")))
-                plan.append((unit, how))
+            calls.append((MANAGER, method[how], "ss", (unit, "replace")))
+            plan.append((unit, how))
         errors: dict[str, SystemdError | None] = {unit: None for unit, _ in jobs}
-        # One call at a time: pipelining hundreds of job requests made systemd 252 drop its
-        # bus connection ("Got disconnect on API bus") in the N=300 measurement.
-        replies = [reply for call in calls for reply in self._call_many([call])]
-        for (unit, what), reply in zip(plan, replies):
+        for (unit, what), reply in zip(plan, self._call_many(calls)):
             try:
                 _body(what, reply)
             except SystemdError as exc:
                 if what == "reset" and exc.name in _UNKNOWN_UNIT:
                     continue  # nothing failed to forget
                 errors[unit] = errors[unit] or exc
-                continue
-            if what == "pin":
-                self._pins.add(unit)
-                self._wanted.add(unit)
         return errors
 
     def brief(self, units: Sequence[str]) -> dict[str, tuple[str, str, int]]:
