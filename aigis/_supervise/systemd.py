@@ -348,7 +348,8 @@ class SystemdSupervisor:
             # One cheap call for all; the full state only of units that run (adoption).
             brief = self._systemd.brief([p.unit for p in plugins.values()])
             up = [n for n, p in plugins.items() if brief.get(p.unit, ("",))[0] in _UP]
-            states = dict(zip(up, self._systemd.states([plugins[n].unit for n in up])))
+            units = [plugins[n].unit for n in up]
+            states = dict(zip(up, self._systemd.states(units, fresh=True)))
         except BUS_ERRORS as exc:
             with self._lock:
                 self._unchecked = {**unchecked, **self._unchecked}

@@ -64,6 +64,15 @@ def test_six_hundred_units_start_run_exit_and_stop_with_the_bus_intact(box: Box)
         assert len({statuses[n].pid for n in sleepers}) == N
         journal = box.journal(None)
         assert "disconnect on API bus" not in journal
+        # Once read, a unit that keeps running costs one Get (its InvocationID) per status, and
+        # the list of all states one call: no per-unit batch of eleven properties.
+        calls = []
+        real = sup._systemd._call_many
+        sup._systemd._call_many = lambda batch: calls.append(len(batch)) or real(batch)  # type: ignore[method-assign]
+        again = {s.name: s for s in sup.status(sleepers)}
+        sup._systemd._call_many = real  # type: ignore[method-assign]
+        assert calls == [1, N]
+        assert {n: s.pid for n, s in again.items()} == {n: statuses[n].pid for n in sleepers}
         sup.stop_all([])
         stopped = {s.name: s for s in sup.status()}
         assert {stopped[n].state for n in sleepers} == {State.STOPPED}

@@ -90,7 +90,7 @@ class FakeSystemd:
     def state(self, unit: str) -> UnitState:
         return self.units.get(unit, replace(BASE, unit=unit))
 
-    def states(self, units):
+    def states(self, units, fresh=False):
         self.calls.append(("states", len(units)))
         return [self.state(u) for u in units]
 
