@@ -230,6 +230,10 @@ class Systemd:
                 if value is not None and key == (bytes(value).hex(), *row_of[unit][3:5]):
                     props[unit] = cached
         rest = [u for u in units if u not in props]
+        # A running unit has no exit status, and its restart policy matters only once it fails.
+        wanted = {
+            u: _PROPERTIES if fresh or u not in running else _RUNNING_PROPERTIES for u in rest
+        }
         calls: list[Call] = [
             (
                 DBusAddress(unit_path(unit), bus_name=SYSTEMD, interface=PROPERTIES),
@@ -238,11 +242,12 @@ class Systemd:
                 (f"org.freedesktop.systemd1.{interface}", name),
             )
             for unit in rest
-            for interface, name in _PROPERTIES
+            for interface, name in wanted[unit]
         ]
         replies = iter(self._call_many(calls) if calls else [])
         for unit in rest:
-            props[unit] = {name: _body("Get", next(replies))[0][1] for _, name in _PROPERTIES}
+            read = {name: _body("Get", next(replies))[0][1] for _, name in wanted[unit]}
+            props[unit] = {**_UNREAD, **read}
             if unit in running:
                 invocation = bytes(props[unit]["InvocationID"]).hex()
                 self._running[unit] = ((invocation, *row_of[unit][3:5]), props[unit])
@@ -293,6 +298,26 @@ _PROPERTIES = (
     ("Service", "ExecMainCode"),
     ("Service", "ExecMainStartTimestamp"),
 )
+
+
+#: What ``states`` reads of a unit that runs without a job (the rest as in ``_UNREAD``).
+_RUNNING_PROPERTIES = (
+    ("Unit", "InvocationID"),
+    ("Unit", "StateChangeTimestamp"),
+    ("Service", "Type"),
+    ("Service", "NRestarts"),
+    ("Service", "MainPID"),
+    ("Service", "ExecMainStartTimestamp"),
+)
+#: Values of the properties ``states`` did not read (a running unit's exit status is empty).
+_UNREAD: dict[str, Any] = {
+    "NeedDaemonReload": False,
+    "StartLimitBurst": 0,
+    "Result": "success",
+    "Restart": "",
+    "ExecMainStatus": 0,
+    "ExecMainCode": 0,
+}
 
 
 def _body(method: str, reply: Message) -> tuple:
