@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aigis._errors import PluginError
 from aigis._supervise.base import ProcessSpec
-from aigis._supervise.units import DROPIN_NAME, EXIT_DIR
+from aigis._supervise.units import DROPIN_NAME, EXIT_DIR, STOPPING_DROPIN_NAME, TEMPLATE
 
 UNIT_DIR = "run/systemd/system"  # relative to the root: runtime drop-ins vanish at reboot
 EXIT_RECORD_MAX = 256  # bytes; a record is three short words
@@ -20,6 +20,11 @@ EXIT_RECORD_MAX = 256  # bytes; a record is three short words
 def dropin_path(root: Path, unit: str) -> Path:
     """``ROOT/run/systemd/system/UNIT.d/50-aigis.conf`` (ROOT is / except in tests)."""
     return root / UNIT_DIR / f"{unit}.d" / DROPIN_NAME
+
+
+def stopping_path(root: Path) -> Path:
+    """``ROOT/run/systemd/system/aigis-plugin@.service.d/90-aigis-stopping.conf``."""
+    return root / UNIT_DIR / f"{TEMPLATE}.d" / STOPPING_DROPIN_NAME
 
 
 def absolute_program(spec: ProcessSpec) -> ProcessSpec:

@@ -30,10 +30,11 @@ from aigis._supervise.dropins import (
     dropin_path,
     make_exit_dir,
     read_exit,
+    stopping_path,
     write_dropin,
 )
 from aigis._supervise.identity import prepare
-from aigis._supervise.units import render_dropin, unit_name
+from aigis._supervise.units import render_dropin, render_stopping_dropin, unit_name
 from aigis._supervise.unitstate import (
     UnitState,
     collected,
@@ -50,6 +51,9 @@ POLL_INTERVAL = 2.0  # how often poll() reads states to log transitions (systemd
 QUIET = 0.5  # poll() applies a batch once no drop-in changed for this long (a reload in progress)
 STEP_MIN, STEP_MAX = 0.02, 0.2
 _UP = ("active", "activating", "reloading")  # ActiveStates with a process (or one on its way)
+#: From this many plugins on, stop_all turns exit records off first (one daemon-reload costs
+#: about what a few ExecStopPost= forks of PID 1 do).
+STOPPING_MIN = 8
 BUS_ERRORS = (OSError, SystemdError)  # OSError covers ConnectionError and TimeoutError
 
 
@@ -84,10 +88,6 @@ class SystemdSupervisor:
             self.version = self._systemd.version()
         except BUS_ERRORS as exc:
             raise AigisError(f"the systemd supervisor cannot reach systemd: {exc}") from None
-        try:
-            make_exit_dir(self.root)
-        except OSError as exc:  # status then cannot tell a clean exit once systemd collected it
-            log.warning("failed: cannot create the plugins' exit records directory: %s", exc)
         self._plugins: dict[str, _Plugin] = {}
         self._lock = threading.Lock()  # the registry and the pending batch
         self._busy = threading.RLock()  # one batch or job-waiting operation at a time
@@ -98,6 +98,15 @@ class SystemdSupervisor:
         self._next_poll = 0.0
         self._changed_at = 0.0  # monotonic time of the last add() or remove()
         self._last_error = ""  # what poll() last logged, so a lasting failure is logged once
+        try:
+            make_exit_dir(self.root)
+        except OSError as exc:  # status then cannot tell a clean exit once systemd collected it
+            log.warning("failed: cannot create the plugins' exit records directory: %s", exc)
+        # An earlier core stopped every plugin with their exit records off: on again (the first
+        # batch reloads systemd).
+        with contextlib.suppress(FileNotFoundError):
+            stopping_path(self.root).unlink()
+            self._dirty = True
 
     # -- the Supervisor protocol ---------------------------------------------------------------
     def add(self, spec: ProcessSpec) -> None:
@@ -253,6 +262,12 @@ class SystemdSupervisor:
                 self._unchecked.clear()
                 named = [n for step in steps for n in step if n in self._plugins]
                 rest = [n for n in reversed(self._plugins) if n not in named]
+            if len(self._plugins) >= STOPPING_MIN:  # one daemon-reload, not a fork of PID 1 each
+                try:
+                    write_dropin("*", stopping_path(self.root), render_stopping_dropin())
+                    self._dirty = True
+                except PluginError as exc:
+                    log.warning("failed: %s (each stop records its exit)", exc.reason)
             self.flush()  # e.g. the drop-ins removed just before
             for step in [*steps, rest]:
                 with self._lock:

@@ -155,6 +155,20 @@ def exit_record_line(exit_dir: str = EXIT_DIR) -> str:
     return f'ExecStopPost=-+/bin/ln -sfn {record} {quote(exit_dir, variables=False)[:-1]}/%n"'
 
 
+#: Written for the template while AIGIS stops every plugin (sorted after the plugins' own
+#: drop-ins, so it wins): those exits need no record, and each ExecStopPost= costs PID 1 a fork.
+STOPPING_DROPIN_NAME = "90-aigis-stopping.conf"
+
+
+def render_stopping_dropin() -> str:
+    """The template drop-in that turns the exit records off while every plugin stops."""
+    return (
+        "# Written by AIGIS while it stops every plugin; removed when it starts again.\n"
+        "[Service]\n"
+        "ExecStopPost=\n"
+    )
+
+
 def render_dropin(
     spec: ProcessSpec, systemd_version: int = 252, *, exit_dir: str | None = EXIT_DIR
 ) -> str:

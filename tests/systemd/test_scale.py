@@ -77,6 +77,10 @@ def test_six_hundred_units_start_run_exit_and_stop_with_the_bus_intact(box: Box)
         stopped = {s.name: s for s in sup.status()}
         assert {stopped[n].state for n in sleepers} == {State.STOPPED}
         assert {stopped[n].state for n in enders} == {State.EXITED}
+        # stop_all turned the exit records off (one daemon-reload, not 600 forks of PID 1)
+        assert sorted(p.name for p in box.host_path("/run/aigis/exits").iterdir()) == sorted(
+            f"aigis-plugin@{n}.service" for n in enders
+        )
         assert box.systemctl("list-units", "--state=active", "--plain", "--no-legend",
                              "aigis-plugin@*").stdout.strip() == ""  # fmt: skip
         assert "disconnect on API bus" not in box.journal(None)
