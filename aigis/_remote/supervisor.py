@@ -129,6 +129,7 @@ class RemoteSupervisor:
         self._bus: Systemd | None = None  # the host's systemd over its forwarded D-Bus socket
         self._bus_new = False
         self._use_bus = True
+        self._referenced: set[str] = set()  # units referenced on the current bus connection
         self._bus_lock = threading.Lock()
         self._added_at = 0.0
         self._retry_at = 0.0
@@ -442,7 +443,7 @@ class RemoteSupervisor:
             "template": REMOTE_TEMPLATE,
             "dropin": {
                 "path": f"/run/systemd/system/{plugin.unit}.d/{DROPIN_NAME}",
-                "text": render_dropin(remote, self._systemd_version or 252),
+                "text": render_dropin(remote, self._systemd_version or 252, exit_dir=None),
             },
         }, timeout=self.settings.requirements_timeout + 60)  # fmt: skip
         done = answer.get("requirements")
@@ -567,10 +568,13 @@ class RemoteSupervisor:
             else:
                 self._bus = Systemd(f"unix:path={path}", timeout=READ_WAIT)
                 self._bus_new = True
+                self._referenced = set()
         if self._bus is not None:
             try:
-                for unit in units:
-                    self._bus.pin(unit)  # a unit that exits cleanly keeps its exit status
+                new = [unit for unit in units if unit not in self._referenced]
+                if new:  # a unit that exits cleanly keeps its exit status
+                    self._bus.ref(new)
+                    self._referenced.update(new)
                 states = self._bus.states(units)
                 self._bus_new = False
                 return states

@@ -24,6 +24,9 @@ MANAGER = DBusAddress(
 )
 PROPERTIES = "org.freedesktop.DBus.Properties"
 WINDOW = 100  # calls in flight at once: dbus-daemon allows 128 pending replies per connection
+#: Unfinished jobs of ours at once: systemd holds one match rule per job on its bus connection
+#: (dbus-daemon allows 512 per connection, shared with every other client's jobs).
+MAX_JOBS = 200
 UNIT_PREFIX = "/org/freedesktop/systemd1/unit/"
 
 Call = tuple[DBusAddress, str, str | None, tuple]
@@ -60,8 +63,9 @@ class Systemd:
         self._timeout = timeout
         self._conn: DBusConnection | None = None
         self._lock = threading.Lock()
-        self._pins: set[str] = set()  # units referenced on the current connection
-        self._wanted: set[str] = set()  # units to reference again on every new connection
+        #: unit -> ((InvocationID, ActiveState, SubState), the ``_PROPERTIES`` read then) of
+        #: units running without a job: unchanged until the unit starts again or moves.
+        self._running: dict[str, tuple[tuple[str, str, str], dict[str, Any]]] = {}
 
     def _call_many(self, calls: Sequence[Call]) -> list[Message]:
         """Send the calls pipelined, at most WINDOW awaiting replies (the bus daemon refuses more
@@ -69,13 +73,8 @@ class Systemd:
         error messages."""
         with self._lock:
             try:
-                repin: list[Call] = []
                 if self._conn is None:
                     self._conn = open_dbus_connection(bus=self.bus)
-                    # References die with a connection: take them again, or a unit that exits
-                    # cleanly would be collected with its exit status.
-                    repin = [(MANAGER, "RefUnit", "s", (u,)) for u in sorted(self._wanted)]
-                    calls = [*repin, *calls]
                 conn = self._conn
                 serials: list[int] = []
                 wanted: set[int] = set()
@@ -93,10 +92,7 @@ class Systemd:
             except OSError:  # ConnectionError, TimeoutError too
                 self._drop()  # a late reply must not be taken for the answer to a later call
                 raise
-            for (_a, _m, _s, (unit,)), serial in zip(repin, serials):
-                if replies[serial].header.message_type.name != "error":
-                    self._pins.add(unit)
-        return [replies[serial] for serial in serials[len(repin) :]]
+        return [replies[serial] for serial in serials]
 
     def _receive(
         self, conn: DBusConnection, wanted: set[int], replies: dict[int, Message], deadline: float
@@ -117,7 +113,6 @@ class Systemd:
         return _body(method, reply)
 
     def _drop(self) -> None:
-        self._pins.clear()  # references live and die with the connection
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -130,6 +125,7 @@ class Systemd:
     # -- manager ---------------------------------------------------------------------------
     def reload(self) -> None:
         """``systemctl daemon-reload`` (blocks until done)."""
+        self._running.clear()  # Restart=, StartLimitBurst=, NeedDaemonReload may change
         self._call(MANAGER, "Reload")
 
     def version(self) -> int:
@@ -159,64 +155,36 @@ class Systemd:
             if exc.name not in _UNKNOWN_UNIT:
                 raise
 
-    def pin(self, unit: str) -> None:
-        """Reference ``unit`` (once per connection) so systemd keeps it in memory when inactive:
-        a clean exit stays readable (ExecMainStatus, timestamps) instead of being collected."""
-        if unit in self._pins:
-            return
-        # Into _wanted only after the call: had this call opened a new connection, the re-pin
-        # batch would otherwise reference the unit a second time.
-        self._call(MANAGER, "RefUnit", "s", (unit,))
-        self._pins.add(unit)
-        self._wanted.add(unit)
-
-    def unpin(self, unit: str) -> None:
-        """Drop the reference taken by ``pin``; systemd may then collect the unit."""
-        self._wanted.discard(unit)
-        if unit not in self._pins:
-            return
-        self._pins.discard(unit)
-        try:
-            self._call(MANAGER, "UnrefUnit", "s", (unit,))
-        except SystemdError as exc:
-            if exc.name not in (
-                "org.freedesktop.systemd1.NoSuchUnit",
-                "org.freedesktop.systemd1.NotReferenced",
-            ):
-                raise
+    def ref(self, units: Sequence[str]) -> None:
+        """Reference ``units`` on this connection, so systemd keeps them in memory when they
+        end (a clean exit stays readable) until the connection closes. Each reference costs one
+        of the 512 match rules dbus-daemon allows systemd's connection: the local backend keeps
+        exit records instead; a remote host's supervisor, which reads over this bus, uses it."""
+        self._call_many([(MANAGER, "RefUnit", "s", (unit,)) for unit in units])
 
     def jobs(self, jobs: Sequence[tuple[str, str]]) -> dict[str, SystemdError | None]:
-        """Many ``(unit, how)`` in one go: ``how`` is start, restart or
-        stop (a job, mode replace) or pin (a reference only). Units that start are referenced
-        and their failed state reset first. Returns each unit's error, or None."""
+        """Many ``(unit, how)`` in one pipelined batch: ``how`` is start, restart or stop (a job,
+        mode replace); units that start have their failed state reset first. Returns each
+        unit's error, or None. systemd adds a match rule to its bus connection for every job
+        a client queued until the job finishes (dbus-daemon allows 512): callers queue a few
+        hundred at a time (``MAX_JOBS``)."""
         method = {"start": "StartUnit", "restart": "RestartUnit", "stop": "StopUnit"}
         calls: list[Call] = []
         plan: list[tuple[str, str]] = []  # (unit, what) of each call, in order
         for unit, how in jobs:
-            if how != "stop" and unit not in self._pins:
-                calls.append((MANAGER, "RefUnit", "s", (unit,)))
-                plan.append((unit, "pin"))
             if how in ("start", "restart"):
                 calls.append((MANAGER, "ResetFailedUnit", "s", (unit,)))
                 plan.append((unit, "reset"))
-            if how in method:
-                calls.append((MANAGER, method[how], "ss", (unit, "replace")))
-                plan.append((unit, how))
+            calls.append((MANAGER, method[how], "ss", (unit, "replace")))
+            plan.append((unit, how))
         errors: dict[str, SystemdError | None] = {unit: None for unit, _ in jobs}
-        # One call at a time: pipelining hundreds of job requests made systemd 252 drop its
-        # bus connection ("Got disconnect on API bus") in the N=300 measurement.
-        replies = [reply for call in calls for reply in self._call_many([call])]
-        for (unit, what), reply in zip(plan, replies):
+        for (unit, what), reply in zip(plan, self._call_many(calls)):
             try:
                 _body(what, reply)
             except SystemdError as exc:
                 if what == "reset" and exc.name in _UNKNOWN_UNIT:
                     continue  # nothing failed to forget
                 errors[unit] = errors[unit] or exc
-                continue
-            if what == "pin":
-                self._pins.add(unit)
-                self._wanted.add(unit)
         return errors
 
     def brief(self, units: Sequence[str]) -> dict[str, tuple[str, str, int]]:
@@ -245,13 +213,34 @@ class Systemd:
         """Read one unit's state; an unknown unit reads as load_state "not-found"."""
         return self.states([unit])[0]
 
-    def states(self, units: Sequence[str]) -> list[UnitState]:
-        """Read many units at once: one ListUnitsByNames, then a pipelined batch of Get calls
-        for the few properties we need (a GetAll of ~400 properties is twice as slow to parse)."""
+    def states(self, units: Sequence[str], fresh: bool = False) -> list[UnitState]:
+        """Read many units at once: one ListUnitsByNames, then pipelined Get calls for the few
+        properties we need (a GetAll of ~300 properties is slower to parse). A unit that
+        runs without a job and whose InvocationID, ActiveState and SubState are those of an
+        earlier read costs one Get (its InvocationID), not eleven: its main process, start
+        time and restart count cannot have changed. ``fresh``: read everything anew."""
         if not units:
             return []
         (rows,) = self._call(MANAGER, "ListUnitsByNames", "as", (list(units),))
         listed = {row[0]: row for row in rows}
+        row_of = {
+            u: listed.get(u, (u, "", "not-found", "inactive", "dead", "", "", 0)) for u in units
+        }
+        running = {u for u, row in row_of.items() if (row[3], row[4], int(row[7])) == _RUNNING}
+        known = [u for u in units if u in running and u in self._running and not fresh]
+        props: dict[str, dict[str, Any]] = {}
+        if known:  # one Get each: the invocation tells whether the cached read still holds
+            ids = self.unit_properties(known, ["InvocationID"], interface="Unit")
+            for unit in known:
+                key, cached = self._running[unit]
+                value = ids.get(unit, {}).get("InvocationID")
+                if value is not None and key == (bytes(value).hex(), *row_of[unit][3:5]):
+                    props[unit] = cached
+        rest = [u for u in units if u not in props]
+        # A running unit has no exit status, and its restart policy matters only once it fails.
+        wanted = {
+            u: _PROPERTIES if fresh or u not in running else _RUNNING_PROPERTIES for u in rest
+        }
         calls: list[Call] = [
             (
                 DBusAddress(unit_path(unit), bus_name=SYSTEMD, interface=PROPERTIES),
@@ -259,16 +248,19 @@ class Systemd:
                 "ss",
                 (f"org.freedesktop.systemd1.{interface}", name),
             )
-            for unit in units
-            for interface, name in _PROPERTIES
+            for unit in rest
+            for interface, name in wanted[unit]
         ]
-        replies = iter(self._call_many(calls))
-        states = []
-        for unit in units:
-            props = {name: _body("Get", next(replies))[0][1] for _, name in _PROPERTIES}
-            row = listed.get(unit, (unit, "", "not-found", "inactive", "dead", "", "", 0))
-            states.append(_unit_state(unit, row, props))
-        return states
+        replies = iter(self._call_many(calls) if calls else [])
+        for unit in rest:
+            read = {name: _body("Get", next(replies))[0][1] for _, name in wanted[unit]}
+            props[unit] = {**_UNREAD, **read}
+            if unit in running:
+                invocation = bytes(props[unit]["InvocationID"]).hex()
+                self._running[unit] = ((invocation, *row_of[unit][3:5]), props[unit])
+            else:
+                self._running.pop(unit, None)
+        return [_unit_state(unit, row_of[unit], props[unit]) for unit in units]
 
     def unit_properties(
         self, units: Sequence[str], names: Sequence[str], interface: str = "Service"
@@ -296,8 +288,11 @@ class Systemd:
         return out
 
 
+#: (ActiveState, SubState, job id) of a unit whose state ``states`` may keep between reads.
+_RUNNING = ("active", "running", 0)
 #: What ``states`` reads besides ListUnitsByNames' LoadState, ActiveState, SubState and job.
 _PROPERTIES = (
+    ("Unit", "InvocationID"),
     ("Unit", "StateChangeTimestamp"),
     ("Unit", "NeedDaemonReload"),
     ("Unit", "StartLimitBurst"),
@@ -310,6 +305,26 @@ _PROPERTIES = (
     ("Service", "ExecMainCode"),
     ("Service", "ExecMainStartTimestamp"),
 )
+
+
+#: What ``states`` reads of a unit that runs without a job (the rest as in ``_UNREAD``).
+_RUNNING_PROPERTIES = (
+    ("Unit", "InvocationID"),
+    ("Unit", "StateChangeTimestamp"),
+    ("Service", "Type"),
+    ("Service", "NRestarts"),
+    ("Service", "MainPID"),
+    ("Service", "ExecMainStartTimestamp"),
+)
+#: Values of the properties ``states`` did not read (a running unit's exit status is empty).
+_UNREAD: dict[str, Any] = {
+    "NeedDaemonReload": False,
+    "StartLimitBurst": 0,
+    "Result": "success",
+    "Restart": "",
+    "ExecMainStatus": 0,
+    "ExecMainCode": 0,
+}
 
 
 def _body(method: str, reply: Message) -> tuple:

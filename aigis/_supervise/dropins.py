@@ -1,4 +1,5 @@
-"""Per-plugin runtime drop-ins on disk: where they live, what they say, written atomically."""
+"""Per-plugin runtime files on disk: drop-ins (where they live, written atomically) and the
+exit records their ``ExecStopPost=`` leaves (read with one bounded readlink)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,20 @@ from pathlib import Path
 
 from aigis._errors import PluginError
 from aigis._supervise.base import ProcessSpec
-from aigis._supervise.units import DROPIN_NAME
+from aigis._supervise.units import DROPIN_NAME, EXIT_DIR, STOPPING_DROPIN_NAME, TEMPLATE
 
 UNIT_DIR = "run/systemd/system"  # relative to the root: runtime drop-ins vanish at reboot
+EXIT_RECORD_MAX = 256  # bytes; a record is three short words
 
 
 def dropin_path(root: Path, unit: str) -> Path:
     """``ROOT/run/systemd/system/UNIT.d/50-aigis.conf`` (ROOT is / except in tests)."""
     return root / UNIT_DIR / f"{unit}.d" / DROPIN_NAME
+
+
+def stopping_path(root: Path) -> Path:
+    """``ROOT/run/systemd/system/aigis-plugin@.service.d/90-aigis-stopping.conf``."""
+    return root / UNIT_DIR / f"{TEMPLATE}.d" / STOPPING_DROPIN_NAME
 
 
 def absolute_program(spec: ProcessSpec) -> ProcessSpec:
@@ -60,3 +67,32 @@ def delete_dropin(path: Path) -> None:
         path.unlink()
     with contextlib.suppress(OSError):
         path.parent.rmdir()
+
+
+def exit_dir(root: Path) -> Path:
+    """``ROOT/run/aigis/exits``: one record per unit (``units.exit_record_line``)."""
+    return root / EXIT_DIR.lstrip("/")
+
+
+def make_exit_dir(root: Path) -> None:
+    """Create the directory the units' ExecStopPost= writes into (it does not create it)."""
+    path = exit_dir(root)
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+
+
+def read_exit(root: Path, unit: str) -> tuple[str, float] | None:
+    """The record ``unit`` left (a symlink's target, bounded) and when (its mtime), or None."""
+    path = exit_dir(root) / unit
+    try:
+        stat = os.lstat(path)
+        text = os.readlink(path) if stat.st_size <= EXIT_RECORD_MAX else ""
+    except OSError:  # none yet, or not a symlink
+        return None
+    return text, stat.st_mtime
+
+
+def delete_exit(root: Path, unit: str) -> None:
+    """Forget how ``unit`` last ended (the plugin is removed)."""
+    with contextlib.suppress(OSError):
+        (exit_dir(root) / unit).unlink()

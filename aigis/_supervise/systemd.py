@@ -21,17 +21,27 @@ from aigis._errors import AigisError, NotSupervised, PluginError
 from aigis._log import about
 from aigis._states import IDLE, State
 from aigis._supervise.base import LogLocation, OutputCounts, ProcessSpec, Status
-from aigis._supervise.dbus import Systemd, SystemdError
+from aigis._supervise.dbus import MAX_JOBS, Systemd, SystemdError
 from aigis._supervise.dropins import (
     UNIT_DIR,
     absolute_program,
     delete_dropin,
+    delete_exit,
     dropin_path,
+    make_exit_dir,
+    read_exit,
+    stopping_path,
     write_dropin,
 )
 from aigis._supervise.identity import prepare
-from aigis._supervise.units import render_dropin, unit_name
-from aigis._supervise.unitstate import UnitState, describe
+from aigis._supervise.units import render_dropin, render_stopping_dropin, unit_name
+from aigis._supervise.unitstate import (
+    UnitState,
+    collected,
+    describe,
+    parse_exit_record,
+    with_exit_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,9 @@ POLL_INTERVAL = 2.0  # how often poll() reads states to log transitions (systemd
 QUIET = 0.5  # poll() applies a batch once no drop-in changed for this long (a reload in progress)
 STEP_MIN, STEP_MAX = 0.02, 0.2
 _UP = ("active", "activating", "reloading")  # ActiveStates with a process (or one on its way)
+#: From this many plugins on, stop_all turns exit records off first (one daemon-reload costs
+#: about what a few ExecStopPost= forks of PID 1 do).
+STOPPING_MIN = 8
 BUS_ERRORS = (OSError, SystemdError)  # OSError covers ConnectionError and TimeoutError
 
 
@@ -85,6 +98,15 @@ class SystemdSupervisor:
         self._next_poll = 0.0
         self._changed_at = 0.0  # monotonic time of the last add() or remove()
         self._last_error = ""  # what poll() last logged, so a lasting failure is logged once
+        try:
+            make_exit_dir(self.root)
+        except OSError as exc:  # status then cannot tell a clean exit once systemd collected it
+            log.warning("failed: cannot create the plugins' exit records directory: %s", exc)
+        # An earlier core stopped every plugin with their exit records off: on again (the first
+        # batch reloads systemd).
+        with contextlib.suppress(FileNotFoundError):
+            stopping_path(self.root).unlink()
+            self._dirty = True
 
     # -- the Supervisor protocol ---------------------------------------------------------------
     def add(self, spec: ProcessSpec) -> None:
@@ -163,19 +185,14 @@ class SystemdSupervisor:
                 self._unchecked.pop(name, None)
             # Best effort from here: the plugin is already forgotten, so a bus error must not
             # leave a name that can be neither removed nor added again.
-            for step in (self._systemd.reset_failed, self._systemd.unpin):
-                try:
-                    step(plugin.unit)
-                except BUS_ERRORS as exc:
-                    log.warning(
-                        'failed: "%s": %s %s: %s',
-                        name,
-                        step.__name__,
-                        plugin.unit,
-                        exc,
-                        **about(name),
-                    )
+            try:
+                self._systemd.reset_failed(plugin.unit)
+            except BUS_ERRORS as exc:
+                log.warning(
+                    'failed: "%s": reset-failed %s: %s', name, plugin.unit, exc, **about(name)
+                )
             delete_dropin(dropin_path(self.root, plugin.unit))
+            delete_exit(self.root, plugin.unit)
             with self._lock:
                 self._dirty = True
                 self._changed_at = time.monotonic()
@@ -202,7 +219,15 @@ class SystemdSupervisor:
             states = self._systemd.states([p.unit for p in plugins])
         except BUS_ERRORS as exc:
             raise AigisError(f"cannot read plugin states from systemd: {exc}") from None
-        return [self._status(p, s) for p, s in zip(plugins, states)]
+        return [self._status(p, self._with_exit(s)) for p, s in zip(plugins, states)]
+
+    def _with_exit(self, state: UnitState) -> UnitState:
+        """``state``, with how the last process ended read from the unit's exit record when
+        systemd has collected the inactive unit (a clean exit, a stop)."""
+        if not collected(state):
+            return state
+        found = read_exit(self.root, state.unit)
+        return with_exit_record(state, parse_exit_record(*found) if found else None)
 
     def poll(self) -> None:
         """Apply the pending batch once changes pause; every few seconds log what systemd did."""
@@ -237,6 +262,12 @@ class SystemdSupervisor:
                 self._unchecked.clear()
                 named = [n for step in steps for n in step if n in self._plugins]
                 rest = [n for n in reversed(self._plugins) if n not in named]
+            if len(self._plugins) >= STOPPING_MIN:  # one daemon-reload, not a fork of PID 1 each
+                try:
+                    write_dropin("*", stopping_path(self.root), render_stopping_dropin())
+                    self._dirty = True
+                except PluginError as exc:
+                    log.warning("failed: %s (each stop records its exit)", exc.reason)
             self.flush()  # e.g. the drop-ins removed just before
             for step in [*steps, rest]:
                 with self._lock:
@@ -272,6 +303,7 @@ class SystemdSupervisor:
             except BUS_ERRORS as exc:
                 log.error("failed: could not stop %s: %s", unit, exc)
             delete_dropin(dropin_path(self.root, unit))
+            delete_exit(self.root, unit)
             with contextlib.suppress(*BUS_ERRORS):
                 self._systemd.reset_failed(unit)
         if units:
@@ -307,7 +339,7 @@ class SystemdSupervisor:
         what runs as is); one daemon-reload for every drop-in written; then every pending job
         queued in one pipelined batch. ``wait``: until the jobs finish (bounded by START_WAIT)."""
         with self._busy:
-            adopt = self._check_added()
+            self._check_added()  # units running as is are adopted, as they run
             with self._lock:
                 dirty, self._dirty = self._dirty, False
                 pending, self._pending = self._pending, {}
@@ -320,8 +352,6 @@ class SystemdSupervisor:
                         self._pending = {**pending, **self._pending}
                     raise AigisError(f"systemd daemon-reload failed: {exc}") from None
                 log.debug("reloaded: systemd (%d pending starts)", len(pending))
-            if adopt:
-                self._run_jobs(dict.fromkeys(adopt, "pin"), 0.0)
             if pending:
                 self._run_jobs(pending, START_WAIT if wait else 0.0)
 
@@ -337,7 +367,8 @@ class SystemdSupervisor:
             # One cheap call for all; the full state only of units that run (adoption).
             brief = self._systemd.brief([p.unit for p in plugins.values()])
             up = [n for n, p in plugins.items() if brief.get(p.unit, ("",))[0] in _UP]
-            states = dict(zip(up, self._systemd.states([plugins[n].unit for n in up])))
+            units = [plugins[n].unit for n in up]
+            states = dict(zip(up, self._systemd.states(units, fresh=True)))
         except BUS_ERRORS as exc:
             with self._lock:
                 self._unchecked = {**unchecked, **self._unchecked}
@@ -358,24 +389,42 @@ class SystemdSupervisor:
         return adopt
 
     def _run_jobs(self, jobs: dict[str, str], wait: float) -> None:
-        """Queue ``{name: start|restart|stop|pin}`` at once (one pipelined batch of bus calls),
-        then wait (bounded) for the jobs to finish."""
+        """Queue ``{name: start|restart|stop}`` in pipelined batches, at most MAX_JOBS of our
+        jobs unfinished at once (more would exhaust systemd's bus connection), then wait
+        (bounded by ``wait``) for them to finish."""
         with self._lock:
-            plugins = {n: self._plugins[n] for n in jobs if n in self._plugins}
+            plugins = [(n, self._plugins[n]) for n in jobs if n in self._plugins]
+        queued: list[str] = []  # units whose job was queued
+        unfinished: list[str] = []
+        limit = time.monotonic() + max(wait, START_WAIT)  # for room to queue the next batch
+        for first in range(0, len(plugins), MAX_JOBS):
+            batch = plugins[first : first + MAX_JOBS]
+            if unfinished:
+                unfinished = self._wait_jobs(unfinished, limit, room=MAX_JOBS - len(batch))
+            done = self._queue_jobs(batch, jobs)
+            queued += done
+            unfinished += done
+        if wait > 0 and queued:
+            left = self._wait_jobs(queued, time.monotonic() + wait, room=0)
+            if left:
+                more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+                sample = ", ".join(left[:5]) + more
+                log.warning("still waiting: jobs of %s after %gs", sample, wait)
+
+    def _queue_jobs(self, batch: list[tuple[str, _Plugin]], jobs: dict[str, str]) -> list[str]:
+        """One pipelined batch of jobs; returns the units whose job systemd queued."""
         errors: dict[str, Exception | None]
         try:
-            errors = dict(self._systemd.jobs([(p.unit, jobs[n]) for n, p in plugins.items()]))
+            errors = dict(self._systemd.jobs([(p.unit, jobs[n]) for n, p in batch]))
         except BUS_ERRORS as exc:
-            errors = {p.unit: exc for p in plugins.values()}
+            errors = {p.unit: exc for _, p in batch}
         queued = []
-        for name, plugin in plugins.items():
+        for name, plugin in batch:
             how, error = jobs[name], errors.get(plugin.unit)
             if error is not None:
                 with self._lock:
                     plugin.error = f"could not {how}: {error}"
                 log.error('failed: "%s" could not %s: %s', name, how, error, **about(name))
-                continue
-            if how == "pin":
                 continue
             with self._lock:
                 plugin.error = None
@@ -383,19 +432,20 @@ class SystemdSupervisor:
             queued.append(plugin.unit)
             if how != "stop":
                 log.info('started: "%s" %s (%s)', name, plugin.unit, how, **about(name))
-        deadline, step = time.monotonic() + wait, STEP_MIN
-        units = queued if wait > 0 else []
-        while units:
+        return queued
+
+    def _wait_jobs(self, units: list[str], deadline: float, room: int) -> list[str]:
+        """Wait until at most ``room`` of ``units`` have a job, or the deadline; returns those
+        that still have one."""
+        step = STEP_MIN
+        while True:
             try:
                 brief = self._systemd.brief(units)
             except BUS_ERRORS as exc:
                 raise AigisError(f"cannot read unit states from systemd: {exc}") from None
             units = [unit for unit in units if brief.get(unit, ("", "", 0))[2]]
-            if not units:
-                return
-            if time.monotonic() >= deadline:
-                log.warning("still waiting: jobs of %s after %gs", ", ".join(units), wait)
-                return
+            if len(units) <= room or time.monotonic() >= deadline:
+                return units
             time.sleep(step)
             step = min(step * 1.5, STEP_MAX)
 

@@ -11,6 +11,9 @@ from aigis._supervise.base import ProcessSpec
 
 TEMPLATE = "aigis-plugin@.service"
 DROPIN_NAME = "50-aigis.conf"
+#: Where each unit's ExecStopPost= leaves how its last process ended (``dropins.read_exit``):
+#: systemd collects an inactive unit, and with it ExecMainStatus, soon after a clean exit.
+EXIT_DIR = "/run/aigis/exits"
 # Restart counting needs a window longer than any plausible crash loop: one day.
 START_LIMIT_INTERVAL = "1d"
 _UNIT_SAFE = re.compile(r"[A-Za-z0-9:_.]")
@@ -143,8 +146,34 @@ def _environment(key: str, value: str, credential: str | None) -> str:
     return f'Environment={quote(f"{key}=", variables=False)[:-1]}%d/{credential}"'
 
 
-def render_dropin(spec: ProcessSpec, systemd_version: int = 252) -> str:
-    """The runtime drop-in for ``aigis-plugin@NAME.service``; argv[0] must be absolute."""
+def exit_record_line(exit_dir: str = EXIT_DIR) -> str:
+    """``ExecStopPost=`` that records, after every end of the unit's main process, systemd's
+    ``$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS`` as the target of a symlink named after the unit
+    (``ln -sfn`` replaces it in one rename; its mtime is the time of the end). ``+``: outside the
+    plugin's sandbox and account; ``-``: a failure to record never fails the unit."""
+    record = '"${SERVICE_RESULT} ${EXIT_CODE} ${EXIT_STATUS}"'
+    return f'ExecStopPost=-+/bin/ln -sfn {record} {quote(exit_dir, variables=False)[:-1]}/%n"'
+
+
+#: Written for the template while AIGIS stops every plugin (sorted after the plugins' own
+#: drop-ins, so it wins): those exits need no record, and each ExecStopPost= costs PID 1 a fork.
+STOPPING_DROPIN_NAME = "90-aigis-stopping.conf"
+
+
+def render_stopping_dropin() -> str:
+    """The template drop-in that turns the exit records off while every plugin stops."""
+    return (
+        "# Written by AIGIS while it stops every plugin; removed when it starts again.\n"
+        "[Service]\n"
+        "ExecStopPost=\n"
+    )
+
+
+def render_dropin(
+    spec: ProcessSpec, systemd_version: int = 252, *, exit_dir: str | None = EXIT_DIR
+) -> str:
+    """The runtime drop-in for ``aigis-plugin@NAME.service``; argv[0] must be absolute.
+    ``exit_dir``: where the unit records how its process ended (None: not recorded)."""
     lines = [
         f"# Written by AIGIS for plugin {spec.name}; rewritten on every start and reload.",
         "[Unit]",
@@ -188,6 +217,8 @@ def render_dropin(spec: ProcessSpec, systemd_version: int = 252) -> str:
                 f"RestartSteps={min(spec.restart, 10)}",
                 f"RestartMaxDelaySec={_seconds(spec.restart_delay_max)}",
             ]
+    if exit_dir is not None:
+        lines.append(exit_record_line(exit_dir))
     lines += [
         f"TimeoutStopSec={_seconds(spec.stop_timeout)}",
         f"LogExtraFields=AIGIS_PLUGIN={spec.name}",

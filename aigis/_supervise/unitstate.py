@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, replace
 
 from aigis._states import State
 from aigis._supervise.policy import describe_exit
 
-CLD_KILLED, CLD_DUMPED = 2, 3  # ExecMainCode values (siginfo's si_code) for a signal death
+CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3  # ExecMainCode values (siginfo's si_code)
+#: $EXIT_CODE as systemd passes it to ExecStopPost=, and the ExecMainCode it stands for.
+_EXIT_CODES = {"exited": CLD_EXITED, "killed": CLD_KILLED, "dumped": CLD_DUMPED}
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,61 @@ class UnitState:
         if self.exec_main_code in (CLD_KILLED, CLD_DUMPED):
             return -self.exec_main_status
         return self.exec_main_status if self.exec_main_code else None
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """How a unit's last main process ended, as its ExecStopPost= recorded it."""
+
+    result: str  # $SERVICE_RESULT: success, exit-code, signal, timeout, ...
+    code: int  # as ExecMainCode: CLD_EXITED, CLD_KILLED, CLD_DUMPED; 0 when none ran
+    status: int  # as ExecMainStatus: the exit status or the signal number
+    at: float  # when it was recorded (seconds since the epoch)
+
+
+def parse_exit_record(text: str, at: float) -> ExitRecord | None:
+    """``"success exited 0"`` or ``"signal killed TERM"`` (``$SERVICE_RESULT $EXIT_CODE
+    $EXIT_STATUS``; the last two are empty when no main process ran); None when malformed."""
+    words = text.split()
+    if not 1 <= len(words) <= 3 or len(text) > 200:
+        return None
+    result, how, status = (*words, "", "")[:3]
+    code = _EXIT_CODES.get(how, 0)
+    if status.isdigit():
+        number = int(status)
+    else:
+        try:
+            number = signal.Signals[f"SIG{status}"].value
+        except KeyError:
+            number, code = 0, 0
+    if code == 0:
+        number = 0
+    return ExitRecord(result, code, number, at)
+
+
+def collected(unit: UnitState) -> bool:
+    """True when systemd knows nothing of the unit's past (it never ran, or systemd collected the
+    inactive unit): no process, no job, no exit status."""
+    return (
+        unit.active_state == "inactive"
+        and not unit.job_id
+        and not unit.exec_main_code
+        and not unit.exec_main_start
+    )
+
+
+def with_exit_record(unit: UnitState, record: ExitRecord | None) -> UnitState:
+    """``unit`` with how its last process ended taken from ``record`` when systemd collected it
+    (its restart count and start time went with it); else ``unit`` unchanged."""
+    if record is None or not record.code or not collected(unit):
+        return unit
+    return replace(
+        unit,
+        result=record.result,
+        exec_main_code=record.code,
+        exec_main_status=record.status,
+        state_change=unit.state_change or record.at,
+    )
 
 
 @dataclass(frozen=True)
@@ -90,6 +148,6 @@ def describe(unit: UnitState, *, restart_limit: int | None, stop_requested: bool
         return UnitView(State.FAILED, reason, restarts, last, gave_up=True)
     if code == 0:
         return UnitView(State.EXITED, "exited cleanly (exit 0)", restarts, last)
-    if unit.exec_main_start:
+    if unit.exec_main_start or unit.exec_main_code:
         return UnitView(State.STOPPED, f"stopped outside AIGIS (last: {last})", restarts, last)
     return UnitView(State.STOPPED, "not started", restarts, last)

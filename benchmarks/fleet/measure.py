@@ -47,6 +47,9 @@ class Result:
     reload_one_s: float | None = None
     stop_s: float | None = None
     exit_s: float | None = None
+    #: systemd backend only: the states of the N plugin units read over D-Bus as the backend's
+    #: status does (a warm read: units that ran on since the last one)
+    backend_status_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 

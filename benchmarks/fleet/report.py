@@ -35,6 +35,25 @@ def _at_most(limits: dict[int, float], unit: str) -> Goal:
     return goal
 
 
+SYSTEMD = "AIGIS systemd"
+
+
+def _systemd_at_most(limits: dict[int, float], unit: str) -> Goal:
+    """A goal for the systemd backend's column (the issue's systemd targets)."""
+
+    def goal(n: int, grid: Grid) -> tuple[str, bool | None]:
+        if n not in limits:
+            return "", None
+        value = grid[n].get(SYSTEMD)
+        return f"{SYSTEMD} <= {limits[n]:g} {unit}", None if value is None else value <= limits[n]
+
+    return goal
+
+
+def _systemd_only(value: Callable[[Result], float | None]) -> Callable[[Result], float | None]:
+    return lambda r: value(r) if r.tool == SYSTEMD else None
+
+
 def _start_goal(n: int, grid: Grid) -> tuple[str, bool | None]:
     if n != 1000:
         return "", None
@@ -125,6 +144,21 @@ MEASURES: tuple[Measure, ...] = (
         "ms",
         lambda r: _ms(r.status_s),
         _at_most({100: 100, 1000: 300}, "ms"),
+        0,
+    ),
+    Measure(
+        "systemd_start",
+        "systemd backend: start of aigis.service -> all N units running",
+        "s",
+        _systemd_only(lambda r: r.start_s),
+        _systemd_at_most({100: 3, 1000: 30}, "s"),
+    ),
+    Measure(
+        "systemd_status",
+        "systemd backend: states of all N units over D-Bus, as status reads them (median of 5)",
+        "ms",
+        _systemd_only(lambda r: _ms(r.backend_status_s)),
+        _systemd_at_most({1000: 500}, "ms"),
         0,
     ),
     Measure(

@@ -1,6 +1,7 @@
 """AIGIS's systemd backend with N plugins, inside a systemd box (``tests/systemd/box.py``, the
 only way this project boots systemd): start to all units running, footprint, ``aigisctl status
---json``, restart after kill -9, SIGTERM (``systemctl stop aigis``) to all gone.
+--json``, the backend's read of all unit states, restart after kill -9, SIGTERM (``systemctl
+stop aigis``) to all gone.
 
 The core runs as ``aigis.service`` from packaging/systemd, its ExecStart the checkout's venv, as
 in tests/systemd/test_service.py. Commands inside the box go through nsenter; its own cost (a
@@ -9,6 +10,7 @@ in tests/systemd/test_service.py. Commands inside the box go through nsenter; it
 
 from __future__ import annotations
 
+import re
 import statistics
 import subprocess
 import textwrap
@@ -59,11 +61,16 @@ def measure_systemd(ns: list[int], venv: Path, sleep: str, base: Path) -> list[R
 
 
 def _config_text(n: int, changed: int | None = None) -> str:
-    """The embedded benchmark's config with the systemd backend and the packaged state dir."""
+    """The embedded benchmark's config with the systemd backend and the packaged state dir.
+    Plugins run as root (still sandboxed): an account per plugin costs a systemd-sysusers run
+    each (about 15 ms) and Debian's system uid range ends at 999, short of 1,000 plugins."""
     text = aigis_config(n, changed)
     for line in ('state_dir = "state"\n', 'runtime_dir = "run"\n', 'supervisor = "embedded"\n'):
         text = text.replace(line, "")
-    return text.replace("[aigis]\n", '[aigis]\nsupervisor = "systemd"\n')
+    head, plugins = text.split("[external]\n")
+    plugins = re.sub(r'(?m)^(\S+) = ("\S+")$', r'\1 = { source = \2, user = "root" }', plugins)
+    head = head.replace("[aigis]\n", '[aigis]\nsupervisor = "systemd"\n')
+    return f"{head}[external]\n{plugins}"
 
 
 def _install(box: Box, workdir: Path, n: int, venv: Path, sleep: str) -> Path:
@@ -93,6 +100,28 @@ def _install(box: Box, workdir: Path, n: int, venv: Path, sleep: str) -> Path:
     return config
 
 
+def _backend_status(box: Box, n: int, rounds: int = 5) -> list[float]:
+    """Seconds to read the states of the N plugin units as the backend's status does, over the
+    box's bus from the host (one connection, a first read as the core's after start)."""
+    from aigis._supervise.dbus import Systemd
+    from aigis._supervise.units import unit_name
+
+    units = [unit_name(plugin_name(i)) for i in range(n)]
+    bus = Systemd(box.bus_address)
+    try:
+        bus.states(units)
+        times = []
+        for _ in range(rounds):
+            start = time.monotonic()
+            states = bus.states(units)
+            times.append(time.monotonic() - start)
+        running = sum(s.active_state == "active" for s in states)
+        print(f"  backend status: {running}/{n} units active", flush=True)
+        return times
+    finally:
+        bus.close()
+
+
 def _measure(box: Box, n: int, venv: Path, sleep: str, result: Result) -> None:
     from tests.systemd.host import alive as box_alive
 
@@ -116,6 +145,7 @@ def _measure(box: Box, n: int, venv: Path, sleep: str, result: Result) -> None:
     watch.wait_all(n, settle)
     result.start_s = time.monotonic() - start
     result.status_s = [max(0.0, timed(*ctl, "status", "--json") - nsenter) for _ in range(5)]
+    result.backend_status_s = _backend_status(box, n)
     watch.table.scan()  # plugins() forgot the non-plugin processes (the core among them)
     core = [p for p in watch.table.descendants(pid) if str(config) in p.argv and "-m" in p.argv]
     if core and (fp := footprint(core[0].pid)) is not None:

@@ -8,11 +8,18 @@ from pathlib import Path
 import pytest
 
 from aigis._errors import PluginError
+from aigis._supervise import systemd as systemd_backend
 from aigis._supervise.base import ProcessSpec, State
 from aigis._supervise.dropins import absolute_program, dropin_path, resolve_program
 from aigis._supervise.systemd import SystemdSupervisor
 from aigis._supervise.units import render_dropin
-from aigis._supervise.unitstate import UnitState, describe
+from aigis._supervise.unitstate import (
+    ExitRecord,
+    UnitState,
+    describe,
+    parse_exit_record,
+    with_exit_record,
+)
 
 UNIT = "aigis-plugin@x.service"
 BASE = UnitState(
@@ -83,7 +90,7 @@ class FakeSystemd:
     def state(self, unit: str) -> UnitState:
         return self.units.get(unit, replace(BASE, unit=unit))
 
-    def states(self, units):
+    def states(self, units, fresh=False):
         self.calls.append(("states", len(units)))
         return [self.state(u) for u in units]
 
@@ -108,12 +115,6 @@ class FakeSystemd:
     def reset_failed(self, unit: str) -> None:
         self.calls.append(("reset-failed", unit))
 
-    def pin(self, unit: str) -> None:
-        self.calls.append(("pin", unit))
-
-    def unpin(self, unit: str) -> None:
-        self.calls.append(("unpin", unit))
-
     def list_units(self, pattern: str) -> list[str]:
         return sorted(u for u in self.units if u.startswith("aigis-plugin@"))
 
@@ -121,12 +122,9 @@ class FakeSystemd:
         """The batch, recorded call by call as the real one sends them."""
         self.calls.append(("jobs", len(jobs)))
         for unit, how in jobs:
-            if how != "stop":
-                self.pin(unit)
             if how in ("start", "restart"):
                 self.reset_failed(unit)
-            if how != "pin":
-                getattr(self, how)(unit)
+            getattr(self, how)(unit)
         return {unit: None for unit, _ in jobs}
 
 
@@ -161,7 +159,8 @@ def test_a_running_unit_with_the_same_dropin_is_adopted_not_restarted(tmp_path: 
     fake.units[unit] = replace(BASE, unit=unit, active_state="active", sub_state="running")
     sup.add(spec("kept", tmp_path))
     sup.status()
-    assert [c for c in fake.calls if c[0] not in ("brief", "states", "jobs")] == [("pin", unit)]
+    # read, never touched: no job, no reference (systemd keeps nothing per unit for us)
+    assert [c for c in fake.calls if c[0] not in ("brief", "states")] == []
 
 
 def test_a_running_unit_with_another_dropin_is_rewritten_and_restarted(tmp_path: Path) -> None:
@@ -236,3 +235,123 @@ def test_many_adds_cost_one_state_read_one_reload_and_one_batch_of_jobs(tmp_path
     # one brief read of all, the full state of the one running (rewritten: restarted)
     assert batches == [("brief", 50), ("states", 1), ("reload",), ("jobs", 50)]
     assert ("restart", running) in fake.calls
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "status", "result"),
+    [
+        ("success exited 0", 1, 0, "success"),
+        ("exit-code exited 3", 1, 3, "exit-code"),
+        ("signal killed TERM", 2, 15, "signal"),
+        ("core-dump dumped SEGV", 3, 11, "core-dump"),
+        ("resources", 0, 0, "resources"),  # no main process ran: $EXIT_CODE was empty
+        ("success killed NOSUCHSIGNAL", 0, 0, "success"),
+    ],
+)
+def test_exit_records_parse_as_systemd_would_report_the_exit(text, code, status, result):
+    record = parse_exit_record(text, 5.0)
+    assert record == ExitRecord(result, code, status, 5.0)
+
+
+@pytest.mark.parametrize("text", ["", "a b c d", "x" * 300])
+def test_malformed_exit_records_are_ignored(text):
+    assert parse_exit_record(text, 5.0) is None
+
+
+def test_an_exit_record_explains_a_collected_unit_only():
+    clean = ExitRecord("success", 1, 0, 5.0)
+    got = with_exit_record(BASE, clean)  # collected: systemd forgot everything
+    view = describe(got, restart_limit=2, stop_requested=False)
+    assert (view.state, view.reason, got.state_change) == (
+        State.EXITED,
+        "exited cleanly (exit 0)",
+        5.0,
+    )
+    killed = with_exit_record(BASE, ExitRecord("success", 2, 15, 5.0))
+    view = describe(killed, restart_limit=2, stop_requested=False)
+    assert view.reason == "stopped outside AIGIS (last: signal 15 (SIGTERM))"
+    running = replace(BASE, active_state="active", sub_state="running", main_pid=7)
+    assert with_exit_record(running, clean) is running
+    queued = replace(BASE, job_id=3)  # a start job waits: the record is of an earlier run
+    assert with_exit_record(queued, clean) is queued
+    failed = replace(BASE, active_state="failed", exec_main_code=1, exec_main_status=1)
+    assert with_exit_record(failed, clean) is failed
+
+
+def test_status_reads_a_clean_exit_from_the_record_once_systemd_collected_the_unit(tmp_path):
+    sup, fake = make(tmp_path)
+    sup.add(spec("done", tmp_path, "/bin/true"))
+    sup.status()
+    unit = "aigis-plugin@done.service"
+    fake.units[unit] = replace(BASE, unit=unit)  # exited, then collected: a never-run unit
+    assert sup.status(["done"])[0].reason == "not started"
+    (tmp_path / "run/aigis/exits" / unit).symlink_to("success exited 0")
+    status = sup.status(["done"])[0]
+    assert (status.state, status.last_exit) == (State.EXITED, "exit 0")
+    sup.remove("done")
+    assert not (tmp_path / "run/aigis/exits" / unit).is_symlink()
+
+
+class SlowJobs(FakeSystemd):
+    """Jobs stay unfinished for two reads of their unit; records the most unfinished at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unfinished: dict[str, int] = {}
+        self.most = 0
+
+    def jobs(self, jobs):
+        done = super().jobs(jobs)
+        self.unfinished.update((unit, 2) for unit, _ in jobs)
+        self.most = max(self.most, len(self.unfinished))
+        return done
+
+    def brief(self, units):
+        self.calls.append(("brief", len(units)))
+        out = {u: (self.state(u).active_state, "x", int(u in self.unfinished)) for u in units}
+        for unit in units:
+            if unit in self.unfinished:
+                self.unfinished[unit] -= 1
+                if not self.unfinished[unit]:
+                    del self.unfinished[unit]
+        return out
+
+
+def test_many_jobs_are_queued_in_batches_with_a_bounded_number_unfinished(tmp_path, monkeypatch):
+    # systemd holds a bus match rule per unfinished job of a client: 512 break its connection
+    monkeypatch.setattr(systemd_backend, "MAX_JOBS", 10)
+    fake = SlowJobs()
+    sup = SystemdSupervisor(root=tmp_path, systemd=fake)  # type: ignore[arg-type]
+    for i in range(25):
+        sup.add(spec(f"p{i}", tmp_path))
+    sup.flush(wait=False)
+    assert [c for c in fake.calls if c[0] == "jobs"] == [("jobs", 10), ("jobs", 10), ("jobs", 5)]
+    assert fake.most == 10
+    assert len([c for c in fake.calls if c[0] == "start"]) == 25
+
+
+def test_stopping_every_plugin_turns_exit_records_off_until_the_next_start(tmp_path):
+    # each ExecStopPost= is a fork of PID 1: 1,000 of them made a full stop 2-3x slower
+    sup, fake = make(tmp_path)
+    for i in range(systemd_backend.STOPPING_MIN):
+        sup.add(spec(f"p{i}", tmp_path))
+    sup.status()
+    fake.calls.clear()
+    sup.stop_all([])
+    stopping = tmp_path / "run/systemd/system/aigis-plugin@.service.d/90-aigis-stopping.conf"
+    assert stopping.read_text().endswith("[Service]\nExecStopPost=\n")
+    assert fake.calls.index(("reload",)) < fake.calls.index(("stop", "aigis-plugin@p0.service"))
+    again = SystemdSupervisor(root=tmp_path, systemd=fake)  # type: ignore[arg-type]
+    assert not stopping.exists()
+    fake.calls.clear()
+    again.add(spec("p0", tmp_path))
+    again.flush()
+    assert ("reload",) in fake.calls  # systemd forgets the override before anything starts
+
+
+def test_stopping_a_few_plugins_keeps_their_exit_records(tmp_path):
+    sup, fake = make(tmp_path)
+    sup.add(spec("only", tmp_path))
+    sup.status()
+    sup.stop_all([])
+    assert not (tmp_path / "run/systemd/system/aigis-plugin@.service.d").exists()
