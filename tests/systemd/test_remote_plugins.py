@@ -728,3 +728,13 @@ def test_a_host_that_cannot_reach_the_core_calls_back_through_the_ssh_connection
     assert unit_pid(box, "looper") == pid
     numbers = [int(n) for n in hits.read_text().split()]
     assert len(numbers) == len(set(numbers))  # no call ran twice
+
+    # A core killed and started again finds the master and its forward still up: asking ssh
+    # for the same forward again is no error, and the plugin is adopted, calls going on.
+    core.kill()
+    core.start()
+    core.wait_log('adopted: "looper" aigis-plugin@looper.service on host r1 pid')
+    resumed = count()
+    wait_until(lambda: count() >= resumed + 20, 60, "calls after the core's restart")
+    assert core.wait_state("looper", "running")["pid"] == pid == unit_pid(box, "looper")
+    assert "waiting: host" not in core.log
