@@ -14,7 +14,7 @@ from aigis._manifest import MANIFEST, own_names
 from aigis._plugindir import validate_plugin
 from aigis._quote import escape
 from aigis._remote.hosts import HostError, HostSpec
-from aigis._remote.plan import core_address, placement
+from aigis._remote.plan import callback_line, core_address, placement
 from aigis._requirements import check_system
 from aigis._secrets import plan_secrets
 
@@ -46,7 +46,10 @@ def check_config(path: Path, connect: bool = False) -> Report:
         if name not in placed:
             report.notes.append(f'host "{name}": {_where(host)}; no plugin runs there')
     for name, (host, plugins) in placed.items():
-        report.notes.append(f'host "{name}": {_where(host)}; runs {", ".join(plugins)}')
+        line = f'host "{name}": {_where(host)}; runs {", ".join(plugins)}'
+        with contextlib.suppress(ValueError):  # (reported with each internal plugin there)
+            line += f"; {callback_line(host, config.settings.tcp)}"
+        report.notes.append(line)
     if connect and placed:
         _connect(config, [host for host, _ in placed.values()], report)
     return report

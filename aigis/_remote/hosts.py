@@ -25,6 +25,7 @@ __all__ = [
     "is_local",
     "parse_core_address",
     "parse_destination",
+    "parse_ssh_forward",
     "resolve_host",
 ]
 
@@ -70,6 +71,7 @@ class HostSpec:
     identity_file: str | None = None
     python: str = DEFAULT_PYTHON
     #: ``host:port`` (``[v6]:port``) where plugins on this host reach the core's TCP listener;
+    #: ``ssh`` (or ``ssh:PORT``): through a port the host's ssh connection forwards to it;
     #: None: ``[aigis] tcp`` as it is (it must then be an address other hosts can reach).
     core_address: str | None = None
 
@@ -174,10 +176,13 @@ def hosts_from_table(table: Mapping[str, Any], where: str = "hosts") -> dict[str
             problems.append(f"{key}.python: an interpreter name or absolute path, got {python!r}")
         core_address = entry.get("core_address")
         if core_address is not None and (
-            not isinstance(core_address, str) or parse_core_address(core_address) is None
+            not isinstance(core_address, str)
+            or parse_core_address(core_address) is None
+            and parse_ssh_forward(core_address) is None
         ):
             problems.append(
-                f'{key}.core_address: expected "host:port" or "[ipv6]:port", got {core_address!r}'
+                f'{key}.core_address: expected "host:port", "[ipv6]:port", "ssh" or "ssh:PORT", '
+                f"got {core_address!r}"
             )
         if len(problems) == before:
             hosts[name] = HostSpec(name, spec.address, user, port, identity, python, core_address)
@@ -195,6 +200,18 @@ def parse_core_address(text: str) -> tuple[str, int] | None:
     if _check_address(host) is not None or _check_port(port) is not None:
         return None
     return host, port
+
+
+def parse_ssh_forward(text: str | None) -> int | None:
+    """For ``core_address = "ssh"``: 0 (the port of the core's own listener); ``"ssh:PORT"``:
+    PORT; anything else: None. The port is the one the host's ssh connection listens on, on the
+    host's loopback, and forwards to the core's TCP listener."""
+    if text == "ssh":
+        return 0
+    match = re.fullmatch(r"ssh:(\d{1,5})", text or "")
+    if match is None or _check_port(int(match.group(1))) is not None:
+        return None
+    return int(match.group(1))
 
 
 def is_local(value: str, own_names: Iterable[str] = ()) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from aigis._errors import PluginError
-from aigis._remote.hosts import HostSpec, parse_core_address, resolve_host
+from aigis._remote.hosts import HostSpec, parse_core_address, parse_ssh_forward, resolve_host
 from aigis._states import Kind
 from aigis._supervise.base import ProcessSpec, Shipment
 from aigis._supervise.unitstate import UnitState
@@ -24,7 +24,9 @@ __all__ = [
     "HOST_ROOT",
     "REMOTE_TEMPLATE",
     "SHOW_PROPERTIES",
+    "callback_line",
     "core_address",
+    "core_forward",
     "parse_show",
     "placement",
     "rebase",
@@ -95,11 +97,37 @@ def rebase(value: str, local_root: str, remote_root: str) -> str:
     return value
 
 
+def core_forward(host: HostSpec, tcp: tuple[str, int] | None) -> tuple[int, str, int] | None:
+    """For a host with ``core_address = "ssh"``: (port on the host's loopback, address and port
+    of the core's TCP listener as the core dials it) for the ssh connection to forward; None for
+    a host whose plugins dial the core themselves. ValueError saying what to set when the core
+    has no TCP listener to forward to."""
+    port = parse_ssh_forward(host.core_address)
+    if port is None:
+        return None
+    if tcp is None or tcp[1] == 0:
+        listen = "none" if tcp is None else f'"{tcp[0]}:{tcp[1]}"'
+        raise ValueError(
+            f'hosts.{host.name}.core_address is "{host.core_address}", a forward to the core\'s '
+            f"TCP listener, but [aigis] tcp is {listen}: set it to a fixed address and port "
+            "(127.0.0.1:PORT is enough)"
+        )
+    address = tcp[0]
+    if address in WILDCARDS:  # the core's own machine dials a wildcard listener on loopback
+        address = "::1" if address == "::" else "127.0.0.1"
+    elif address == "localhost":
+        address = "127.0.0.1"
+    return port or tcp[1], address, tcp[1]
+
+
 def core_address(host: HostSpec, tcp: tuple[str, int] | None) -> str:
-    """``AIGIS_ADDRESS`` for internal plugins on ``host``: its ``core_address``, else the core's
-    TCP listener when that names an address other machines can use; PluginError-free: raises
-    ValueError saying what to set."""
-    if host.core_address is not None:
+    """``AIGIS_ADDRESS`` for internal plugins on ``host``: its ``core_address``, the host's end
+    of the ssh forward for ``ssh``, else the core's TCP listener when that names an address
+    other machines can use. Raises ValueError saying what to set."""
+    forward = core_forward(host, tcp)
+    if forward is not None:
+        address, port = "127.0.0.1", forward[0]
+    elif host.core_address is not None:
         parsed = parse_core_address(host.core_address)
         assert parsed is not None  # checked when the [hosts] table was read
         address, port = parsed
@@ -111,11 +139,26 @@ def core_address(host: HostSpec, tcp: tuple[str, int] | None) -> str:
     elif tcp[0] in WILDCARDS or tcp[0] in ("localhost", "127.0.0.1", "::1") or tcp[1] == 0:
         raise ValueError(
             f'[aigis] tcp listens on "{tcp[0]}:{tcp[1]}", which host "{host.name}" cannot '
-            f"dial: set hosts.{host.name}.core_address to the core's address as that host sees it"
+            f"dial: set hosts.{host.name}.core_address to the core's address as that host sees "
+            'it, or to "ssh" to forward it through the ssh connection'
         )
     else:
         address, port = tcp
     return f"tcp:[{address}]:{port}" if ":" in address else f"tcp:{address}:{port}"
+
+
+def callback_line(host: HostSpec, tcp: tuple[str, int] | None) -> str:
+    """How internal plugins on ``host`` reach the core, for ``aigisctl check`` (ValueError as
+    ``core_address``)."""
+    forward = core_forward(host, tcp)
+    if forward is not None:
+        port, address, core_port = forward
+        target = f"[{address}]:{core_port}" if ":" in address else f"{address}:{core_port}"
+        return (
+            f"internal plugins call back through the ssh connection (127.0.0.1:{port} on the "
+            f"host, forwarded to {target})"
+        )
+    return f"internal plugins call back to {core_address(host, tcp).removeprefix('tcp:')}"
 
 
 def remote_spec(

@@ -201,6 +201,9 @@ class Master:
         self.wrap = list(wrap)
         self.control_path = control_path(spec, settings)
         self._opening = threading.Lock()
+        self._pid: int | None = None  # the master's, as the last ``open`` found it
+        #: (remote port, target) -> the master pid that forwards it
+        self._remote_forwards: dict[tuple[int, str, int], int] = {}
 
     def _ssh(
         self, argv: list[str], timeout: float, input: bytes | None = None
@@ -233,7 +236,8 @@ class Master:
             self._open()
 
     def _open(self) -> None:
-        if self.master_pid() is not None:
+        self._pid = self.master_pid()
+        if self._pid is not None:
             return
         self._make_control_dir()
         # A socket left by a killed master: ssh -o ControlMaster=yes would find the name taken
@@ -317,6 +321,36 @@ class Master:
                 self.spec.name, "failed", f"cannot forward {remote_socket}: {lines[-1]}"
             )
         return local
+
+    def forward_remote(self, port: int, target: str, target_port: int) -> bool:
+        """Have the host's loopback port ``port`` forwarded over the master to ``target`` and
+        ``target_port`` as this machine dials them (``ssh -O forward -R``). A loopback TCP port,
+        not a Unix socket: sshd makes those its login user's alone, and plugins run as their own
+        accounts there. Forwards end with the master: this re-adds it when the master is new
+        (ssh itself keeps one forward per port when asked twice). True when it added it."""
+        self.open()
+        with self._opening:
+            pid = self._pid if self._pid is not None else self.master_pid()
+            key = (port, target, target_port)
+            if pid is not None and self._remote_forwards.get(key) == pid:
+                return False
+            host = f"[{target}]" if ":" in target else target
+            argv = control_argv(self.spec, self.settings, "forward")
+            argv[-2:-2] = ["-R", f"127.0.0.1:{port}:{host}:{target_port}"]
+            result = self._ssh(argv, timeout=10)
+            if result.returncode != 0:
+                lines = result.stderr.decode(errors="replace").strip().splitlines()
+                raise HostError(
+                    self.spec.name, "failed",
+                    f"cannot forward port {port} of the host to the core's {host}:{target_port}: "
+                    f"{lines[-1] if lines else 'no output'}",
+                )  # fmt: skip
+            self._pid = pid if pid is not None else self.master_pid()
+            if self._pid is not None:
+                self._remote_forwards[key] = self._pid
+        log.info("forwarded: port %d of host %s to the core's %s:%d", port, self.spec.name, host,
+                 target_port)  # fmt: skip
+        return True
 
     def close(self) -> None:
         """End the master (its multiplexed sessions end with it). Idempotent."""

@@ -31,6 +31,7 @@ from aigis._remote.plan import (
     HOST_ROOT,
     REMOTE_TEMPLATE,
     STAMPS_DIR,
+    core_forward,
     parse_show,
     requirements_line,
     show_argv,
@@ -386,11 +387,22 @@ class RemoteSupervisor:
             self.master.open()
             if not self._checked:
                 self._checked = self.master.check() is not None
+            self._forward_core()
         except HostError as exc:
             self._host_down(exc)
             return False
         self._host_up()
         return True
+
+    def _forward_core(self) -> None:
+        """For ``core_address = "ssh"``: the host's loopback port to the core's TCP listener,
+        over the master (again after the master was replaced)."""
+        try:
+            forward = core_forward(self.host, self.settings.tcp)
+        except ValueError as exc:
+            raise HostError(self.host.name, "failed", str(exc)) from None
+        if forward is not None:
+            self.master.forward_remote(*forward)
 
     def _try_prepare(self, plugin: _Plugin) -> bool | str | HostError:
         """``_prepare``: whether the drop-in changed, the plugin's failure, or the host's."""
@@ -505,6 +517,7 @@ class RemoteSupervisor:
             return
         try:
             self.master.open()  # a master lost with the link comes back here, not in status
+            self._forward_core()  # and its forward of the core's port with it
         except HostError as exc:
             self._host_down(exc)
             return

@@ -74,6 +74,7 @@ class Core:
     runtime_dir: Path
     address: str  # the core's address on its links
     port: int = 7878  # of its TCP listener
+    tcp: str | None = None  # [aigis] tcp; None: [address]:port
     hosts: dict[str, str] = field(default_factory=dict)  # name -> inline table
     plugins: list[tuple[str, str, str]] = field(default_factory=list)  # (table, name, value)
     known_hosts: Path | None = None
@@ -95,10 +96,17 @@ class Core:
         inline = ", ".join(f'{k} = "{v}"' for k, v in value.items())
         self.plugins.append((table, name, f"{{ {inline} }}"))
 
-    def host(self, name: str, server: SshServer | BareHost, address: str | None = None) -> None:
+    def host(
+        self,
+        name: str,
+        server: SshServer | BareHost,
+        address: str | None = None,
+        core_address: str | None = None,
+    ) -> None:
+        extra = f', core_address = "{core_address}"' if core_address else ""
         self.hosts[name] = (
             f'{{ address = "{address or server.address}", user = "root", port = {server.port}, '
-            f'identity_file = "{server.client_key}", python = "{REMOTE_PYTHON}" }}'
+            f'identity_file = "{server.client_key}", python = "{REMOTE_PYTHON}"{extra} }}'
         )
         lines = server.known_hosts.read_text()
         assert self.known_hosts is not None
@@ -111,7 +119,7 @@ class Core:
             'state_dir = "state"',
             'secrets_dir = "secrets"',
             f'runtime_dir = "{self.runtime_dir}"',
-            f'tcp = "[{self.address}]:{self.port}"',
+            f'tcp = "{self.tcp or f"[{self.address}]:{self.port}"}"',
             f'known_hosts = "{self.known_hosts}"',
             'ssh_config = "/dev/null"',
             "connect_timeout = 3",
@@ -633,3 +641,100 @@ def test_a_plugin_moved_home_while_no_core_ran_is_retired_on_its_old_host(lab: L
         lambda: box.unit_property("aigis-plugin@mover.service", "ActiveState") == "inactive",
         30, "the unit at r1 to stop",
     )  # fmt: skip
+
+
+#: Run in a box: whether a TCP connection to argv[1] port argv[2] is accepted.
+DIAL = """\
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("accepted")
+except OSError as exc:
+    print("refused", exc)
+"""
+
+
+def _ssh_master_pid(runtime_dir: Path) -> int:
+    """The pid of the one ssh master the core keeps (``ssh ... -o ControlMaster=yes``)."""
+    marker = str(runtime_dir).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes()
+                if cmdline.startswith(b"ssh\0") and marker in cmdline and b"-N\0" in cmdline:
+                    found.append(int(entry.name))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_host_that_cannot_reach_the_core_calls_back_through_the_ssh_connection(
+    lab: Lab,
+) -> None:
+    server, link = lab.remote()
+    core, box = lab.core, server.box
+    core.address = link.a_addr
+    core.tcp = f"127.0.0.1:{core.port}"  # the core's own loopback: no other machine reaches it
+    hits = core.dir / "hits.log"
+    core.plugin("core", "counter", 'PLUGIN_TYPE = "core"\nENTRYPOINT = "{root}"\n',
+                {"AIGIS/AIGIS.core": COUNTER_CORE.format(log=str(hits))})  # fmt: skip
+    core.plugin("internal", "looper",
+                'PLUGIN_TYPE = "internal"\nENTRYPOINT = "{root}"\nLAUNCH = "looper"\nHOST = "r1"\n',
+                {"looper.py": LOOPER})  # fmt: skip
+
+    def count() -> int:
+        return len(hits.read_text().split()) if hits.exists() else 0
+
+    # Without the forward, the very address the plugin is given leads nowhere, nor does the
+    # core's address on the link.
+    core.host("r1", server, core_address=f"127.0.0.1:{core.port}")
+    core.start()
+    out = box.run(REMOTE_PYTHON, "-c", DIAL, link.a_addr, str(core.port)).stdout
+    assert out.startswith("refused"), out
+
+    def unreachable() -> bool | None:  # the runner's connect, or the plugin's first call
+        journal = box.journal("aigis-plugin@looper.service")
+        return 'aigis runner: plugin "looper":' in journal or "unavailable 1" in journal or None
+
+    wait_until(unreachable, 90, "the plugin to fail to reach the core")
+    assert count() == 0
+    assert core.stop() == 0
+
+    core.hosts.clear()
+    core.host("r1", server, core_address="ssh")
+    core.write_config()
+    code, out, err = core.ctl("check")
+    assert code == 0, out + err
+    assert (
+        "internal plugins call back through the ssh connection (127.0.0.1:7878 on the host, "
+        "forwarded to 127.0.0.1:7878)"
+    ) in out
+    core.start()
+    core.wait_log("forwarded: port 7878 of host r1 to the core's 127.0.0.1:7878")
+    pid = core.wait_state("looper", "running")["pid"]
+    wait_until(lambda: count() >= 20, 60, "calls from the remote plugin")
+    env = box.unit_property("aigis-plugin@looper.service", "Environment")
+    assert "AIGIS_ADDRESS=tcp:127.0.0.1:7878" in env
+
+    # The master dies (as with a cut link): the core brings up a new one and forwards again;
+    # the plugin, still the same process, reconnects through it.
+    os.kill(_ssh_master_pid(core.runtime_dir), signal.SIGKILL)
+    wait_until(
+        lambda: core.log.count("forwarded: port 7878 of host r1") == 2 or None, 60,
+        "the forward to come back with a new master",
+    )  # fmt: skip
+    resumed = count()
+    wait_until(lambda: count() >= resumed + 20, 60, "calls through the new forward")
+    assert unit_pid(box, "looper") == pid
+    numbers = [int(n) for n in hits.read_text().split()]
+    assert len(numbers) == len(set(numbers))  # no call ran twice
+
+    # A core killed and started again finds the master and its forward still up: asking ssh
+    # for the same forward again is no error, and the plugin is adopted, calls going on.
+    core.kill()
+    core.start()
+    core.wait_log('adopted: "looper" aigis-plugin@looper.service on host r1 pid')
+    resumed = count()
+    wait_until(lambda: count() >= resumed + 20, 60, "calls after the core's restart")
+    assert core.wait_state("looper", "running")["pid"] == pid == unit_pid(box, "looper")
+    assert "waiting: host" not in core.log

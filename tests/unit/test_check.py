@@ -163,3 +163,40 @@ def test_check_refuses_internal_plugins_elsewhere_without_a_core_address(capsys,
         'error: plugin "far": internal plugins on host "web1" connect back to the core over '
         "TCP: set [aigis] tcp (and hosts.web1.core_address if they reach it elsewhere)"
     ]
+
+
+def test_check_says_plugins_of_an_ssh_forwarded_host_call_back_through_ssh(capsys, tmp_path):
+    _plugin(
+        tmp_path, "far",
+        'PLUGIN_TYPE = "internal"\nENTRYPOINT = "{root}"\nLAUNCH = "m"\nHOST = "web1"\n',
+    )  # fmt: skip
+    config = write_config(
+        tmp_path,
+        'tcp = "127.0.0.1:7878"\n'
+        '[hosts]\nweb1 = { address = "fd00::2", core_address = "ssh:9000" }\n'
+        '[internal]\nfar = "far"\n',
+    )
+    code, errors, out = run_check(capsys, config)
+    assert (code, errors) == (0, []), out
+    assert (
+        'host "web1": ssh fd00::2 port 22, python3; runs far; internal plugins call back through '
+        "the ssh connection (127.0.0.1:9000 on the host, forwarded to 127.0.0.1:7878)"
+    ) in out
+
+
+def test_check_refuses_an_ssh_forward_without_a_tcp_listener(capsys, tmp_path):
+    _plugin(
+        tmp_path, "far",
+        'PLUGIN_TYPE = "internal"\nENTRYPOINT = "{root}"\nLAUNCH = "m"\nHOST = "web1"\n',
+    )  # fmt: skip
+    config = write_config(
+        tmp_path,
+        '[hosts]\nweb1 = { address = "fd00::2", core_address = "ssh" }\n[internal]\nfar = "far"\n',
+    )
+    code, errors, _ = run_check(capsys, config)
+    assert code == 1
+    assert errors == [
+        'error: plugin "far": hosts.web1.core_address is "ssh", a forward to the core\'s TCP '
+        "listener, but [aigis] tcp is none: set it to a fixed address and port (127.0.0.1:PORT "
+        "is enough)"
+    ]

@@ -13,7 +13,9 @@ from aigis._manifest import Manifest
 from aigis._remote.hosts import HostSpec
 from aigis._remote.plan import (
     REMOTE_TEMPLATE,
+    callback_line,
     core_address,
+    core_forward,
     parse_show,
     placement,
     rebase,
@@ -171,9 +173,56 @@ def test_hosts_table_core_address_is_validated_with_its_key():
     with pytest.raises(ConfigError) as e:
         parse_config('[hosts]\nweb1 = { address = "w", core_address = "nope" }\n', CFG)
     assert e.value.problems == [
-        f'{CFG}:2: [hosts] hosts.web1.core_address: expected "host:port" or "[ipv6]:port", '
-        "got 'nope'"
+        f'{CFG}:2: [hosts] hosts.web1.core_address: expected "host:port", "[ipv6]:port", '
+        '"ssh" or "ssh:PORT", got \'nope\''
     ]
+
+
+@pytest.mark.parametrize("value", ["ssh:0", "ssh:70000", "ssh:", "ssh:x", "SSH", "ssh:[::1]:1"])
+def test_a_bad_ssh_core_address_is_refused(value):
+    with pytest.raises(ConfigError) as e:
+        parse_config(f'[hosts]\nweb1 = {{ address = "w", core_address = "{value}" }}\n', CFG)
+    assert "hosts.web1.core_address: expected" in e.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("core", "tcp", "forward", "address"),
+    [
+        ("ssh", ("127.0.0.1", 7878), (7878, "127.0.0.1", 7878), "tcp:127.0.0.1:7878"),
+        ("ssh:9100", ("fd00::1", 7878), (9100, "fd00::1", 7878), "tcp:127.0.0.1:9100"),
+        ("ssh", ("0.0.0.0", 7878), (7878, "127.0.0.1", 7878), "tcp:127.0.0.1:7878"),
+        ("ssh", ("::", 7000), (7000, "::1", 7000), "tcp:127.0.0.1:7000"),
+        ("ssh", ("localhost", 7000), (7000, "127.0.0.1", 7000), "tcp:127.0.0.1:7000"),
+    ],
+)
+def test_an_ssh_core_address_forwards_the_hosts_loopback_port_to_the_core(
+    core, tcp, forward, address
+):
+    host = parse_config(f'[hosts]\nw = {{ address = "w", core_address = "{core}" }}\n', CFG)
+    spec = host.hosts["w"]
+    assert core_forward(spec, tcp) == forward
+    assert core_address(spec, tcp) == address
+    assert "through the ssh connection" in callback_line(spec, tcp)
+
+
+def test_a_host_dialing_the_core_itself_has_no_forward():
+    assert core_forward(WEB1, ("fd00::1", 7878)) is None
+    assert core_forward(HostSpec("w", "w", core_address="[fd00::9]:9000"), None) is None
+    assert callback_line(WEB1, ("fd00::1", 7878)) == (
+        "internal plugins call back to [fd00::1]:7878"
+    )
+
+
+@pytest.mark.parametrize("tcp", [None, ("127.0.0.1", 0)])
+def test_an_ssh_core_address_without_a_fixed_tcp_listener_says_what_to_set(tcp):
+    host = HostSpec("web1", "w", core_address="ssh")
+    with pytest.raises(ValueError) as e:
+        core_address(host, tcp)
+    assert str(e.value).startswith(
+        'hosts.web1.core_address is "ssh", a forward to the core\'s TCP listener, but [aigis] '
+        "tcp is "
+    )
+    assert str(e.value).endswith("set it to a fixed address and port (127.0.0.1:PORT is enough)")
 
 
 # -- reading states ---------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from aigis._remote.hosts import HostError, HostSpec
 from aigis._remote.ssh import (
+    Master,
     SshSettings,
     classify,
     command_argv,
@@ -143,3 +145,51 @@ def test_on_each_keeps_each_hosts_outcome_apart():
 def test_on_each_lets_other_errors_through():
     with pytest.raises(ZeroDivisionError):
         on_each([FakeMaster("a")], lambda m: 1 / 0)
+
+
+class ForwardingMaster(Master):
+    """A Master whose ssh is a script: the ``-O forward`` lines it ran, the pid of its master."""
+
+    def __init__(self, fail: str = "") -> None:
+        super().__init__(SPEC, SETTINGS)
+        self.pid = 100
+        self.forwards: list[list[str]] = []
+        self.fail = fail
+
+    def open(self) -> None:
+        self._pid = self.pid
+
+    def master_pid(self) -> int | None:
+        return self.pid
+
+    def _ssh(self, argv, timeout, input=None):
+        self.forwards.append(argv)
+        code = 255 if self.fail else 0
+        return subprocess.CompletedProcess(argv, code, b"", self.fail.encode())
+
+
+def test_the_core_forward_is_a_loopback_tcp_port_added_once_per_master():
+    master = ForwardingMaster()
+    assert master.forward_remote(7878, "fd00::1", 7000) is True
+    argv = master.forwards[0]
+    assert argv[argv.index("-O") + 1] == "forward"
+    assert argv[argv.index("-R") + 1] == "127.0.0.1:7878:[fd00::1]:7000"
+    assert argv[-2:] == ["--", "deploy@fd00::2"]
+    assert master.forward_remote(7878, "fd00::1", 7000) is False  # the same master has it
+    assert len(master.forwards) == 1
+    master.pid = 101  # a new master (the old one died with the link): forward again
+    assert master.forward_remote(7878, "fd00::1", 7000) is True
+    assert len(master.forwards) == 2
+
+
+def test_a_refused_forward_names_the_host_and_the_ports():
+    master = ForwardingMaster(
+        fail="mux_client_forward: forwarding request failed: Port forwarding failed"
+    )
+    with pytest.raises(HostError) as e:
+        master.forward_remote(7878, "127.0.0.1", 7878)
+    assert str(e.value) == (
+        'host "web1": cannot forward port 7878 of the host to the core\'s 127.0.0.1:7878: '
+        "mux_client_forward: forwarding request failed: Port forwarding failed"
+    )
+    assert master._remote_forwards == {}  # asked again next time
