@@ -1,6 +1,6 @@
 """What plugin processes cost: CPU time and memory, from /proc (a process and its descendants)
-or from a unit's cgroup as systemd accounts it (read over D-Bus). Readers take pids or unit
-names, so they work the same whichever backend started the processes."""
+or from a unit's cgroup as systemd accounts it (its cgroup v2 files, else over D-Bus). Readers
+take pids or unit names, so they work the same whichever backend started the processes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: systemd reports an unset (not accounted) numeric property as the largest uint64.
 UNSET = (1 << 64) - 1
+#: Where the unified (cgroup v2) hierarchy is mounted; systemd's units are below it.
+CGROUP_ROOT = "/sys/fs/cgroup"
+#: At most this much of a cgroup file is read (cpu.stat is a few hundred bytes).
+CGROUP_READ = 8192
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -133,9 +137,80 @@ def process_usage(roots: Mapping[str, int]) -> dict[str, Usage]:
     return tree_usage(roots, tree_stats(roots))
 
 
-def unit_usage(bus: Systemd, units: Mapping[str, str]) -> dict[str, Usage]:
-    """Usage of each named unit's cgroup (``{plugin: unit}``): systemd's CPUUsageNSec and
-    MemoryCurrent. A unit whose accounting is off (or that is not running) is left out."""
+def unit_cgroup(unit: str) -> str:
+    """The cgroup of a system service below the cgroup root, where systemd puts it by default
+    (pure): an instance ``P@I.service`` in the slice ``system-P.slice`` (P escaped as a unit
+    name: ``-`` is ``\\x2d``), any other service in ``system.slice``. Unit names begin with a
+    letter, so none needs cgroup escaping (a ``_`` prefix)."""
+    prefix, at, _instance = unit.partition("@")
+    if not at:
+        return f"system.slice/{unit}"
+    escaped = "".join(
+        c if (c.isascii() and c.isalnum()) or c in ":_." else f"\\x{ord(c):02x}" for c in prefix
+    )
+    return f"system.slice/system-{escaped}.slice/{unit}"
+
+
+def parse_cpu_stat(data: bytes) -> int | None:
+    """``usage_usec`` from the text of a cgroup's cpu.stat, or None (pure)."""
+    for line in data.splitlines():
+        key, _, value = line.partition(b" ")
+        if key == b"usage_usec":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def parse_memory_current(data: bytes) -> int | None:
+    """The byte count in a cgroup's memory.current, or None (pure)."""
+    try:
+        return int(data.strip())
+    except ValueError:
+        return None
+
+
+def _read_small(path: str) -> bytes:
+    """At most CGROUP_READ bytes of ``path`` (one read: cgroup files are generated whole)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, CGROUP_READ)
+    finally:
+        os.close(fd)
+
+
+def cgroup_usage(
+    units: Mapping[str, str], root: str = CGROUP_ROOT
+) -> tuple[dict[str, Usage], set[str]]:
+    """Usage of each named unit (``{plugin: unit}``) from its cgroup v2 files: ``cpu.stat``
+    (usage_usec) and ``memory.current``, what systemd itself reads for CPUUsageNSec and
+    MemoryCurrent. Returns the usage found and the names whose cgroup could not be read at all
+    (no unified hierarchy, not running, no permission): only those may be worth asking systemd.
+    A unit with cpu.stat but no memory.current (no memory controller) is in neither: systemd
+    cannot account it either."""
+    found: dict[str, Usage] = {}
+    unreadable: set[str] = set()
+    for name, unit in units.items():
+        base = f"{root}/{unit_cgroup(unit)}"
+        try:
+            cpu = parse_cpu_stat(_read_small(f"{base}/cpu.stat"))
+        except OSError:
+            unreadable.add(name)
+            continue
+        try:
+            memory = parse_memory_current(_read_small(f"{base}/memory.current"))
+        except OSError:
+            continue  # no memory controller for this cgroup
+        if cpu is not None and memory is not None:
+            found[name] = Usage(cpu_seconds=cpu / 1e6, memory_bytes=memory)
+    return found, unreadable
+
+
+def bus_usage(bus: Systemd, units: Mapping[str, str]) -> dict[str, Usage]:
+    """Usage of each named unit's cgroup (``{plugin: unit}``) as systemd reports it over D-Bus:
+    CPUUsageNSec and MemoryCurrent, two Gets per unit. A unit whose accounting is off (or that
+    is not running) is left out."""
     if not units:
         return {}
     values = bus.unit_properties(list(units.values()), ("CPUUsageNSec", "MemoryCurrent"))
@@ -151,12 +226,25 @@ def unit_usage(bus: Systemd, units: Mapping[str, str]) -> dict[str, Usage]:
     return out
 
 
-class UsageReader:
-    """Reads plugin usage the way the backend allows: a unit's cgroup under systemd (falling
-    back to the process tree when accounting is off), the process tree otherwise."""
+def unit_usage(bus: Systemd, units: Mapping[str, str], root: str = CGROUP_ROOT) -> dict[str, Usage]:
+    """Usage of each named unit's cgroup (``{plugin: unit}``): read from its cgroup files, and
+    over D-Bus only for the units whose cgroup cannot be read here (cgroup v1). A unit whose
+    accounting is off (or that is not running) is left out."""
+    found, unreadable = cgroup_usage(units, root)
+    if unreadable:
+        found.update(bus_usage(bus, {n: u for n, u in units.items() if n in unreadable}))
+    return found
 
-    def __init__(self, backend: str) -> None:
+
+class UsageReader:
+    """Reads plugin usage the way the backend allows: a unit's cgroup under systemd (its files,
+    or over D-Bus where they cannot be read; the process tree when accounting is off), the
+    process tree otherwise."""
+
+    def __init__(self, backend: str, *, bus: str = "SYSTEM", root: str = CGROUP_ROOT) -> None:
         self.backend = backend
+        self.root = root
+        self._address = bus
         self._bus: Systemd | None = None
 
     def read(self, pids: Mapping[str, int]) -> dict[str, Usage]:
@@ -166,12 +254,16 @@ class UsageReader:
             from aigis._supervise.dbus import Systemd, SystemdError
             from aigis._supervise.units import unit_name
 
-            try:
-                if self._bus is None:
-                    self._bus = Systemd(timeout=2.0)
-                found = unit_usage(self._bus, {name: unit_name(name) for name in pids})
-            except (OSError, SystemdError):
-                found = {}
+            units = {name: unit_name(name) for name in pids}
+            found, unreadable = cgroup_usage(units, self.root)
+            if unreadable:  # cgroup v1: ask systemd (the bus is opened on first need)
+                try:
+                    if self._bus is None:
+                        self._bus = Systemd(self._address, timeout=2.0)
+                    asked = {n: u for n, u in units.items() if n in unreadable}
+                    found.update(bus_usage(self._bus, asked))
+                except (OSError, SystemdError):
+                    pass
         rest = {name: pid for name, pid in pids.items() if name not in found}
         found.update(process_usage(rest))
         return found
