@@ -8,6 +8,7 @@ namespace, the client in the other. Ratios, each from alternating batches in the
 
   (a) an AIGIS no-op call over TLS (pinned client)  vs  (b) a raw TLS ping-pong, same certificate
   (c) the same call over plaintext TCP               vs  (d) a raw plaintext TCP ping-pong
+  and an A/A line (raw TLS against itself on a second connection): the noise of this run.
 
 Goal (issue #13): a/b <= 1.5x. Servers, placement, priority and batches as in ``bench_tls.py``.
 """
@@ -66,9 +67,11 @@ def measure(config: dict) -> None:
         raw_tcp = raw_client(ports["raw tcp"], None, host)
         over_tls = proxy_module(ports["aigis tls"], keyfile, cert, host).bench
         over_tcp = proxy_module(ports["aigis tcp"], keyfile, None, host).bench
+        again = raw_client(ports["raw tls"], cert, host)  # a second connection: the A/A line
         cases = [
             ("(a)/(b) no-op: aigis TLS / raw TLS", ping(raw_tls), over_tls.noop, True),
             ("(c)/(d) no-op: aigis TCP / raw TCP", ping(raw_tcp), over_tcp.noop, False),
+            ("noise: raw TLS / raw TLS (A/A)", ping(raw_tls), ping(again), False),
         ]
         for name, base_fn, measured_fn, judged in cases:
             base, measured, ratio = paired(base_fn, measured_fn, batch, rounds)
@@ -78,8 +81,8 @@ def measure(config: dict) -> None:
             print(f"  {name:<34}{base * 1e6:>9.1f}us{measured * 1e6:>9.1f}us{ratio:>8.2f}{verdict}")
         version = raw_tls.sock.version() if isinstance(raw_tls.sock, ssl.SSLSocket) else "?"
         print(f"  ({version} on both TLS paths)", flush=True)
-        raw_tls.sock.close()
-        raw_tcp.sock.close()
+        for conn in (raw_tls, raw_tcp, again):
+            conn.sock.close()
     os.sched_setaffinity(0, everything)
 
 
