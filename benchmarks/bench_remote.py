@@ -10,8 +10,11 @@ namespace where a real core runs (embedded backend for its local plugins). Measu
                 nothing to ship), against the same N plugins started locally
   status        ``aigisctl status --json`` with M remote plugins over 2 hosts, against a core
                 with M local plugins, in alternating calls (both cores run at once)
+  no-op call    first, ``bench_remote_call.py``: a call across a veth link against raw TLS and
+                raw TCP round trips on the same link (no boxes needed)
 
-Goals (issue #13): warm start-up of 20 plugins <= 5 s; status with 50 remote plugins <= 300 ms.
+Goals (issue #13): warm start-up of 20 plugins <= 5 s; status with 50 remote plugins <= 300 ms;
+a no-op call over TLS <= 1.5x a raw TLS round trip.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,7 +75,12 @@ def main() -> int:
     parser.add_argument("--status", type=int, default=50, help="remote plugins for status")
     parser.add_argument("--calls", type=int, default=30, help="status calls per core")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--no-call", action="store_true", help="skip bench_remote_call.py")
     args = parser.parse_args()
+
+    if not args.no_call:
+        call = [sys.executable, str(Path(__file__).with_name("bench_remote_call.py"))]
+        subprocess.run(call, check=True, timeout=1200)
 
     reap_stale_boxes()
     work = Path(tempfile.mkdtemp(prefix="aigis-bench-remote-", dir="/tmp"))

@@ -65,9 +65,10 @@ def raw_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-def serve_raw(port_file: str, cert: str | None, key: str | None) -> None:
+def serve_raw(port_file: str, cert: str | None, key: str | None, host: str = "127.0.0.1") -> None:
     """The floor: echo, or 1 MiB back when asked ``big``; TLS when given a certificate."""
-    listener = socket.create_server(("127.0.0.1", 0))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
     context = raw_context(cert, key) if cert and key else None
 
     def serve(sock: socket.socket) -> None:
@@ -88,7 +89,9 @@ def serve_raw(port_file: str, cert: str | None, key: str | None) -> None:
         threading.Thread(target=serve, args=(sock,), daemon=True).start()
 
 
-def serve_core(port_file: str, keyfile: str, cert: str | None, key: str | None) -> None:
+def serve_core(
+    port_file: str, keyfile: str, cert: str | None, key: str | None, host: str = "127.0.0.1"
+) -> None:
     """The AIGIS core under test: TCP with TLS when given a certificate, else plaintext TCP."""
     from aigis._rpc import tls
     from aigis._rpc.server import CoreServer
@@ -103,7 +106,7 @@ def serve_core(port_file: str, keyfile: str, cert: str | None, key: str | None) 
     server = CoreServer(
         resolve,
         unix_path=Path(port_file).with_suffix(".sock"),
-        tcp=("127.0.0.1", 0),
+        tcp=(host, 0),
         authkey=Path(keyfile).read_bytes(),
         tls_context=tls.server_context(Path(cert), Path(key)) if cert and key else None,
     )
@@ -116,31 +119,33 @@ def serve_core(port_file: str, keyfile: str, cert: str | None, key: str | None) 
 # --- clients ---------------------------------------------------------------------------------
 
 
-def raw_client(port: int, cert: str | None) -> SendAll:
+def raw_client(port: int, cert: str | None, host: str = "127.0.0.1") -> SendAll:
     from aigis._rpc import tls
 
-    sock = socket.create_connection(("127.0.0.1", port))
+    sock = socket.create_connection((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if cert:
         sock = tls.Pin(Path(cert)).wrap(sock)  # what the plugin side does, pinning included
     return SendAll(sock)
 
 
-def core_client(port: int, keyfile: str, cert: str | None, **options: object):  # noqa: ANN201
+def core_client(
+    port: int, keyfile: str, cert: str | None, host: str = "127.0.0.1", **options: object
+):  # noqa: ANN201
     from aigis._rpc.client import CoreClient
 
     return CoreClient(
-        ("127.0.0.1", port),
+        (host, port),
         Path(keyfile).read_bytes(),
         tls_cert_file=Path(cert) if cert else None,
         **options,
     )
 
 
-def proxy_module(port: int, keyfile: str, cert: str | None):  # noqa: ANN201
+def proxy_module(port: int, keyfile: str, cert: str | None, host: str = "127.0.0.1"):  # noqa: ANN201
     from aigis._rpc.proxy import make_proxy_module
 
-    return make_proxy_module(core_client(port, keyfile, cert))
+    return make_proxy_module(core_client(port, keyfile, cert, host))
 
 
 def ping(conn: SendAll, payload: bytes = b"ping") -> Call:

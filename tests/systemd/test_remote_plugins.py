@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -548,8 +549,10 @@ def test_a_cut_link_pauses_calls_and_nothing_runs_twice(lab: Lab) -> None:
     ).stdout.split()  # fmt: skip
     payloads = b"".join(bytes.fromhex(line) for line in seen)
     assert len(seen) >= 10, seen  # the calls went on meanwhile
-    assert b"counter" not in payloads and b"hit" not in payloads
-    assert b"\x80\x04\x95" not in payloads and b"\x80\x05\x95" not in payloads
+    # (short tokens turn up in random ciphertext: look for the skill's name and whole frame
+    # starts, a 4-byte length, the payload's tag and the pickle header)
+    assert b"counter" not in payloads
+    assert not re.search(rb"\x00[\x00-\xff]{3}[PD]\x80[\x04\x05]", payloads)
     link.cut()
     cut_at = time.monotonic()
     try:
@@ -563,9 +566,11 @@ def test_a_cut_link_pauses_calls_and_nothing_runs_twice(lab: Lab) -> None:
         link.restore()
     wait_until(lambda: count() >= paused + 20, 120, "calls to resume after the link is back")
     assert core.wait_state("looper", "running")["pid"] == pid == unit_pid(box, "looper")
+    # The journal first: the plugin goes on calling, and every "ok" it printed before this read
+    # is in the core's log by the time that is read.
+    journal = box.journal("aigis-plugin@looper.service", "-o", "cat").splitlines()
     numbers = [int(n) for n in hits.read_text().split()]
     assert len(numbers) == len(set(numbers))  # no call ran twice
-    journal = box.journal("aigis-plugin@looper.service", "-o", "cat").splitlines()
     ok = [int(line.split()[1]) for line in journal if line.startswith("ok ")]
     assert set(ok) <= set(numbers)  # every call the plugin saw succeed ran in the core
 
