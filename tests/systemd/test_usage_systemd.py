@@ -14,7 +14,7 @@ pytestmark = pytest.mark.systemd
 
 FETCH = """\
 import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=10) as answer:
+with urllib.request.urlopen(sys.argv[1], timeout=60) as answer:  # a loaded machine
     sys.stdout.write(answer.read().decode())
 """
 
